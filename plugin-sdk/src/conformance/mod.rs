@@ -1,0 +1,1 @@
+//! The black-box conformance suite for backend plugins.

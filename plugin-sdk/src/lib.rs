@@ -1,0 +1,31 @@
+//! The kiln backend protocol SDK: the only crate that knows `kiln.backend.v1`.
+//!
+//! - [`Backend`]: the trait every plugin implements and the runner calls, with domain types.
+//! - [`server`]: serve a `Backend` on a unix socket or TCP (mutual TLS), with grpc.health.
+//! - [`client`]: [`client::GrpcBackend`], the runner's `Backend` over gRPC.
+//! - [`archive`]: tar helpers with the traversal rules.
+//! - [`conformance`]: the black-box conformance suite (also the `kiln-conformance` binary).
+#![warn(missing_docs)]
+
+mod convert;
+
+pub mod archive;
+pub mod backend;
+pub mod client;
+pub mod conformance;
+pub mod error;
+pub mod ids;
+pub mod server;
+pub mod tls;
+
+/// Generated code of `proto/backend/v1/backend.proto`.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("kiln.backend.v1");
+}
+
+pub use backend::*;
+pub use error::{Code, Error, Fault, Result};
+
+pub use prost;
+pub use tonic;

@@ -1,0 +1,3 @@
+//! kiln core runner: workflows, expressions, scheduling and the backend client.
+pub mod expr;
+pub mod workflow;
