@@ -1,1 +1,143 @@
-//! kiln-plugin-host.
+//! The kiln host backend: runs steps directly on this machine, each job in a private work
+//! directory (act's "host mode", with the protocol's guarantees).
+//!
+//! - An environment is `root/<id>/` (0700) with `workspace/`, `temp/`, `tool-cache/` (or a
+//!   shared tool cache, `--tool-cache`), `runner/`, and `env.json` holding the owner labels,
+//!   the spec hash (replayed creates are idempotent, a different spec is ALREADY_EXISTS) and
+//!   the paths. HOME is the real user's HOME, as in act's host mode.
+//! - The primary container id is `"host"`: the environment's own process space. There are no
+//!   other containers; the three container layers are unsupported (delegation to a docker
+//!   plugin is the runner's job).
+//! - Each exec is one process in a new process group, with exactly the requested environment
+//!   (plus `path_prepend`). The groups are recorded in memory and in `root/<id>/pgids`, so
+//!   Remove kills them even after a plugin restart — after checking in `/proc` that each group
+//!   still belongs to the environment (see `procs`).
+//! - Remove of a container id (even `"host"`) removes nothing and returns `existed = false`:
+//!   the primary container lives exactly as long as its environment, so only removing the
+//!   environment ends it. This keeps a generic "remove the containers, then the environment"
+//!   cleanup path working.
+//! - Staged and collected files must lie inside the environment's directory (a lexical
+//!   check: the host backend runs the workflow's own code as this user, so it is no security
+//!   boundary against the workflow); copies are checked with symlinks resolved.
+//! - The end of a WriteStdin stream closes the process's stdin.
+
+mod backend;
+mod copy;
+mod env;
+mod exec;
+mod procs;
+
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use clap::Parser;
+
+pub use backend::HostBackend;
+
+/// Configuration of a [`HostBackend`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostConfig {
+    /// Where environments live (created 0700).
+    pub root: PathBuf,
+    /// A tool cache shared by all environments (`RUNNER_TOOL_CACHE`), so tools set up by one
+    /// job are reused by the next; `None` gives each environment its own `tool-cache/`.
+    pub tool_cache: Option<PathBuf>,
+}
+
+impl HostConfig {
+    /// A configuration with environments under `root` and per-environment tool caches.
+    pub fn new(root: impl Into<PathBuf>) -> HostConfig {
+        HostConfig { root: root.into(), tool_cache: None }
+    }
+
+    /// The default root of a plugin called `name`: `$XDG_STATE_HOME/kiln/<name>`, else
+    /// `~/.local/state/kiln/<name>`, else `/tmp/kiln-<name>-<uid>`.
+    pub fn default_root(name: &str) -> PathBuf {
+        let abs = |v: std::ffi::OsString| Some(PathBuf::from(v)).filter(|p| p.is_absolute());
+        if let Some(state) = std::env::var_os("XDG_STATE_HOME").and_then(abs) {
+            return state.join("kiln").join(name);
+        }
+        if let Some(home) = std::env::var_os("HOME").and_then(abs) {
+            return home.join(".local/state/kiln").join(name);
+        }
+        PathBuf::from(format!("/tmp/kiln-{name}-{}", nix::unistd::getuid()))
+    }
+}
+
+impl Default for HostConfig {
+    fn default() -> HostConfig {
+        HostConfig::new(HostConfig::default_root("host"))
+    }
+}
+
+/// The host backend's own flags.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct HostArgs {
+    /// Directory the environments live in [default: $XDG_STATE_HOME/kiln/<plugin>, else
+    /// ~/.local/state/kiln/<plugin>].
+    #[arg(long, env = "KILN_HOST_ROOT")]
+    pub root: Option<PathBuf>,
+    /// A tool cache shared by all jobs (default: one per environment).
+    #[arg(long)]
+    pub tool_cache: Option<PathBuf>,
+}
+
+impl HostArgs {
+    /// The configuration these flags describe, defaulting the root for a plugin called `name`.
+    pub fn config(&self, name: &str) -> HostConfig {
+        HostConfig {
+            root: self.root.clone().unwrap_or_else(|| HostConfig::default_root(name)),
+            tool_cache: self.tool_cache.clone(),
+        }
+    }
+}
+
+/// The command line of `kiln-plugin-host` (also usable as a subcommand's arguments).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "kiln-plugin-host", version, about = "kiln host backend plugin")]
+pub struct Args {
+    /// Standard plugin flags.
+    #[command(flatten)]
+    pub serve: kiln_plugin_sdk::server::ServeArgs,
+    /// Host backend flags.
+    #[command(flatten)]
+    pub host: HostArgs,
+}
+
+/// Serves the host backend with the given flags until a signal (or stdin EOF when asked).
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let backend = HostBackend::new(args.host.config("host"))?;
+    tracing::info!(root = %backend.root().display(), "host backend ready");
+    kiln_plugin_sdk::server::run(backend, &args.serve).await
+}
+
+/// The binary's entry point: logging, flags from the command line, [`run`].
+pub async fn main() -> anyhow::Result<()> {
+    kiln_plugin_sdk::server::init_logging();
+    run(Args::parse()).await
+}
+
+/// GOOS of this machine.
+pub fn go_os() -> &'static str {
+    match std::env::consts::OS {
+        "macos" => "darwin",
+        other => other,
+    }
+}
+
+/// GOARCH of this machine.
+pub fn go_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64",
+        "loongarch64" => "loong64",
+        other => other,
+    }
+}
+
+/// Locks a mutex, ignoring poisoning (the state stays consistent across a panicking holder).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}

@@ -1,1 +1,50 @@
-//! kiln CLI.
+//! The `kiln` command line: `exec` (run a workflow locally), `plugin host|test` (serve a
+//! first-party plugin), `validate`, and the daemon-mode commands as they land.
+
+mod cli;
+mod exec;
+mod logging;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+pub use cli::Cli;
+
+/// Entry point of the `kiln` binary (and of the e2e shims).
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            report_error(&e);
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[allow(clippy::print_stderr)]
+fn report_error(e: &anyhow::Error) {
+    eprintln!("kiln: error: {e:#}");
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        cli::Command::Exec(args) => exec::exec(args).await,
+        cli::Command::Validate(args) => exec::validate(args),
+        cli::Command::Plugin(p) => match p {
+            cli::PluginCommand::Host(args) => {
+                kiln_plugin_host::run(args).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+        },
+    }
+}

@@ -71,7 +71,7 @@ pub struct Scope<'a> {
     /// Root named values (`github`, `env`, `matrix`, …), looked up case-insensitively.
     pub contexts: &'a serde_json::Map<String, Value>,
     /// Job status and file hashing.
-    pub host: &'a dyn Host,
+    pub host: &'a (dyn Host + Sync),
 }
 
 /// An error while parsing or evaluating an expression, with its location.

@@ -32,6 +32,7 @@ pub fn validate(wf: &Workflow) -> Result<(), Vec<Error>> {
     }
     if let Some(shell) =
         wf.defaults.as_ref().and_then(|d| d.run.as_ref()).and_then(|r| r.shell.as_deref())
+        && !shell.contains("${{")
         && let Err(e) = shell_command(Some(shell), true)
     {
         errs.push(err(0, "defaults.run.shell", e.message));
@@ -75,6 +76,7 @@ pub fn validate(wf: &Workflow) -> Result<(), Vec<Error>> {
                 errs.push(err(step.line, &format!("{spath}.uses"), m));
             }
             if let Some(shell) = &step.shell
+                && !shell.contains("${{")
                 && let Err(e) = shell_command(Some(shell), true)
             {
                 errs.push(err(

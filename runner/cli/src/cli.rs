@@ -1,0 +1,98 @@
+//! Command-line syntax (clap derive only; no logic).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// kiln: a Forgejo/Gitea Actions runner whose backends are plugins.
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, about)]
+pub struct Cli {
+    /// More logging on stderr (-v info, -vv debug).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run a workflow locally (like act).
+    Exec(ExecArgs),
+    /// Check workflow files without running them.
+    Validate(ValidateArgs),
+    /// Serve a first-party plugin (used by kiln itself for managed plugins).
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum PluginCommand {
+    /// The host backend: steps run as processes on this machine.
+    Host(kiln_plugin_host::Args),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ExecArgs {
+    /// Event that triggers the workflow (push, pull_request, workflow_dispatch, …).
+    #[arg(default_value = "push")]
+    pub(crate) event: String,
+    /// Workflow file or directory (default: .forgejo/workflows, then .github/workflows).
+    #[arg(short = 'W', long = "workflows")]
+    pub(crate) workflows: Option<PathBuf>,
+    /// Run only this job (and the jobs it needs).
+    #[arg(short, long)]
+    pub(crate) job: Vec<String>,
+    /// Event payload (JSON file) for the github.event context.
+    #[arg(short = 'e', long = "eventpath")]
+    pub(crate) event_path: Option<PathBuf>,
+    /// A secret, NAME=VALUE (or NAME to read it from the environment).
+    #[arg(short, long = "secret")]
+    pub(crate) secrets: Vec<String>,
+    /// A configuration variable, NAME=VALUE.
+    #[arg(long = "var")]
+    pub(crate) vars: Vec<String>,
+    /// An environment variable for every step, NAME=VALUE.
+    #[arg(long = "env")]
+    pub(crate) env: Vec<String>,
+    /// A workflow_dispatch / workflow_call input, NAME=VALUE.
+    #[arg(short, long = "input")]
+    pub(crate) inputs: Vec<String>,
+    /// Map a runs-on label to a backend: LABEL=host, LABEL=docker://IMAGE, LABEL=PLUGIN[:ARGS].
+    #[arg(short = 'P', long = "platform")]
+    pub(crate) platforms: Vec<String>,
+    /// A plugin kiln starts itself: NAME=COMMAND (the command is split on spaces).
+    #[arg(long = "plugin")]
+    pub(crate) plugins: Vec<String>,
+    /// A standalone plugin: NAME=unix:///path.sock (or http://… with --insecure-plugins).
+    #[arg(long = "plugin-endpoint")]
+    pub(crate) plugin_endpoints: Vec<String>,
+    /// Allow plaintext TCP plugin endpoints (tests only).
+    #[arg(long)]
+    pub(crate) insecure_plugins: bool,
+    /// Run only matrix combinations with this value, KEY:VALUE.
+    #[arg(long = "matrix")]
+    pub(crate) matrix: Vec<String>,
+    /// The directory copied into the workspace (default: the repository root).
+    #[arg(short = 'C', long = "directory")]
+    pub(crate) directory: Option<PathBuf>,
+    /// List the jobs and exit.
+    #[arg(short, long)]
+    pub(crate) list: bool,
+    /// Show the job graph and exit.
+    #[arg(short, long)]
+    pub(crate) graph: bool,
+    /// Show ::debug:: lines.
+    #[arg(long)]
+    pub(crate) debug: bool,
+    /// Do not set ACT=true (kiln sets it by default, like act, so scripts can detect local runs).
+    #[arg(long)]
+    pub(crate) no_act_env: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ValidateArgs {
+    /// Workflow files or directories.
+    #[arg(required = true)]
+    pub(crate) paths: Vec<PathBuf>,
+}

@@ -1,0 +1,429 @@
+//! `kiln exec` and `kiln validate`: find and parse workflows, build the github context from the
+//! local checkout, start the plugins (the embedded host plugin by default), run, and print.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use indexmap::IndexMap;
+use kiln_runner::backends::{Backends, PluginSpec, embedded_host};
+use kiln_runner::identity::Identity;
+use kiln_runner::labels;
+use kiln_runner::output::{ConsolePrinter, Outcome};
+use kiln_runner::run::{RunOptions, run_workflow};
+use kiln_runner::workflow::{self, Workflow};
+use serde_json::{Map, Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{ExecArgs, ValidateArgs};
+
+/// Workflow files under a path: the file itself, or the `*.yml`/`*.yaml` directly in a
+/// directory, sorted.
+fn workflow_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if path.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files = Vec::new();
+    let entries =
+        std::fs::read_dir(path).with_context(|| format!("reading workflow directory {}", path.display()))?;
+    for entry in entries {
+        let p = entry?.path();
+        if p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yml" | "yaml")) {
+            files.push(p);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn load(path: &Path) -> anyhow::Result<Workflow> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let wf = workflow::parse_workflow(&text, &path.display().to_string()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Err(errors) = workflow::validate(&wf) {
+        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        bail!("{}", text.join("\n"));
+    }
+    Ok(wf)
+}
+
+/// `kiln validate`.
+pub(crate) fn validate(args: ValidateArgs) -> anyhow::Result<ExitCode> {
+    let mut failed = false;
+    let mut out = std::io::stdout().lock();
+    for path in &args.paths {
+        for file in workflow_files(path)? {
+            match load(&file) {
+                Ok(wf) => writeln!(out, "ok      {} ({} jobs)", file.display(), wf.jobs.len())?,
+                Err(e) => {
+                    failed = true;
+                    writeln!(out, "invalid {}\n{e:#}", file.display())?;
+                }
+            }
+        }
+    }
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+fn git(dir: &Path, args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// `owner/name` from a remote URL (`https://host/owner/name.git`, `git@host:owner/name`).
+fn repo_from_url(url: &str) -> Option<String> {
+    let url = url.trim_end_matches('/').trim_end_matches(".git");
+    let path = match url.split_once("://") {
+        Some((_, rest)) => rest.split_once('/')?.1.to_owned(),
+        None => url.split_once(':')?.1.to_owned(),
+    };
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    (parts.len() >= 2).then(|| format!("{}/{}", parts[parts.len() - 2], parts[parts.len() - 1]))
+}
+
+fn parse_kv(items: &[String], what: &str, from_env: bool) -> anyhow::Result<IndexMap<String, String>> {
+    let mut out = IndexMap::new();
+    for item in items {
+        match item.split_once('=') {
+            Some((k, v)) if !k.is_empty() => {
+                out.insert(k.to_owned(), v.to_owned());
+            }
+            None if from_env && !item.is_empty() => {
+                let v = std::env::var(item)
+                    .with_context(|| format!("{what} {item}: no value given and ${item} is not set"))?;
+                out.insert(item.clone(), v);
+            }
+            _ => bail!("{what} {item:?}: expected NAME=VALUE"),
+        }
+    }
+    Ok(out)
+}
+
+fn github_context(root: &Path, wf: &Workflow, event_name: &str, event: Value) -> Map<String, Value> {
+    let sha = git(root, &["rev-parse", "HEAD"]).unwrap_or_else(|| "0".repeat(40));
+    let branch = git(root, &["symbolic-ref", "--short", "-q", "HEAD"]);
+    let tag = git(root, &["describe", "--tags", "--exact-match", "HEAD"]);
+    let (r#ref, ref_name, ref_type) = match (branch, tag) {
+        (Some(b), _) => (format!("refs/heads/{b}"), b, "branch"),
+        (None, Some(t)) => (format!("refs/tags/{t}"), t, "tag"),
+        (None, None) => ("refs/heads/main".to_owned(), "main".to_owned(), "branch"),
+    };
+    let remote = git(root, &["remote", "get-url", "origin"]);
+    let repository = remote.as_deref().and_then(repo_from_url).unwrap_or_else(|| {
+        let name = root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        format!("local/{name}")
+    });
+    let owner = repository.split('/').next().unwrap_or("").to_owned();
+    let actor = git(root, &["config", "user.name"]).unwrap_or_else(|| "kiln".into());
+    let run_id = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(1);
+    let head_ref = event.pointer("/pull_request/head/ref").and_then(Value::as_str).unwrap_or("").to_owned();
+    let base_ref = event.pointer("/pull_request/base/ref").and_then(Value::as_str).unwrap_or("").to_owned();
+    let workflow_name = wf.name.clone().unwrap_or_else(|| wf.file.clone());
+    let mut c = Map::new();
+    for (k, v) in [
+        ("event_name", json!(event_name)),
+        ("event", event),
+        ("repository", json!(repository)),
+        ("repository_owner", json!(owner)),
+        ("repositoryUrl", json!(format!("https://github.com/{repository}.git"))),
+        ("sha", json!(sha)),
+        ("ref", json!(r#ref)),
+        ("ref_name", json!(ref_name)),
+        ("ref_type", json!(ref_type)),
+        ("ref_protected", json!(false)),
+        ("head_ref", json!(head_ref)),
+        ("base_ref", json!(base_ref)),
+        ("actor", json!(actor)),
+        ("triggering_actor", json!(actor)),
+        ("run_id", json!(run_id.to_string())),
+        ("run_number", json!("1")),
+        ("run_attempt", json!("1")),
+        ("retention_days", json!("0")),
+        ("workflow", json!(workflow_name)),
+        ("server_url", json!("https://github.com")),
+        ("api_url", json!("https://api.github.com")),
+        ("graphql_url", json!("https://api.github.com/graphql")),
+        ("token", json!("")),
+        ("secret_source", json!("None")),
+        ("action_path", json!("")),
+        ("action_ref", json!("")),
+        ("action_repository", json!("")),
+    ] {
+        c.insert(k.into(), v);
+    }
+    c
+}
+
+/// The inputs of a workflow_dispatch / workflow_call run: declared defaults, overridden by
+/// `--input` and by the event's `inputs`.
+fn inputs(wf: &Workflow, event_name: &str, given: &IndexMap<String, String>, event: &Value) -> Map<String, Value> {
+    let mut out = Map::new();
+    if let Some(on) = &wf.on
+        && let Some(ev) = on.events.get(event_name)
+    {
+        for (name, input) in &ev.inputs {
+            if let Some(d) = &input.default {
+                let v = match (&input.type_, d) {
+                    (workflow::InputType::Boolean, Value::String(s)) => json!(s == "true"),
+                    (workflow::InputType::Number, Value::String(s)) => {
+                        s.parse::<f64>().map(|n| json!(n)).unwrap_or_else(|_| d.clone())
+                    }
+                    _ => d.clone(),
+                };
+                out.insert(name.clone(), v);
+            }
+        }
+        for (name, v) in given {
+            let typed = match ev.inputs.get(name).map(|i| &i.type_) {
+                Some(workflow::InputType::Boolean) => json!(v == "true"),
+                Some(workflow::InputType::Number) => v.parse::<f64>().map(|n| json!(n)).unwrap_or_else(|_| json!(v)),
+                _ => json!(v),
+            };
+            out.insert(name.clone(), typed);
+        }
+    } else {
+        for (name, v) in given {
+            out.insert(name.clone(), json!(v));
+        }
+    }
+    if let Some(Value::Object(ev_inputs)) = event.get("inputs") {
+        for (k, v) in ev_inputs {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    out
+}
+
+fn listens_to(wf: &Workflow, event: &str) -> bool {
+    wf.on.as_ref().is_some_and(|on| on.events.contains_key(event))
+}
+
+/// `kiln exec`.
+pub(crate) async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
+    let cwd = std::env::current_dir().context("reading the current directory")?;
+    let root = match &args.directory {
+        Some(d) => d.clone(),
+        None => git(&cwd, &["rev-parse", "--show-toplevel"]).map(PathBuf::from).unwrap_or_else(|| cwd.clone()),
+    };
+    let wf_path = match &args.workflows {
+        Some(p) => p.clone(),
+        None => [".forgejo/workflows", ".gitea/workflows", ".github/workflows"]
+            .iter()
+            .map(|d| root.join(d))
+            .find(|d| d.is_dir())
+            .with_context(|| {
+                format!(
+                    "no workflows found: {} has no .forgejo/workflows or .github/workflows; pass \
+                     one with -W path/to/workflow.yml",
+                    root.display()
+                )
+            })?,
+    };
+    let files = workflow_files(&wf_path)?;
+    if files.is_empty() {
+        bail!("no *.yml or *.yaml workflow files in {}", wf_path.display());
+    }
+    let mut workflows = Vec::new();
+    for f in &files {
+        workflows.push(load(f)?);
+    }
+
+    if args.list || args.graph {
+        print_plan(&workflows, args.graph)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    let single_file = wf_path.is_file();
+    let selected: Vec<Workflow> = workflows
+        .into_iter()
+        .filter(|wf| {
+            let jobs_match = args.job.is_empty() || args.job.iter().any(|j| wf.jobs.contains_key(j));
+            jobs_match && (listens_to(wf, &args.event) || (single_file && !args.job.is_empty()))
+        })
+        .collect();
+    if selected.is_empty() {
+        if !args.job.is_empty() {
+            bail!("no workflow triggered by {:?} has job {:?} (see kiln exec --list)", args.event, args.job);
+        }
+        bail!(
+            "no workflow in {} is triggered by the event {:?}; pass the event as the first argument, \
+             e.g. kiln exec workflow_dispatch",
+            wf_path.display(),
+            args.event
+        );
+    }
+
+    let event = match &args.event_path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading event file {}", p.display()))?;
+            serde_json::from_str::<Value>(&text).with_context(|| format!("{}: not valid JSON", p.display()))?
+        }
+        None => json!({}),
+    };
+    let secrets = parse_kv(&args.secrets, "--secret", true)?;
+    let vars = parse_kv(&args.vars, "--var", false)?;
+    let extra_env = parse_kv(&args.env, "--env", false)?;
+    let given_inputs = parse_kv(&args.inputs, "--input", false)?;
+    let mut label_configs = Vec::new();
+    for p in &args.platforms {
+        label_configs.push(labels::parse_platform(p)?);
+    }
+    let matrix_filter = args
+        .matrix
+        .iter()
+        .map(|m| {
+            m.split_once(':')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .with_context(|| format!("--matrix {m:?}: expected KEY:VALUE"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+
+    // Plugins: the embedded host plugin, plus what the command line names.
+    let mut specs = BTreeMap::new();
+    specs.insert("host".to_owned(), embedded_host()?);
+    for p in &args.plugins {
+        let (name, command) = p.split_once('=').with_context(|| format!("--plugin {p:?}: expected NAME=COMMAND"))?;
+        let command: Vec<String> = command.split_whitespace().map(str::to_owned).collect();
+        specs.insert(name.to_owned(), PluginSpec::Managed { command, env: BTreeMap::new() });
+    }
+    for p in &args.plugin_endpoints {
+        let (name, endpoint) =
+            p.split_once('=').with_context(|| format!("--plugin-endpoint {p:?}: expected NAME=ENDPOINT"))?;
+        let endpoint = kiln_plugin_sdk::client::Endpoint::parse(endpoint, None, args.insecure_plugins)
+            .map_err(|e| anyhow::anyhow!("--plugin-endpoint {name}: {e}"))?;
+        specs.insert(name.to_owned(), PluginSpec::Standalone { endpoint });
+    }
+    for l in &label_configs {
+        if !specs.contains_key(&l.backend) {
+            bail!(
+                "-P {}: backend {:?} is not configured; start it with --plugin {}=COMMAND or \
+                 --plugin-endpoint {}=unix:///path.sock",
+                l.name,
+                l.backend,
+                l.backend,
+                l.backend
+            );
+        }
+    }
+    let backends = Arc::new(Backends::start(specs).await?);
+
+    let cancel = CancellationToken::new();
+    let force = CancellationToken::new();
+    let signals = tokio::spawn(watch_signals(cancel.clone(), force.clone()));
+
+    let identity = Identity::for_exec();
+    let printer = Arc::new(ConsolePrinter::new(args.debug));
+    let started = Instant::now();
+    let mut overall = Outcome::Success;
+    for wf in selected {
+        let wf = Arc::new(wf);
+        let opts = RunOptions {
+            github: github_context(&root, &wf, &args.event, event.clone()),
+            inputs: inputs(&wf, &args.event, &given_inputs, &event),
+            workflow: wf.clone(),
+            secrets: secrets.clone(),
+            vars: vars.clone(),
+            extra_env: extra_env.clone(),
+            labels: label_configs.clone(),
+            default_backend: Some("host".into()),
+            only_jobs: (!args.job.is_empty()).then(|| args.job.clone()),
+            workspace: Some(root.clone()),
+            identity: identity.clone(),
+            max_job_time: None,
+            act_compat: !args.no_act_env,
+            matrix_filter: matrix_filter.clone(),
+        };
+        let result = run_workflow(opts, backends.clone(), printer.clone(), cancel.clone(), force.clone()).await;
+        overall = match (overall, result.result) {
+            (Outcome::Cancelled, _) | (_, Outcome::Cancelled) => Outcome::Cancelled,
+            (Outcome::Failure, _) | (_, Outcome::Failure) => Outcome::Failure,
+            _ => Outcome::Success,
+        };
+        if cancel.is_cancelled() {
+            break;
+        }
+    }
+    signals.abort();
+    printer.summary(overall, started.elapsed());
+    if let Ok(b) = Arc::try_unwrap(backends) {
+        b.shutdown().await;
+    }
+    Ok(match overall {
+        Outcome::Success | Outcome::Skipped => ExitCode::SUCCESS,
+        Outcome::Failure => ExitCode::FAILURE,
+        Outcome::Cancelled => ExitCode::from(130),
+    })
+}
+
+/// First Ctrl-C or SIGTERM: cancel (running steps are stopped, `always()` steps and cleanup
+/// run). Second: force (stop everything). Third: exit now.
+async fn watch_signals(cancel: CancellationToken, force: CancellationToken) {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+        return;
+    };
+    let mut count = 0;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        count += 1;
+        match count {
+            1 => {
+                tracing::warn!("interrupted: cancelling the run (press Ctrl-C again to force)");
+                cancel.cancel();
+            }
+            2 => {
+                tracing::warn!("interrupted again: stopping everything");
+                force.cancel();
+            }
+            _ => std::process::exit(130),
+        }
+    }
+}
+
+fn print_plan(workflows: &[Workflow], graph: bool) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    if !graph {
+        writeln!(out, "{:<6} {:<30} {:<30} {:<40} Events", "Stage", "Job ID", "Job name", "Workflow file")?;
+    }
+    for wf in workflows {
+        let stages = workflow::needs_order(wf).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let events: Vec<&str> = wf.on.as_ref().map(|o| o.events.keys().map(String::as_str).collect()).unwrap_or_default();
+        if graph {
+            writeln!(out, "{} ({})", wf.name.as_deref().unwrap_or(&wf.file), wf.file)?;
+            for (i, stage) in stages.iter().enumerate() {
+                let mut parts = Vec::new();
+                for id in stage {
+                    let needs = &wf.jobs[id.as_str()].needs;
+                    if needs.is_empty() {
+                        parts.push(id.clone());
+                    } else {
+                        parts.push(format!("{id} <- [{}]", needs.join(", ")));
+                    }
+                }
+                writeln!(out, "  {}{}", if i == 0 { "" } else { "↓ " }, parts.join("   "))?;
+            }
+            continue;
+        }
+        for (i, stage) in stages.iter().enumerate() {
+            for id in stage {
+                let name = wf.jobs[id.as_str()].name.clone().unwrap_or_else(|| id.clone());
+                writeln!(out, "{:<6} {:<30} {:<30} {:<40} {}", i, id, name, wf.file, events.join(","))?;
+            }
+        }
+    }
+    Ok(())
+}

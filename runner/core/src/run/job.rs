@@ -1,0 +1,685 @@
+//! One job (one matrix combination) on one backend: resolve `runs-on`, preflight the backend's
+//! capabilities, create the environment, copy the workspace in, run the steps, compute the
+//! outputs, and remove everything — also after failure, timeout, cancellation or a crash.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use indexmap::IndexMap;
+use kiln_plugin_sdk::{
+    Backend, ContainerRef, Environment, EnvironmentHints, EnvironmentRequest, ExecEvent,
+    ExecRequest, Owner, RemoveRequest, StagedFile,
+};
+use serde_json::{Map, Value, json};
+use tokio_util::sync::CancellationToken;
+
+use super::step::{self, StepContext};
+use super::{ComboResult, Shared, Timer, job_level_contexts, now_ms, to_obj};
+use crate::expr::{self, JobStatus, Scope};
+use crate::labels::{self, LabelConfig};
+use crate::mask::Masker;
+use crate::output::{Event, LineKind, Outcome};
+use crate::workflow::{Env, Job, NumberOrExpr, RunsOn};
+
+/// One queued combination of a job.
+pub(crate) struct JobRun {
+    pub(crate) job_id: String,
+    pub(crate) index: usize,
+    pub(crate) matrix: Map<String, Value>,
+    pub(crate) strategy: Value,
+    pub(crate) needs: Map<String, Value>,
+    pub(crate) display_name: String,
+    pub(crate) cancel: CancellationToken,
+}
+
+impl JobRun {
+    pub(crate) fn new(
+        shared: &Arc<Shared>,
+        job_id: &str,
+        index: usize,
+        combo: IndexMap<String, Value>,
+        strategy: Value,
+        needs: Map<String, Value>,
+        cancel: CancellationToken,
+    ) -> JobRun {
+        let matrix: Map<String, Value> = combo.into_iter().collect();
+        let job = &shared.opts.workflow.jobs[job_id];
+        let display_name = job_display_name(shared, job_id, job, &matrix, &needs);
+        JobRun { job_id: job_id.to_owned(), index, matrix, strategy, needs, display_name, cancel }
+    }
+}
+
+/// `name` interpolated with the matrix, or `id (v1, v2)` for a matrix job without a name.
+pub(crate) fn job_display_name_of(
+    job_id: &str,
+    name: Option<&str>,
+    matrix: &Map<String, Value>,
+    contexts: &Map<String, Value>,
+) -> String {
+    if let Some(name) = name {
+        let host = super::StaticHost(JobStatus::Success);
+        if let Ok(s) = expr::interpolate(name, &Scope { contexts, host: &host }) {
+            return s;
+        }
+        return name.to_owned();
+    }
+    if matrix.is_empty() {
+        return job_id.to_owned();
+    }
+    let values: Vec<String> = matrix
+        .values()
+        .map(|v| match v {
+            Value::Object(_) | Value::Array(_) => v.to_string(),
+            _ => expr::to_string(v),
+        })
+        .collect();
+    format!("{job_id} ({})", values.join(", "))
+}
+
+/// The display name of a job combination.
+pub(crate) fn job_display_name(
+    shared: &Shared,
+    job_id: &str,
+    job: &Job,
+    matrix: &Map<String, Value>,
+    needs: &Map<String, Value>,
+) -> String {
+    let contexts = job_level_contexts(&shared.opts, needs.clone(), matrix.clone());
+    job_display_name_of(job_id, job.name.as_deref(), matrix, &contexts)
+}
+
+/// The mutable state of a running job, shared with the step runner.
+pub(crate) struct JobState {
+    pub(crate) status: JobStatus,
+    /// Set by GITHUB_ENV (and `set-env` when allowed).
+    pub(crate) env_accum: IndexMap<String, String>,
+    /// Set by GITHUB_PATH, newest first.
+    pub(crate) path_accum: Vec<String>,
+    /// The `steps` context.
+    pub(crate) steps: Map<String, Value>,
+    pub(crate) masker: Masker,
+    /// Step summaries (GITHUB_STEP_SUMMARY), in order.
+    pub(crate) summary: String,
+}
+
+pub(crate) async fn run_job(shared: Arc<Shared>, run: JobRun) -> ComboResult {
+    let timer = Timer::start();
+    let name = run.display_name.clone();
+    let sink = shared.sink.clone();
+    let log = |text: String, kind: LineKind| {
+        sink.event(Event::Line { job: name.clone(), step: None, text, kind });
+    };
+    let job = &shared.opts.workflow.jobs[run.job_id.as_str()];
+    let file = shared.opts.workflow.file.clone();
+
+    let mut contexts = job_level_contexts(&shared.opts, run.needs.clone(), run.matrix.clone());
+    contexts.insert("strategy".into(), run.strategy.clone());
+    let host = super::StaticHost(JobStatus::Success);
+
+    // runs-on.
+    let runs_on = match eval_runs_on(job.runs_on.as_ref(), &contexts, &host) {
+        Ok(r) => r,
+        Err(e) => return fail_early(&shared, &name, format!("{file}: jobs.{}.runs-on: {e}", run.job_id)),
+    };
+    let label = match resolve_label(&shared, &runs_on) {
+        Ok(l) => l,
+        Err(e) => return fail_early(&shared, &name, format!("{file}: jobs.{}.runs-on: {e}", run.job_id)),
+    };
+    sink.event(Event::JobStarted { job: name.clone(), runs_on: label.to_string() });
+
+    let Some(plugin) = shared.backends.get(&label.backend) else {
+        let configured: Vec<&str> = shared.backends.names().collect();
+        return finish(
+            &shared,
+            &name,
+            &timer,
+            Outcome::Failure,
+            Some(format!(
+                "label {:?} uses backend {:?}, which is not configured (configured: {}); add it \
+                 under plugins: in the config file",
+                label.name,
+                label.backend,
+                configured.join(", ")
+            )),
+        );
+    };
+    let caps = &plugin.capabilities;
+    // Preflight: nothing is created when the backend lacks a layer the job needs.
+    let docker_steps = job
+        .steps
+        .iter()
+        .flatten()
+        .any(|s| s.uses.as_deref().is_some_and(|u| u.starts_with("docker://")));
+    let mut missing = Vec::new();
+    if job.container.is_some() && !caps.job_container.is_supported() {
+        missing.push(("job containers (container:)", &caps.job_container));
+    }
+    if !job.services.is_empty() && !caps.service_containers.is_supported() {
+        missing.push(("service containers (services:)", &caps.service_containers));
+    }
+    if docker_steps && !caps.step_containers.is_supported() {
+        missing.push(("step containers (uses: docker://)", &caps.step_containers));
+    }
+    if let Some((what, support)) = missing.first() {
+        let detail = match support {
+            kiln_plugin_sdk::LayerSupport::Unsupported(d) if !d.is_empty() => format!(": {d}"),
+            _ => String::new(),
+        };
+        return finish(
+            &shared,
+            &name,
+            &timer,
+            Outcome::Failure,
+            Some(format!(
+                "the job needs {what}, which backend {:?} does not support{detail}",
+                plugin.name
+            )),
+        );
+    }
+    if job.container.is_some() || !job.services.is_empty() {
+        return finish(
+            &shared,
+            &name,
+            &timer,
+            Outcome::Failure,
+            Some("container: and services: are not supported by this build of kiln yet".into()),
+        );
+    }
+
+    let backend: Arc<dyn Backend> = plugin.backend.clone();
+    let identity = &shared.opts.identity;
+    let nonce = crate::identity::short_nonce();
+    let env_id = kiln_plugin_sdk::ids::make_id(&[
+        &identity.runner_id,
+        &run.job_id,
+        &run.index.to_string(),
+        &nonce[..8],
+    ]);
+    let timeout = job_timeout(job, &contexts, &host, shared.opts.max_job_time);
+    let request = EnvironmentRequest {
+        environment_id: env_id.clone(),
+        owner: Owner {
+            runner_id: identity.runner_id.clone(),
+            boot_id: identity.boot_id.clone(),
+            job_id: run.job_id.clone(),
+            parent_environment_id: String::new(),
+            created_at_unix_ms: 0,
+            expires_at_unix_ms: now_ms()
+                + i64::try_from((timeout + Duration::from_secs(600)).as_millis()).unwrap_or(0),
+            labels: Default::default(),
+        },
+        label: label.name.clone(),
+        options: label.options.clone(),
+        hints: EnvironmentHints {
+            job_container: job.container.is_some(),
+            service_containers: u32::try_from(job.services.len()).unwrap_or(u32::MAX),
+            step_containers: docker_steps,
+        },
+    };
+    let env = tokio::select! {
+        r = backend.create_environment(request) => r,
+        _ = run.cancel.cancelled() => {
+            return finish(&shared, &name, &timer, Outcome::Cancelled, None);
+        }
+    };
+    let env = match env {
+        Ok(e) => e,
+        Err(e) => {
+            // A create that failed half-way may have left something: remove is safe after a
+            // failed create.
+            remove_env(&*backend, &env_id, &plugin.name, &log).await;
+            return finish(
+                &shared,
+                &name,
+                &timer,
+                Outcome::Failure,
+                Some(format!("creating the environment on backend {:?}: {e}", plugin.name)),
+            );
+        }
+    };
+
+    let result = run_in_env(&shared, &run, &name, job, &backend, &plugin.name, &env, contexts, timeout).await;
+    remove_env(&*backend, &env.id, &plugin.name, &log).await;
+    finish(&shared, &name, &timer, result.result, None);
+    result
+}
+
+fn fail_early(shared: &Shared, name: &str, message: String) -> ComboResult {
+    shared.sink.event(Event::JobStarted { job: name.to_owned(), runs_on: "-".into() });
+    let timer = Timer::start();
+    finish(shared, name, &timer, Outcome::Failure, Some(message))
+}
+
+fn finish(
+    shared: &Shared,
+    name: &str,
+    timer: &Timer,
+    result: Outcome,
+    message: Option<String>,
+) -> ComboResult {
+    if let Some(message) = message {
+        shared.sink.event(Event::Line {
+            job: name.to_owned(),
+            step: None,
+            text: message,
+            kind: LineKind::RunnerError,
+        });
+    }
+    shared.sink.event(Event::JobFinished { job: name.to_owned(), result, duration: timer.elapsed() });
+    ComboResult { result, outputs: Map::new() }
+}
+
+async fn remove_env(backend: &dyn Backend, env_id: &str, plugin: &str, log: &impl Fn(String, LineKind)) {
+    let request = RemoveRequest {
+        environment_id: env_id.to_owned(),
+        container_id: None,
+        grace: Duration::from_secs(2),
+    };
+    if let Err(e) = backend.remove(request).await {
+        log(
+            format!("could not remove environment {env_id} on backend {plugin:?}: {e} (it will be collected later)"),
+            LineKind::RunnerError,
+        );
+    }
+}
+
+fn eval_runs_on(
+    runs_on: Option<&RunsOn>,
+    contexts: &Map<String, Value>,
+    host: &(dyn expr::Host + Sync),
+) -> Result<Vec<String>, String> {
+    let scope = Scope { contexts, host };
+    let labels = match runs_on {
+        None => return Err("missing runs-on".into()),
+        Some(RunsOn::Labels(l)) | Some(RunsOn::Group { labels: l, .. }) => l,
+    };
+    let mut out = Vec::new();
+    for l in labels {
+        let v = if expr::contains_expression(l) {
+            expr::interpolate_value(&Value::String(l.clone()), &scope).map_err(|e| e.to_string())?
+        } else {
+            Value::String(l.clone())
+        };
+        match v {
+            Value::Array(a) => out.extend(a.iter().map(expr::to_string)),
+            v => out.push(expr::to_string(&v)),
+        }
+    }
+    out.retain(|l| !l.is_empty());
+    Ok(out)
+}
+
+fn resolve_label(shared: &Shared, runs_on: &[String]) -> Result<LabelConfig, String> {
+    if let Some(l) = labels::pick(&shared.opts.labels, runs_on) {
+        if l.backend.is_empty() {
+            let mut l = l.clone();
+            l.backend = shared.opts.default_backend.clone().unwrap_or_else(|| "host".into());
+            return Ok(l);
+        }
+        return Ok(l.clone());
+    }
+    match (&shared.opts.default_backend, runs_on.first()) {
+        (Some(backend), Some(first)) => Ok(LabelConfig {
+            name: first.clone(),
+            backend: backend.clone(),
+            options: Default::default(),
+        }),
+        _ => Err(format!(
+            "no configured label matches {runs_on:?}; map one with -P {}=host or in the config \
+             file's runner.labels",
+            runs_on.first().map_or("LABEL", String::as_str)
+        )),
+    }
+}
+
+fn job_timeout(
+    job: &Job,
+    contexts: &Map<String, Value>,
+    host: &(dyn expr::Host + Sync),
+    cap: Option<Duration>,
+) -> Duration {
+    let minutes = match &job.timeout_minutes {
+        None => 360.0,
+        Some(NumberOrExpr::Number(n)) => *n,
+        Some(NumberOrExpr::Expr(e)) => expr::interpolate(e, &Scope { contexts, host })
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(360.0),
+    };
+    let t = Duration::from_secs_f64((minutes * 60.0).clamp(0.0, 1.0e9));
+    cap.map_or(t, |c| t.min(c))
+}
+
+/// Evaluates an `env` block into strings, in order, with `env` in the contexts updated as it
+/// goes (later keys may use earlier ones, as GitHub allows for the levels above).
+pub(crate) fn eval_env(
+    env: &Env,
+    contexts: &Map<String, Value>,
+    host: &(dyn expr::Host + Sync),
+) -> Result<IndexMap<String, String>, expr::Error> {
+    let scope = Scope { contexts, host };
+    match env {
+        Env::Map(m) => {
+            let mut out = IndexMap::new();
+            for (k, v) in m {
+                let v = if expr::contains_expression(v) { expr::interpolate(v, &scope)? } else { v.clone() };
+                out.insert(k.clone(), v);
+            }
+            Ok(out)
+        }
+        Env::Expr(e) => {
+            let v = expr::interpolate_value(&Value::String(e.clone()), &scope)?;
+            Ok(match v {
+                Value::Object(o) => o.iter().map(|(k, v)| (k.clone(), expr::to_string(v))).collect(),
+                _ => IndexMap::new(),
+            })
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_in_env(
+    shared: &Arc<Shared>,
+    run: &JobRun,
+    name: &str,
+    job: &Job,
+    backend: &Arc<dyn Backend>,
+    plugin: &str,
+    env: &Environment,
+    mut contexts: Map<String, Value>,
+    timeout: Duration,
+) -> ComboResult {
+    let sink = &shared.sink;
+    let log = |text: String, kind: LineKind| {
+        sink.event(Event::Line { job: name.to_owned(), step: None, text, kind });
+    };
+    let opts = &shared.opts;
+    let wf = &opts.workflow;
+
+    // The job's cancellation: the scheduler's token (fail-fast, Ctrl-C) or the job timeout.
+    let job_cancel = run.cancel.child_token();
+    let timed_out = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let timer_task = {
+        let job_cancel = job_cancel.clone();
+        let timed_out = timed_out.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(timeout) => {
+                    timed_out.store(true, std::sync::atomic::Ordering::SeqCst);
+                    job_cancel.cancel();
+                }
+                _ = job_cancel.cancelled() => {}
+            }
+        })
+    };
+
+    // github and runner contexts.
+    let mut github = opts.github.clone();
+    github.insert("job".into(), run.job_id.clone().into());
+    github.insert("workspace".into(), env.paths.workspace.clone().into());
+    github.insert("action".into(), "".into());
+    let event_path = format!("{}/event.json", env.paths.runner_files.trim_end_matches('/'));
+    github.insert("event_path".into(), event_path.clone().into());
+    contexts.insert("github".into(), Value::Object(github.clone()));
+    let runner_os = match env.os.as_str() {
+        "linux" => "Linux",
+        "darwin" => "macOS",
+        "windows" => "Windows",
+        other => other,
+    }
+    .to_owned();
+    let runner_arch = match env.arch.as_str() {
+        "amd64" => "X64",
+        "arm64" => "ARM64",
+        "386" => "X86",
+        "arm" => "ARM",
+        other => other,
+    }
+    .to_owned();
+    contexts.insert(
+        "runner".into(),
+        json!({
+            "name": format!("kiln-{plugin}"),
+            "os": runner_os,
+            "arch": runner_arch,
+            "temp": env.paths.temp,
+            "tool_cache": env.paths.tool_cache,
+            "debug": "",
+            "environment": "self-hosted",
+        }),
+    );
+    contexts.insert("job".into(), json!({ "status": "success", "container": {}, "services": {} }));
+
+    // Base environment: the primary container's own, then GitHub's defaults.
+    let primary = env.primary_container_id.clone();
+    let mut base_env: IndexMap<String, String> = IndexMap::new();
+    match backend
+        .inspect(ContainerRef { environment_id: env.id.clone(), container_id: primary.clone() })
+        .await
+    {
+        Ok(status) => {
+            for kv in status.image_env {
+                if let Some((k, v)) = kv.split_once('=') {
+                    base_env.insert(k.to_owned(), v.to_owned());
+                }
+            }
+        }
+        Err(e) => {
+            log(format!("inspecting the environment on backend {plugin:?}: {e}"), LineKind::RunnerError);
+            timer_task.abort();
+            return ComboResult { result: Outcome::Failure, outputs: Map::new() };
+        }
+    }
+    if !base_env.contains_key("PATH") {
+        base_env.insert("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    }
+    let gh = |k: &str| github.get(k).map(expr::to_string).unwrap_or_default();
+    let defaults: [(&str, String); 26] = [
+        ("CI", "true".into()),
+        ("GITHUB_ACTIONS", "true".into()),
+        ("GITEA_ACTIONS", "true".into()),
+        ("FORGEJO_ACTIONS", "true".into()),
+        ("GITHUB_WORKSPACE", env.paths.workspace.clone()),
+        ("GITHUB_REPOSITORY", gh("repository")),
+        ("GITHUB_REPOSITORY_OWNER", gh("repository_owner")),
+        ("GITHUB_SHA", gh("sha")),
+        ("GITHUB_REF", gh("ref")),
+        ("GITHUB_REF_NAME", gh("ref_name")),
+        ("GITHUB_REF_TYPE", gh("ref_type")),
+        ("GITHUB_HEAD_REF", gh("head_ref")),
+        ("GITHUB_BASE_REF", gh("base_ref")),
+        ("GITHUB_EVENT_NAME", gh("event_name")),
+        ("GITHUB_EVENT_PATH", event_path.clone()),
+        ("GITHUB_JOB", run.job_id.clone()),
+        ("GITHUB_RUN_ID", gh("run_id")),
+        ("GITHUB_RUN_NUMBER", gh("run_number")),
+        ("GITHUB_RUN_ATTEMPT", gh("run_attempt")),
+        ("GITHUB_ACTOR", gh("actor")),
+        ("GITHUB_WORKFLOW", gh("workflow")),
+        ("GITHUB_SERVER_URL", gh("server_url")),
+        ("GITHUB_API_URL", gh("api_url")),
+        ("RUNNER_OS", runner_os.clone()),
+        ("RUNNER_ARCH", runner_arch.clone()),
+        ("RUNNER_TEMP", env.paths.temp.clone()),
+    ];
+    for (k, v) in defaults {
+        base_env.insert(k.into(), v);
+    }
+    base_env.insert("RUNNER_TOOL_CACHE".into(), env.paths.tool_cache.clone());
+    base_env.insert("GITHUB_GRAPHQL_URL".into(), gh("graphql_url"));
+    if opts.act_compat {
+        base_env.insert("ACT".into(), "true".into());
+    }
+    for (k, v) in &opts.extra_env {
+        base_env.insert(k.clone(), v.clone());
+    }
+
+    // Workflow and job env (expressions allowed).
+    let mut env_ctx: IndexMap<String, String> = IndexMap::new();
+    if opts.act_compat {
+        env_ctx.insert("ACT".into(), "true".into());
+    }
+    for (k, v) in &opts.extra_env {
+        env_ctx.insert(k.clone(), v.clone());
+    }
+    let host = super::StaticHost(JobStatus::Success);
+    for (what, block) in [("env", &wf.env), (&*format!("jobs.{}.env", run.job_id), &job.env)] {
+        contexts.insert("env".into(), to_obj(&env_ctx));
+        match eval_env(block, &contexts, &host) {
+            Ok(m) => env_ctx.extend(m),
+            Err(e) => {
+                log(format!("{}: {what}: {e}", wf.file), LineKind::RunnerError);
+                timer_task.abort();
+                return ComboResult { result: Outcome::Failure, outputs: Map::new() };
+            }
+        }
+    }
+    contexts.insert("env".into(), to_obj(&env_ctx));
+
+    let mut state = JobState {
+        status: JobStatus::Success,
+        env_accum: IndexMap::new(),
+        path_accum: Vec::new(),
+        steps: Map::new(),
+        masker: Masker::new(),
+        summary: String::new(),
+    };
+    for v in opts.secrets.values() {
+        state.masker.add(v);
+    }
+
+    // Set up: workspace in, event file and shell probe in one exec.
+    let path = base_env.get("PATH").cloned().unwrap_or_default();
+    let setup = setup_environment(shared, backend, env, &primary, &path, &job_cancel).await;
+    let bash = match setup {
+        Ok(b) => b,
+        Err(e) => {
+            log(format!("setting up the environment on backend {plugin:?}: {e}"), LineKind::RunnerError);
+            timer_task.abort();
+            let result = if job_cancel.is_cancelled() { Outcome::Cancelled } else { Outcome::Failure };
+            return ComboResult { result, outputs: Map::new() };
+        }
+    };
+
+    let step_ctx = StepContext {
+        shared: shared.clone(),
+        job_name: name.to_owned(),
+        job_id: run.job_id.clone(),
+        backend: backend.clone(),
+        plugin: plugin.to_owned(),
+        env: env.clone(),
+        container_id: primary.clone(),
+        base_env,
+        env_ctx,
+        bash_available: bash,
+        workflow_defaults: wf.defaults.clone(),
+        job_defaults: job.defaults.clone(),
+    };
+    let steps = job.steps.as_deref().unwrap_or(&[]);
+    for (index, s) in steps.iter().enumerate() {
+        if job_cancel.is_cancelled() && state.status == JobStatus::Success {
+            state.status = JobStatus::Cancelled;
+        }
+        step::run_step(&step_ctx, &mut state, &mut contexts, index, s, &job_cancel).await;
+    }
+    timer_task.abort();
+
+    if timed_out.load(std::sync::atomic::Ordering::SeqCst) {
+        log(
+            format!("the job exceeded its maximum execution time of {}", crate::output::fmt_duration(timeout)),
+            LineKind::RunnerError,
+        );
+        state.status = JobStatus::Failure;
+    }
+    if !state.summary.is_empty() {
+        log("Step summary:".into(), LineKind::Runner);
+        for line in state.summary.lines() {
+            log(state.masker.mask(line).into_owned(), LineKind::Output);
+        }
+    }
+
+    // Outputs.
+    let mut outputs = Map::new();
+    let host = super::StaticHost(state.status);
+    contexts.insert("steps".into(), Value::Object(state.steps.clone()));
+    for (k, v) in &job.outputs {
+        match expr::interpolate(v, &Scope { contexts: &contexts, host: &host }) {
+            Ok(s) => {
+                outputs.insert(k.clone(), Value::String(s));
+            }
+            Err(e) => log(format!("{}: jobs.{}.outputs.{k}: {e}", wf.file, run.job_id), LineKind::RunnerError),
+        }
+    }
+    let result = match state.status {
+        JobStatus::Success => Outcome::Success,
+        JobStatus::Failure => Outcome::Failure,
+        JobStatus::Cancelled if timed_out.load(std::sync::atomic::Ordering::SeqCst) => Outcome::Failure,
+        JobStatus::Cancelled => Outcome::Cancelled,
+    };
+    ComboResult { result, outputs }
+}
+
+/// Copies the workspace in and runs one probe exec that also writes the event file. Returns
+/// whether `bash` is on the environment's PATH.
+async fn setup_environment(
+    shared: &Arc<Shared>,
+    backend: &Arc<dyn Backend>,
+    env: &Environment,
+    container: &str,
+    path: &str,
+    cancel: &CancellationToken,
+) -> Result<bool, String> {
+    if let Some(dir) = &shared.opts.workspace {
+        let target = kiln_plugin_sdk::CopyInTarget {
+            environment_id: env.id.clone(),
+            container_id: container.to_owned(),
+            dest_path: env.paths.workspace.clone(),
+            local_path: None,
+        };
+        let data = crate::workspace::tar_stream(dir.clone());
+        tokio::select! {
+            r = backend.copy_in(target, data) => { r.map_err(|e| format!("copying the workspace in: {e}"))?; }
+            _ = cancel.cancelled() => return Err("cancelled".into()),
+        }
+    }
+    let event = shared.opts.github.get("event").cloned().unwrap_or_else(|| json!({}));
+    let event_json = serde_json::to_vec_pretty(&event).unwrap_or_default();
+    let request = ExecRequest {
+        exec_id: step::exec_id(),
+        environment_id: env.id.clone(),
+        container_id: container.to_owned(),
+        argv: vec!["sh".into(), "-c".into(), "command -v bash >/dev/null 2>&1 && echo bash || echo sh".into()],
+        // The probe must see the environment's real PATH.
+        env: vec![kiln_plugin_sdk::EnvVar::new("PATH", path)],
+        path_prepend: Vec::new(),
+        working_dir: String::new(),
+        files: vec![StagedFile {
+            path: format!("{}/event.json", env.paths.runner_files.trim_end_matches('/')),
+            content: event_json.into(),
+            mode: 0o644,
+        }],
+        collect: Vec::new(),
+        collect_limit_bytes: 0,
+        stdin: false,
+        tty: false,
+        timeout: Some(Duration::from_secs(60)),
+        grace: Duration::from_secs(1),
+    };
+    let mut stream = backend.exec(request).await.map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    use futures::StreamExt;
+    loop {
+        let event = tokio::select! {
+            e = stream.next() => e,
+            _ = cancel.cancelled() => return Err("cancelled".into()),
+        };
+        match event {
+            Some(Ok(ExecEvent::Output { data, .. })) => out.extend_from_slice(&data),
+            Some(Ok(ExecEvent::Exited(_))) => break,
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e.to_string()),
+            None => return Err("the setup exec ended without an exit status".into()),
+        }
+    }
+    Ok(String::from_utf8_lossy(&out).trim() == "bash")
+}
