@@ -75,8 +75,9 @@ pub fn unpack(reader: impl Read, dest: &Path) -> Result<CopyStats> {
     archive.set_overwrite(true);
     archive.set_unpack_xattrs(false);
     let mut stats = CopyStats::default();
-    let entries =
-        archive.entries().map_err(|e| Error::invalid_argument(format!("reading tar stream: {e}")))?;
+    let entries = archive
+        .entries()
+        .map_err(|e| Error::invalid_argument(format!("reading tar stream: {e}")))?;
     for entry in entries {
         let mut entry =
             entry.map_err(|e| Error::invalid_argument(format!("reading tar entry: {e}")))?;
@@ -195,7 +196,8 @@ impl ChunkWriter {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let chunk = bytes::Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK_SIZE)));
+        let chunk =
+            bytes::Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK_SIZE)));
         self.tx
             .blocking_send(Ok(chunk))
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "receiver gone"))

@@ -88,10 +88,14 @@ impl std::fmt::Display for Endpoint {
 struct VersionHeader;
 
 impl Interceptor for VersionHeader {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        request
-            .metadata_mut()
-            .insert(PROTOCOL_VERSION_HEADER, tonic::metadata::MetadataValue::from(PROTOCOL_VERSION));
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request.metadata_mut().insert(
+            PROTOCOL_VERSION_HEADER,
+            tonic::metadata::MetadataValue::from(PROTOCOL_VERSION),
+        );
         Ok(request)
     }
 }
@@ -139,8 +143,9 @@ pub async fn connect(endpoint: &Endpoint, name: &str, timeout: Duration) -> Resu
                 .and_then(|u| u.host().map(str::to_owned))
                 .unwrap_or_default();
             let domain = domain.clone().unwrap_or(host);
-            let config = crate::tls::client_config(tls, &domain)
-                .map_err(|e| Error::invalid_argument(format!("{e:#}")).fault(crate::Fault::Config))?;
+            let config = crate::tls::client_config(tls, &domain).map_err(|e| {
+                Error::invalid_argument(format!("{e:#}")).fault(crate::Fault::Config)
+            })?;
             TonicEndpoint::from_shared(uri.clone())
                 .map_err(|e| unavailable(&e))?
                 .connect_timeout(timeout)
@@ -203,7 +208,17 @@ impl GrpcBackend {
     }
 
     fn err(&self, status: tonic::Status) -> Error {
+        // A connection that broke mid-call (the plugin died) reaches us as UNKNOWN or INTERNAL
+        // with a local source error ("h2 protocol error: …", "transport error"): the plugin
+        // never sent that status. Rule 14 says UNAVAILABLE.
+        let broken = matches!(status.code(), tonic::Code::Unknown | tonic::Code::Internal)
+            && (std::error::Error::source(&status).is_some()
+                || status.message().starts_with("h2 protocol error")
+                || status.message().starts_with("transport error"));
         let mut e = Error::from(status);
+        if broken {
+            e = Error::unavailable(e.message);
+        }
         if e.code == crate::Code::Unavailable {
             e.message = format!("plugin {:?} is unavailable: {}", self.name, e.message);
         }
@@ -220,7 +235,8 @@ impl GrpcBackend {
 #[async_trait::async_trait]
 impl Backend for GrpcBackend {
     async fn capabilities(&self, request: CapabilitiesRequest) -> Result<Capabilities> {
-        let response = self.client.clone().capabilities(pb::CapabilitiesRequest::from(request)).await;
+        let response =
+            self.client.clone().capabilities(pb::CapabilitiesRequest::from(request)).await;
         let caps: Capabilities = self.unary(response).await?.into();
         if let Ok(mut state) = self.instance.lock() {
             if state.id.as_deref().is_some_and(|id| id != caps.instance_id) {
@@ -273,40 +289,36 @@ impl Backend for GrpcBackend {
         let name = self.name.clone();
         // Enforce the terminal-frame rule: after Exited nothing more; a stream that ends
         // without Exited is an infrastructure failure.
-        let stream = futures::stream::unfold(
-            (stream, false),
-            move |(mut stream, done)| {
-                let this = this.clone();
-                let name = name.clone();
-                let exec_id = exec_id.clone();
-                async move {
-                    if done {
-                        return None;
-                    }
-                    match stream.message().await {
-                        Ok(Some(event)) => match ExecEvent::try_from(event) {
-                            Ok(e @ ExecEvent::Exited(_)) => Some((Ok(e), (stream, true))),
-                            Ok(e) => Some((Ok(e), (stream, false))),
-                            Err(e) => Some((Err(e), (stream, true))),
-                        },
-                        Ok(None) => Some((
-                            Err(Error::unavailable(format!(
-                                "plugin {name:?} ended exec {exec_id} without an exit status \
-                                 (the plugin may have crashed)"
-                            ))),
-                            (stream, true),
-                        )),
-                        Err(status) => Some((Err(this.err(status)), (stream, true))),
-                    }
+        let stream = futures::stream::unfold((stream, false), move |(mut stream, done)| {
+            let this = this.clone();
+            let name = name.clone();
+            let exec_id = exec_id.clone();
+            async move {
+                if done {
+                    return None;
                 }
-            },
-        );
+                match stream.message().await {
+                    Ok(Some(event)) => match ExecEvent::try_from(event) {
+                        Ok(e @ ExecEvent::Exited(_)) => Some((Ok(e), (stream, true))),
+                        Ok(e) => Some((Ok(e), (stream, false))),
+                        Err(e) => Some((Err(e), (stream, true))),
+                    },
+                    Ok(None) => Some((
+                        Err(Error::unavailable(format!(
+                            "plugin {name:?} ended exec {exec_id} without an exit status \
+                                 (the plugin may have crashed)"
+                        ))),
+                        (stream, true),
+                    )),
+                    Err(status) => Some((Err(this.err(status)), (stream, true))),
+                }
+            }
+        });
         Ok(Box::pin(stream))
     }
 
     async fn signal_exec(&self, request: SignalRequest) -> Result<bool> {
-        let response =
-            self.client.clone().signal_exec(pb::SignalExecRequest::from(request)).await;
+        let response = self.client.clone().signal_exec(pb::SignalExecRequest::from(request)).await;
         Ok(self.unary(response).await?.delivered)
     }
 
@@ -319,11 +331,8 @@ impl Backend for GrpcBackend {
             |d| pb::StdinChunk { exec_id: String::new(), data: d.into(), eof: false },
             Some(pb::StdinChunk { exec_id: String::new(), data: Vec::new(), eof: true }),
         ));
-        let response = self
-            .client
-            .clone()
-            .write_stdin(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await;
+        let response =
+            self.client.clone().write_stdin(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
         Ok(self.unary(response).await?.bytes)
     }
 
@@ -349,7 +358,9 @@ impl Backend for GrpcBackend {
         let response = self.client.clone().copy_out(pb::CopyOutRequest::from(source)).await;
         let stream = self.unary(response).await?;
         let this = self.clone();
-        Ok(Box::pin(stream.map(move |c| c.map(|c| bytes::Bytes::from(c.data)).map_err(|s| this.err(s)))))
+        Ok(Box::pin(
+            stream.map(move |c| c.map(|c| bytes::Bytes::from(c.data)).map_err(|s| this.err(s))),
+        ))
     }
 
     async fn remove(&self, request: RemoveRequest) -> Result<bool> {
@@ -358,17 +369,13 @@ impl Backend for GrpcBackend {
     }
 
     async fn list_environments(&self, selector: Selector) -> Result<Vec<EnvironmentSummary>> {
-        let response =
-            self.client.clone().list_environments(pb::ListEnvironmentsRequest::from(selector)).await;
+        let response = self
+            .client
+            .clone()
+            .list_environments(pb::ListEnvironmentsRequest::from(selector))
+            .await;
         Ok(self.unary(response).await?.environments.into_iter().map(Into::into).collect())
     }
-}
-
-/// Asks the plugin's grpc.health service whether it is serving.
-pub async fn health_check(endpoint: &Endpoint, timeout: Duration) -> Result<()> {
-    let backend = connect(endpoint, "health", timeout).await?;
-    let _ = backend;
-    Ok(())
 }
 
 /// Feeds a client-streaming call from a byte stream: an optional head message, one message

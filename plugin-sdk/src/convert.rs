@@ -39,8 +39,42 @@ impl From<Error> for tonic::Status {
             retryable: err.retryable,
             field: err.field.unwrap_or_default(),
         };
-        tonic::Status::with_details(code, err.message, Bytes::from(detail.encode_to_vec()))
+        // The details trailer holds a google.rpc.Status whose details carry the ErrorDetail as
+        // an Any, so every gRPC implementation can read it.
+        let rpc = RpcStatus {
+            code: code as i32,
+            message: err.message.clone(),
+            details: vec![prost_types::Any {
+                type_url: ERROR_DETAIL_TYPE_URL.to_owned(),
+                value: detail.encode_to_vec(),
+            }],
+        };
+        tonic::Status::with_details(code, err.message, Bytes::from(rpc.encode_to_vec()))
     }
+}
+
+/// The type URL of [`pb::ErrorDetail`] inside `google.rpc.Status.details`.
+pub(crate) const ERROR_DETAIL_TYPE_URL: &str = "type.googleapis.com/kiln.backend.v1.ErrorDetail";
+
+/// `google.rpc.Status`, the standard payload of the `grpc-status-details-bin` trailer.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    pub(crate) code: i32,
+    #[prost(string, tag = "2")]
+    pub(crate) message: String,
+    #[prost(message, repeated, tag = "3")]
+    pub(crate) details: Vec<prost_types::Any>,
+}
+
+/// The ErrorDetail of a status, if its details carry one.
+fn error_detail(status: &tonic::Status) -> Option<pb::ErrorDetail> {
+    if status.details().is_empty() {
+        return None;
+    }
+    let rpc = RpcStatus::decode(status.details()).ok()?;
+    let any = rpc.details.into_iter().find(|a| a.type_url == ERROR_DETAIL_TYPE_URL)?;
+    pb::ErrorDetail::decode(any.value.as_slice()).ok()
 }
 
 impl From<tonic::Status> for Error {
@@ -52,9 +86,7 @@ impl From<tonic::Status> for Error {
             tonic::Code::FailedPrecondition | tonic::Code::Aborted => Code::FailedPrecondition,
             tonic::Code::Unimplemented => Code::Unimplemented,
             tonic::Code::Unavailable => Code::Unavailable,
-            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
-                Code::PermissionDenied
-            }
+            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => Code::PermissionDenied,
             tonic::Code::ResourceExhausted => Code::ResourceExhausted,
             tonic::Code::DeadlineExceeded => Code::DeadlineExceeded,
             tonic::Code::Cancelled => Code::Cancelled,
@@ -64,8 +96,8 @@ impl From<tonic::Status> for Error {
             | tonic::Code::DataLoss => Code::Internal,
         };
         let mut err = Error::new(code, status.message().to_owned());
-        match pb::ErrorDetail::decode(status.details()) {
-            Ok(detail) if !status.details().is_empty() => {
+        match error_detail(&status) {
+            Some(detail) => {
                 err.fault = match pb::Fault::try_from(detail.fault) {
                     Ok(pb::Fault::User) => Fault::User,
                     Ok(pb::Fault::Infrastructure) => Fault::Infrastructure,
@@ -90,7 +122,9 @@ impl From<tonic::Status> for Error {
 // JSON objects <-> google.protobuf.Struct
 
 /// A JSON object as a protobuf `Struct`.
-pub(crate) fn struct_from_json(map: &serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+pub(crate) fn struct_from_json(
+    map: &serde_json::Map<String, serde_json::Value>,
+) -> prost_types::Struct {
     prost_types::Struct {
         fields: map.iter().map(|(k, v)| (k.clone(), value_from_json(v))).collect(),
     }
@@ -173,10 +207,9 @@ impl From<LayerSupport> for pb::LayerSupport {
                 delegate: String::new(),
                 detail,
             },
-            LayerSupport::Native => pb::LayerSupport {
-                support: pb::Support::Native as i32,
-                ..Default::default()
-            },
+            LayerSupport::Native => {
+                pb::LayerSupport { support: pb::Support::Native as i32, ..Default::default() }
+            }
             LayerSupport::Delegated { backend } => pb::LayerSupport {
                 support: pb::Support::Delegated as i32,
                 delegate: backend,
@@ -371,10 +404,9 @@ impl From<pb::Environment> for Environment {
             },
             path_variable: e.path_variable,
             path_separator: e.path_separator,
-            delegation: e.delegation.map(|d| Delegation {
-                backend: d.backend,
-                options: json_from_struct(d.options),
-            }),
+            delegation: e
+                .delegation
+                .map(|d| Delegation { backend: d.backend, options: json_from_struct(d.options) }),
             owner: e.owner.into(),
         }
     }
@@ -435,10 +467,9 @@ impl From<pb::CreateContainerRequest> for ContainerRequest {
             container_id: r.container_id,
             spec: ContainerSpec {
                 image: s.image,
-                build: s.build.map(|b| ImageBuild {
-                    context_dir: b.context_dir,
-                    dockerfile: b.dockerfile,
-                }),
+                build: s
+                    .build
+                    .map(|b| ImageBuild { context_dir: b.context_dir, dockerfile: b.dockerfile }),
                 entrypoint: s.entrypoint,
                 cmd: s.cmd,
                 env: s.env.into_iter().map(Into::into).collect(),
@@ -447,10 +478,9 @@ impl From<pb::CreateContainerRequest> for ContainerRequest {
                 ports: s.ports,
                 network_aliases: s.network_aliases,
                 options: s.options,
-                credentials: s.credentials.map(|c| RegistryCredentials {
-                    username: c.username,
-                    password: c.password,
-                }),
+                credentials: s
+                    .credentials
+                    .map(|c| RegistryCredentials { username: c.username, password: c.password }),
                 user: s.user,
                 mount_workspace: s.mount_workspace,
                 force_pull: s.force_pull,
@@ -686,8 +716,9 @@ impl TryFrom<pb::ExecEvent> for ExecEvent {
                     Some(pb::exited::Status::ExitCode(c)) => ExitStatus::Code(c),
                     Some(pb::exited::Status::Signal(s)) => ExitStatus::Signal(s),
                     None => {
-                        return Err(Error::internal("exited frame without a status")
-                            .field("exited.status"));
+                        return Err(
+                            Error::internal("exited frame without a status").field("exited.status")
+                        );
                     }
                 },
                 oom_killed: x.oom_killed,
@@ -761,7 +792,11 @@ impl From<CopyOutSource> for pb::CopyOutRequest {
 
 impl From<pb::CopyOutRequest> for CopyOutSource {
     fn from(s: pb::CopyOutRequest) -> Self {
-        CopyOutSource { environment_id: s.environment_id, container_id: s.container_id, path: s.path }
+        CopyOutSource {
+            environment_id: s.environment_id,
+            container_id: s.container_id,
+            path: s.path,
+        }
     }
 }
 
@@ -787,7 +822,10 @@ impl From<pb::RemoveRequest> for RemoveRequest {
 
 impl From<Selector> for pb::ListEnvironmentsRequest {
     fn from(s: Selector) -> Self {
-        pb::ListEnvironmentsRequest { runner_id: s.runner_id, labels: s.labels.into_iter().collect() }
+        pb::ListEnvironmentsRequest {
+            runner_id: s.runner_id,
+            labels: s.labels.into_iter().collect(),
+        }
     }
 }
 

@@ -68,7 +68,13 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// An error with a code and a message; fault unspecified, not retryable.
     pub fn new(code: Code, message: impl Into<String>) -> Error {
-        Error { code, message: message.into(), fault: Fault::Unspecified, retryable: false, field: None }
+        Error {
+            code,
+            message: message.into(),
+            fault: Fault::Unspecified,
+            retryable: false,
+            field: None,
+        }
     }
 
     /// `InvalidArgument`, the user's fault.

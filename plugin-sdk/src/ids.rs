@@ -9,7 +9,11 @@ pub const MAX_ID_LEN: usize = 63;
 /// or ending with `-`. `field` names the request field in the error.
 pub fn validate_id(id: &str, field: &str) -> Result<()> {
     let ok_chars = id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if id.is_empty() || id.len() > MAX_ID_LEN || !ok_chars || id.starts_with('-') || id.ends_with('-')
+    if id.is_empty()
+        || id.len() > MAX_ID_LEN
+        || !ok_chars
+        || id.starts_with('-')
+        || id.ends_with('-')
     {
         return Err(Error::invalid_argument(format!(
             "{field} {id:?} is not a valid id: use 1 to {MAX_ID_LEN} characters of [a-z0-9-], \

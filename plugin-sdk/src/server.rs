@@ -58,6 +58,8 @@ pub struct TlsFiles {
 struct Adapter<B> {
     backend: Arc<B>,
     instance_id: String,
+    /// The protocol version the backend speaks, learnt once at start.
+    version: u32,
 }
 
 impl<B> Adapter<B> {
@@ -66,11 +68,12 @@ impl<B> Adapter<B> {
             return Ok(());
         };
         let v = v.to_str().unwrap_or("");
-        if v.split(',').any(|v| v.trim() == PROTOCOL_VERSION.to_string()) {
+        if v.split(',').any(|v| v.trim() == self.version.to_string()) {
             return Ok(());
         }
         Err(Error::failed_precondition(format!(
-            "protocol version mismatch: the client speaks {v}, this plugin speaks {PROTOCOL_VERSION}"
+            "protocol version mismatch: the client speaks {v}, this plugin speaks {}",
+            self.version
         ))
         .into())
     }
@@ -231,8 +234,9 @@ impl<B: Backend> pb::backend_server::Backend for Adapter<B> {
             Ok(pb::CopyInChunk { chunk: Some(pb::copy_in_chunk::Chunk::Data(d)) }) => {
                 Ok(bytes::Bytes::from(d))
             }
-            Ok(_) => Err(Error::invalid_argument("only data frames may follow the header")
-                .field("data")),
+            Ok(_) => {
+                Err(Error::invalid_argument("only data frames may follow the header").field("data"))
+            }
             Err(e) => Err(Error::from(e)),
         });
         let stats = self.backend.copy_in(header.into(), Box::pin(data)).await?;
@@ -247,8 +251,8 @@ impl<B: Backend> pb::backend_server::Backend for Adapter<B> {
     ) -> Result<Response<Self::CopyOutStream>, Status> {
         self.check(&request)?;
         let stream = self.backend.copy_out(request.into_inner().into()).await?;
-        let stream =
-            stream.map(|c| c.map(|data| pb::CopyOutChunk { data: data.into() }).map_err(Status::from));
+        let stream = stream
+            .map(|c| c.map(|data| pb::CopyOutChunk { data: data.into() }).map_err(Status::from));
         Ok(self.respond(Box::pin(stream) as Self::CopyOutStream))
     }
 
@@ -284,14 +288,17 @@ pub async fn serve(
     listen: Listen,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let adapter = Adapter { backend: Arc::new(backend), instance_id: new_instance_id() };
+    let version = backend
+        .capabilities(backend::CapabilitiesRequest::default())
+        .await
+        .map(|c| c.protocol_version)
+        .unwrap_or(PROTOCOL_VERSION);
+    let adapter = Adapter { backend: Arc::new(backend), instance_id: new_instance_id(), version };
     let service = BackendServer::new(adapter)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_service_status(SERVICE_NAME, tonic_health::ServingStatus::Serving)
-        .await;
+    health_reporter.set_service_status(SERVICE_NAME, tonic_health::ServingStatus::Serving).await;
     health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
 
     let mut builder = tonic::transport::Server::builder();
@@ -354,11 +361,11 @@ pub fn shutdown_token(watch_stdin: bool) -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            Ok(s) => s,
-            Err(_) => return,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
@@ -447,5 +454,6 @@ pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }

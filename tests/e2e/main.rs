@@ -1,1 +1,8 @@
-//! kiln end-to-end tests.
+//! kiln end-to-end tests: the real `kiln`, plugin and conformance binaries over real unix
+//! sockets. See `support.rs` for how the binaries are found.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+mod conformance;
+mod exec;
+mod lifecycle;
+mod support;

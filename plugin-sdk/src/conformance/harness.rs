@@ -122,7 +122,11 @@ fn codes_text(codes: &[Code]) -> String {
 }
 
 /// Expects `result` to be an error with one of `codes`; returns it.
-pub(crate) fn expect_code<T>(what: impl Display, result: Result<T>, codes: &[Code]) -> Check<Error> {
+pub(crate) fn expect_code<T>(
+    what: impl Display,
+    result: Result<T>,
+    codes: &[Code],
+) -> Check<Error> {
     match result {
         Ok(_) => fail!("{what}: expected {}, got success", codes_text(codes)),
         Err(e) if codes.contains(&e.code) => Ok(e),
@@ -245,7 +249,10 @@ impl<'s> Ctx<'s> {
 
     /// Calls `create_environment`, tracking the id first (remove is safe after a failed
     /// create), bounded by [`CREATE_TIMEOUT`].
-    pub(crate) async fn try_create(&self, request: EnvironmentRequest) -> Check<Result<Environment>> {
+    pub(crate) async fn try_create(
+        &self,
+        request: EnvironmentRequest,
+    ) -> Check<Result<Environment>> {
         self.track(&request.environment_id);
         let id = request.environment_id.clone();
         within(
@@ -296,10 +303,7 @@ impl<'s> Ctx<'s> {
         for id in ids.iter().rev() {
             match self.remove(id).await {
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => errors.push(format!(
-                    "remove {id}: {} error: {e}",
-                    code_name(e.code)
-                )),
+                Ok(Err(e)) => errors.push(format!("remove {id}: {} error: {e}", code_name(e.code))),
                 Err(Stop::Fail(m) | Stop::Skip(m)) => errors.push(m),
             }
         }
@@ -353,7 +357,11 @@ impl<'s> Ctx<'s> {
     }
 
     /// Runs `sh -c script` and returns its exit status and stdout.
-    pub(crate) async fn sh_status(&self, env: &Environment, script: &str) -> Check<(ExitStatus, String)> {
+    pub(crate) async fn sh_status(
+        &self,
+        env: &Environment,
+        script: &str,
+    ) -> Check<(ExitStatus, String)> {
         let w = self.run(self.sh_request(env, script)).await?;
         let status = w.exited()?.status;
         Ok((status, String::from_utf8_lossy(&w.stdout).into_owned()))
@@ -374,7 +382,12 @@ impl<'s> Ctx<'s> {
     }
 
     /// Waits until every process named by `pidfiles` is gone; fails after `limit`.
-    pub(crate) async fn wait_dead(&self, env: &Environment, pidfiles: &[&str], limit: Duration) -> Check {
+    pub(crate) async fn wait_dead(
+        &self,
+        env: &Environment,
+        pidfiles: &[&str],
+        limit: Duration,
+    ) -> Check {
         let deadline = Instant::now() + limit;
         for pidfile in pidfiles {
             loop {
@@ -399,7 +412,8 @@ impl<'s> Ctx<'s> {
     /// item carries it.
     pub(crate) async fn exec_error(&self, request: ExecRequest) -> Check<Result<()>> {
         let id = request.exec_id.clone();
-        let started = within(format!("exec {id}"), RPC_TIMEOUT, self.backend().exec(request)).await?;
+        let started =
+            within(format!("exec {id}"), RPC_TIMEOUT, self.backend().exec(request)).await?;
         let stream = match started {
             Err(e) => return Ok(Err(e)),
             Ok(s) => s,
@@ -557,11 +571,9 @@ impl Watch {
             match self.step(deadline).await {
                 Step::Event => {}
                 Step::Ended => return Ok(()),
-                Step::TimedOut => fail!(
-                    "exec {} did not end within {limit:?}: {}",
-                    self.exec_id,
-                    self.summary()
-                ),
+                Step::TimedOut => {
+                    fail!("exec {} did not end within {limit:?}: {}", self.exec_id, self.summary())
+                }
             }
         }
     }
@@ -745,9 +757,7 @@ impl TarBuilder {
     }
 
     pub(crate) fn finish(self) -> Check<Vec<u8>> {
-        self.builder
-            .into_inner()
-            .map_err(|e| Stop::Fail(format!("finishing a tar archive: {e}")))
+        self.builder.into_inner().map_err(|e| Stop::Fail(format!("finishing a tar archive: {e}")))
     }
 }
 
@@ -796,9 +806,7 @@ pub(crate) fn read_tar(data: &[u8]) -> Check<BTreeMap<String, TarEntry>> {
             _ => "other",
         };
         let mode = entry.header().mode().unwrap_or(0) & 0o7777;
-        let link = entry
-            .link_name_bytes()
-            .map(|l| String::from_utf8_lossy(&l).into_owned());
+        let link = entry.link_name_bytes().map(|l| String::from_utf8_lossy(&l).into_owned());
         let mut content = Vec::new();
         entry
             .read_to_end(&mut content)
@@ -809,7 +817,11 @@ pub(crate) fn read_tar(data: &[u8]) -> Check<BTreeMap<String, TarEntry>> {
 }
 
 /// Collects a byte stream, bounded.
-pub(crate) async fn collect_bytes(what: &str, mut stream: ByteStream, limit: Duration) -> Check<Result<Vec<u8>>> {
+pub(crate) async fn collect_bytes(
+    what: &str,
+    mut stream: ByteStream,
+    limit: Duration,
+) -> Check<Result<Vec<u8>>> {
     within(what, limit, async move {
         let mut out = Vec::new();
         while let Some(chunk) = stream.next().await {

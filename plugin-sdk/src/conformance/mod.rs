@@ -48,6 +48,7 @@ macro_rules! ensure {
     };
 }
 
+mod cli;
 mod faults;
 mod harness;
 mod process;
@@ -55,6 +56,7 @@ mod protocol;
 mod report;
 mod semantics;
 
+pub use cli::main;
 pub use process::{ManagedPlugin, split_command};
 pub use report::{CaseResult, Outcome, Report};
 
@@ -87,7 +89,7 @@ impl Tier {
 
 impl std::fmt::Display for Tier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
+        f.pad(self.name())
     }
 }
 
@@ -288,10 +290,9 @@ pub async fn run_suite(
         let start = Instant::now();
         let run = AssertUnwindSafe((case.run)(&ctx)).catch_unwind();
         let mut outcome = match tokio::time::timeout(config.case_timeout, run).await {
-            Err(_) => Outcome::Fail(format!(
-                "the case did not finish within {:?}",
-                config.case_timeout
-            )),
+            Err(_) => {
+                Outcome::Fail(format!("the case did not finish within {:?}", config.case_timeout))
+            }
             Ok(Err(panic)) => {
                 let msg = panic
                     .downcast_ref::<String>()
@@ -335,6 +336,111 @@ mod tests {
             assert_eq!(name.split('/').count(), 3, "{name}: tier/area/what");
         }
         assert_eq!(names.last().map(|n| n.1), Some(CLEANUP_CASE));
+    }
+
+    /// A backend that negotiates and refuses everything else: the suite must run through,
+    /// fail fast and never hang, over a real socket.
+    struct Stub;
+
+    #[async_trait::async_trait]
+    impl Backend for Stub {
+        async fn capabilities(
+            &self,
+            _: CapabilitiesRequest,
+        ) -> Result<crate::backend::Capabilities> {
+            Ok(crate::backend::Capabilities {
+                plugin_name: "stub".into(),
+                plugin_version: "0.0.1".into(),
+                protocol_version: PROTOCOL_VERSION,
+                environment: crate::backend::LayerSupport::Native,
+                ..Default::default()
+            })
+        }
+        async fn create_environment(
+            &self,
+            _: crate::backend::EnvironmentRequest,
+        ) -> Result<crate::backend::Environment> {
+            Err(Error::unavailable("stub: no environments"))
+        }
+        async fn inspect(
+            &self,
+            _: crate::backend::ContainerRef,
+        ) -> Result<crate::backend::ContainerStatus> {
+            Err(Error::not_found("stub"))
+        }
+        async fn exec(&self, _: crate::backend::ExecRequest) -> Result<crate::backend::ExecStream> {
+            Err(Error::not_found("stub"))
+        }
+        async fn signal_exec(&self, _: crate::backend::SignalRequest) -> Result<bool> {
+            Err(Error::not_found("stub"))
+        }
+        async fn copy_in(
+            &self,
+            _: crate::backend::CopyInTarget,
+            _: crate::backend::ByteStream,
+        ) -> Result<crate::backend::CopyStats> {
+            Err(Error::not_found("stub"))
+        }
+        async fn copy_out(
+            &self,
+            _: crate::backend::CopyOutSource,
+        ) -> Result<crate::backend::ByteStream> {
+            Err(Error::not_found("stub"))
+        }
+        async fn remove(&self, _: crate::backend::RemoveRequest) -> Result<bool> {
+            Ok(false)
+        }
+        async fn list_environments(
+            &self,
+            _: crate::backend::Selector,
+        ) -> Result<Vec<crate::backend::EnvironmentSummary>> {
+            Ok(Vec::new())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn suite_runs_over_a_socket_against_a_stub() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("p.sock");
+        let token = tokio_util::sync::CancellationToken::new();
+        let server = tokio::spawn(crate::server::serve(
+            Stub,
+            crate::server::Listen::Unix(socket.clone()),
+            token.clone(),
+        ));
+        let endpoint = crate::client::Endpoint::Unix(socket);
+        let mut backend = None;
+        for _ in 0..50 {
+            if let Ok(b) = crate::client::connect(&endpoint, "stub", Duration::from_secs(1)).await {
+                backend = Some(b);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let backend: Arc<dyn Backend> = Arc::new(backend.expect("the stub server answers"));
+        let config = SuiteConfig { case_timeout: Duration::from_secs(20), ..SuiteConfig::new() };
+        let report = run_suite(backend, &config, None).await;
+        token.cancel();
+        let _ = server.await;
+
+        let outcome =
+            |name: &str| report.cases.iter().find(|c| c.name == name).map(|c| c.outcome.clone());
+        assert_eq!(outcome("protocol/capabilities/negotiate"), Some(Outcome::Pass), "{report:?}");
+        assert_eq!(outcome("protocol/capabilities/version-mismatch"), Some(Outcome::Pass));
+        assert!(
+            matches!(outcome("protocol/environment/create"), Some(Outcome::Fail(m)) if m.contains("UNAVAILABLE"))
+        );
+        assert!(
+            matches!(outcome("faults/plugin/killed-mid-exec"), Some(Outcome::Skip(m)) if m.contains("--command"))
+        );
+        assert!(
+            matches!(outcome("semantics/exec/stdin"), Some(Outcome::Skip(m)) if m.contains("feature stdin"))
+        );
+        assert_eq!(outcome(CLEANUP_CASE), Some(Outcome::Pass));
+        assert_eq!(report.cases.len(), case_names().len());
+        assert!(!report.passed());
+        let text = report.render_text();
+        assert!(text.starts_with("plugin: stub 0.0.1 (protocol 1, instance "), "{text}");
     }
 
     #[test]

@@ -23,7 +23,11 @@ pub(crate) async fn negotiate(ctx: &Ctx<'_>) -> Check {
     let caps = within("capabilities", RPC_TIMEOUT, b.capabilities(caps_request(vec![1])))
         .await?
         .or_fail("capabilities offering [1]")?;
-    ensure!(caps.protocol_version == 1, "protocol_version is {}, expected 1", caps.protocol_version);
+    ensure!(
+        caps.protocol_version == 1,
+        "protocol_version is {}, expected 1",
+        caps.protocol_version
+    );
     ensure!(!caps.plugin_name.is_empty(), "plugin_name is empty");
     ensure!(!caps.plugin_version.is_empty(), "plugin_version is empty");
     ensure!(!caps.instance_id.is_empty(), "instance_id is empty");
@@ -76,7 +80,11 @@ pub(crate) async fn version_mismatch(ctx: &Ctx<'_>) -> Check {
 
 fn is_absolute(p: &str) -> bool {
     let b = p.as_bytes();
-    p.starts_with('/') || (b.len() > 2 && b[0].is_ascii_alphabetic() && b[1] == b':' && (b[2] == b'\\' || b[2] == b'/'))
+    p.starts_with('/')
+        || (b.len() > 2
+            && b[0].is_ascii_alphabetic()
+            && b[1] == b':'
+            && (b[2] == b'\\' || b[2] == b'/'))
 }
 
 /// Create returns the id, a primary container, absolute existing paths and the owner.
@@ -107,7 +115,12 @@ pub(crate) async fn create_environment(ctx: &Ctx<'_>) -> Check {
     ensure!(!env.path_variable.is_empty(), "path_variable is empty (expected e.g. \"PATH\")");
     ensure!(!env.path_separator.is_empty(), "path_separator is empty (expected e.g. \":\")");
     if !ctx.caps.os.is_empty() {
-        ensure!(env.os == ctx.caps.os, "environment os {:?}, capabilities say {:?}", env.os, ctx.caps.os);
+        ensure!(
+            env.os == ctx.caps.os,
+            "environment os {:?}, capabilities say {:?}",
+            env.os,
+            ctx.caps.os
+        );
     }
     if !ctx.caps.arch.is_empty() {
         ensure!(
@@ -130,8 +143,11 @@ pub(crate) async fn create_environment(ctx: &Ctx<'_>) -> Check {
             env.owner.labels
         );
     }
-    for (name, path) in [("workspace", &p.workspace), ("temp", &p.temp), ("runner_files", &p.runner_files)] {
-        let (status, _) = ctx.sh_status(&env, &format!("test -d {0} && test -w {0}", sq(path))).await?;
+    for (name, path) in
+        [("workspace", &p.workspace), ("temp", &p.temp), ("runner_files", &p.runner_files)]
+    {
+        let (status, _) =
+            ctx.sh_status(&env, &format!("test -d {0} && test -w {0}", sq(path))).await?;
         ensure!(
             status == ExitStatus::Code(0),
             "paths.{name} {path:?} is not a writable directory inside the environment ({status})"
@@ -170,10 +186,14 @@ pub(crate) async fn replay(ctx: &Ctx<'_>) -> Check {
         "after refused conflicting creates, the original spec returned another environment: \
          {first:?} then {third:?}"
     );
-    let listed = within("list_environments", RPC_TIMEOUT, ctx.backend().list_environments(Selector {
-        runner_id: ctx.config.namespace.clone(),
-        labels: BTreeMap::new(),
-    }))
+    let listed = within(
+        "list_environments",
+        RPC_TIMEOUT,
+        ctx.backend().list_environments(Selector {
+            runner_id: ctx.config.namespace.clone(),
+            labels: BTreeMap::new(),
+        }),
+    )
     .await?
     .or_fail("list_environments")?;
     let n = listed.iter().filter(|e| e.id == first.id).count();
@@ -214,7 +234,10 @@ pub(crate) async fn invalid_ids(ctx: &Ctx<'_>) -> Check {
 }
 
 /// The result of a CopyOut, whether the call or the stream carries the error.
-pub(crate) async fn copy_out_all(ctx: &Ctx<'_>, source: CopyOutSource) -> Check<crate::Result<Vec<u8>>> {
+pub(crate) async fn copy_out_all(
+    ctx: &Ctx<'_>,
+    source: CopyOutSource,
+) -> Check<crate::Result<Vec<u8>>> {
     let what = format!("copy_out {}", source.path);
     let started = within(&what, RPC_TIMEOUT, ctx.backend().copy_out(source)).await?;
     match started {
@@ -246,8 +269,13 @@ pub(crate) async fn not_found(ctx: &Ctx<'_>) -> Check {
     let r = ctx.exec_error(req).await?;
     expect_code("exec in an unknown container of a live environment", r, &[Code::NotFound])?;
 
-    let target = |e: &str, c: &str| ContainerRef { environment_id: e.to_owned(), container_id: c.to_owned() };
-    let r = within("inspect", RPC_TIMEOUT, b.inspect(target(&ghost_env, &env.primary_container_id))).await?;
+    let target = |e: &str, c: &str| ContainerRef {
+        environment_id: e.to_owned(),
+        container_id: c.to_owned(),
+    };
+    let r =
+        within("inspect", RPC_TIMEOUT, b.inspect(target(&ghost_env, &env.primary_container_id)))
+            .await?;
     expect_code("inspect in an unknown environment", r, &[Code::NotFound])?;
     let r = within("inspect", RPC_TIMEOUT, b.inspect(target(&env.id, &ghost_container))).await?;
     expect_code("inspect of an unknown container", r, &[Code::NotFound])?;
@@ -267,7 +295,11 @@ pub(crate) async fn not_found(ctx: &Ctx<'_>) -> Check {
     expect_code("copy_out of a path that does not exist", r, &[Code::NotFound])?;
 
     for (what, e, c) in [
-        ("copy_in into an unknown environment", ghost_env.as_str(), env.primary_container_id.as_str()),
+        (
+            "copy_in into an unknown environment",
+            ghost_env.as_str(),
+            env.primary_container_id.as_str(),
+        ),
         ("copy_in into an unknown container", env.id.as_str(), ghost_container.as_str()),
     ] {
         let target = CopyInTarget {
@@ -318,7 +350,9 @@ pub(crate) async fn remove_idempotent(ctx: &Ctx<'_>) -> Check {
     )
     .await?;
     expect_code("inspect in a removed environment", r, &[Code::NotFound])?;
-    let listed = list(ctx, Selector { runner_id: ctx.config.namespace.clone(), labels: BTreeMap::new() }).await?;
+    let listed =
+        list(ctx, Selector { runner_id: ctx.config.namespace.clone(), labels: BTreeMap::new() })
+            .await?;
     ensure!(
         !listed.iter().any(|e| e.id == env.id),
         "the removed environment {} is still listed",
@@ -337,7 +371,9 @@ pub(crate) async fn remove_idempotent(ctx: &Ctx<'_>) -> Check {
         }),
     )
     .await?
-    .or_fail(format!("remove of the never-created container {ghost_container} of a live environment"))?;
+    .or_fail(format!(
+        "remove of the never-created container {ghost_container} of a live environment"
+    ))?;
     ensure!(!r, "removing the never-created container {ghost_container} returned existed=true");
     let still = ctx.sh_ok(&live, "echo alive").await?;
     ensure!(still == "alive\n", "the environment is not usable after removing a missing container");
@@ -361,7 +397,8 @@ pub(crate) async fn exec_id_reuse(ctx: &Ctx<'_>) -> Check {
     let mut reuse = ctx.sh_request(&env, &format!("printf y >> {}", sq(&marker)));
     reuse.exec_id = running.exec_id.clone();
     let r = ctx.exec_error(reuse).await?;
-    let refused = expect_code("an exec reusing the id of a running exec", r, &[Code::AlreadyExists]);
+    let refused =
+        expect_code("an exec reusing the id of a running exec", r, &[Code::AlreadyExists]);
     let _ = within(
         "signal_exec",
         RPC_TIMEOUT,
@@ -374,6 +411,12 @@ pub(crate) async fn exec_id_reuse(ctx: &Ctx<'_>) -> Check {
     .await;
     w.finish(Duration::from_secs(10)).await?;
     refused?;
+    let x = w.exited()?;
+    ensure!(
+        !x.status.success(),
+        "the exec killed with SIGKILL reported {} (expected signal 9 or a non-zero code)",
+        x.status
+    );
     let content = ctx.sh_ok(&env, &format!("cat {}", sq(&marker))).await?;
     ensure!(
         content == "x",
@@ -406,9 +449,24 @@ pub(crate) async fn list_owner_labels(ctx: &Ctx<'_>) -> Check {
     };
     let o = &found.owner;
     let want = &req.owner;
-    ensure!(o.runner_id == want.runner_id, "listed runner_id {:?}, created with {:?}", o.runner_id, want.runner_id);
-    ensure!(o.boot_id == want.boot_id, "listed boot_id {:?}, created with {:?}", o.boot_id, want.boot_id);
-    ensure!(o.job_id == want.job_id, "listed job_id {:?}, created with {:?}", o.job_id, want.job_id);
+    ensure!(
+        o.runner_id == want.runner_id,
+        "listed runner_id {:?}, created with {:?}",
+        o.runner_id,
+        want.runner_id
+    );
+    ensure!(
+        o.boot_id == want.boot_id,
+        "listed boot_id {:?}, created with {:?}",
+        o.boot_id,
+        want.boot_id
+    );
+    ensure!(
+        o.job_id == want.job_id,
+        "listed job_id {:?}, created with {:?}",
+        o.job_id,
+        want.job_id
+    );
     ensure!(
         o.expires_at_unix_ms == want.expires_at_unix_ms,
         "listed expires_at_unix_ms {}, created with {}",
@@ -434,7 +492,11 @@ pub(crate) async fn list_owner_labels(ctx: &Ctx<'_>) -> Check {
     ensure!(removed, "remove of {} returned existed=false", env.id);
     ctx.untrack(&env.id);
     let listed = list(ctx, by_runner).await?;
-    ensure!(!listed.iter().any(|e| e.id == env.id), "environment {} is still listed after remove", env.id);
+    ensure!(
+        !listed.iter().any(|e| e.id == env.id),
+        "environment {} is still listed after remove",
+        env.id
+    );
     Ok(())
 }
 
@@ -448,14 +510,29 @@ pub(crate) async fn list_selectors(ctx: &Ctx<'_>) -> Check {
     let other_runner = format!("other-{}", ctx.nonce);
     let cases = [
         ("its runner id", Selector { runner_id: ns.clone(), labels: BTreeMap::new() }, true),
-        ("its runner id and label", Selector { runner_id: ns.clone(), labels: labels(&[(LABEL, &ctx.nonce)]) }, true),
-        ("its label only", Selector { runner_id: String::new(), labels: labels(&[(LABEL, &ctx.nonce)]) }, true),
+        (
+            "its runner id and label",
+            Selector { runner_id: ns.clone(), labels: labels(&[(LABEL, &ctx.nonce)]) },
+            true,
+        ),
+        (
+            "its label only",
+            Selector { runner_id: String::new(), labels: labels(&[(LABEL, &ctx.nonce)]) },
+            true,
+        ),
         ("an empty selector (all)", Selector::default(), true),
         ("another runner id", Selector { runner_id: other_runner, labels: BTreeMap::new() }, false),
-        ("its runner id and another label value", Selector { runner_id: ns.clone(), labels: labels(&[(LABEL, "other")]) }, false),
+        (
+            "its runner id and another label value",
+            Selector { runner_id: ns.clone(), labels: labels(&[(LABEL, "other")]) },
+            false,
+        ),
         (
             "its label and a label it lacks",
-            Selector { runner_id: String::new(), labels: labels(&[(LABEL, &ctx.nonce), ("kiln.absent", "x")]) },
+            Selector {
+                runner_id: String::new(),
+                labels: labels(&[(LABEL, &ctx.nonce), ("kiln.absent", "x")]),
+            },
             false,
         ),
     ];
@@ -493,7 +570,8 @@ pub(crate) async fn unimplemented_layers(ctx: &Ctx<'_>) -> Check {
                 ..ContainerSpec::default()
             },
         };
-        let what = format!("create_container({kind}) on a backend declaring the {kind} layer unsupported");
+        let what =
+            format!("create_container({kind}) on a backend declaring the {kind} layer unsupported");
         let r = within(&what, CREATE_TIMEOUT, ctx.backend().create_container(kind, req)).await?;
         expect_code(what, r, &[Code::Unimplemented])?;
     }
@@ -517,11 +595,16 @@ pub(crate) async fn stdin_undeclared(ctx: &Ctx<'_>) -> Check {
 
 /// Nothing created by the suite is left: listing by its namespace and its label is empty.
 pub(crate) async fn nothing_left_behind(ctx: &Ctx<'_>) -> Check {
-    let mut left = list(ctx, Selector { runner_id: ctx.config.namespace.clone(), labels: BTreeMap::new() }).await?;
-    let by_label = list(ctx, Selector {
-        runner_id: String::new(),
-        labels: BTreeMap::from([(LABEL.to_owned(), ctx.nonce.clone())]),
-    })
+    let mut left =
+        list(ctx, Selector { runner_id: ctx.config.namespace.clone(), labels: BTreeMap::new() })
+            .await?;
+    let by_label = list(
+        ctx,
+        Selector {
+            runner_id: String::new(),
+            labels: BTreeMap::from([(LABEL.to_owned(), ctx.nonce.clone())]),
+        },
+    )
     .await?;
     for e in by_label {
         if !left.iter().any(|l| l.id == e.id) {

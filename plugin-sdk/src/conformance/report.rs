@@ -170,11 +170,7 @@ impl Report {
                 ("plugin.version", self.plugin.plugin_version.as_str()),
                 ("plugin.instance_id", self.plugin.instance_id.as_str()),
             ] {
-                let _ = writeln!(
-                    out,
-                    "      <property name=\"{k}\" value=\"{}\"/>",
-                    xml_escape(v)
-                );
+                let _ = writeln!(out, "      <property name=\"{k}\" value=\"{}\"/>", xml_escape(v));
             }
             let _ = writeln!(out, "    </properties>");
             for c in cases {

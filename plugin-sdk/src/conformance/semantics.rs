@@ -54,10 +54,14 @@ pub(crate) async fn output_and_codes(ctx: &Ctx<'_>) -> Check {
         .await?;
     let x = w.exited()?;
     ensure!(x.status == ExitStatus::Code(0), "expected exit code 0, got {}", x.status);
-    ensure!(w.stdout == b"out1\nout2\n", "stdout is {}, expected \"out1\\nout2\\n\"", shorten(&w.stdout));
+    ensure!(
+        w.stdout == b"out1\nout2\n",
+        "stdout is {}, expected \"out1\\nout2\\n\"",
+        shorten(&w.stdout)
+    );
     ensure!(w.stderr == b"err1\n", "stderr is {}, expected \"err1\\n\"", shorten(&w.stderr));
     ensure!(
-        w.kinds.iter().any(|k| *k == Kind::Stdout) && w.kinds.iter().any(|k| *k == Kind::Stderr),
+        w.kinds.contains(&Kind::Stdout) && w.kinds.contains(&Kind::Stderr),
         "expected output frames on both streams; events: {}",
         w.kinds_text()
     );
@@ -66,7 +70,11 @@ pub(crate) async fn output_and_codes(ctx: &Ctx<'_>) -> Check {
         let w = ctx.run(ctx.sh_request(&env, &format!("echo before-exit; exit {code}"))).await?;
         let x = w.exited()?;
         ensure!(x.status == ExitStatus::Code(code), "`exit {code}` reported {}", x.status);
-        ensure!(w.stdout == b"before-exit\n", "output before exit {code} was {}", shorten(&w.stdout));
+        ensure!(
+            w.stdout == b"before-exit\n",
+            "output before exit {code} was {}",
+            shorten(&w.stdout)
+        );
     }
 
     let w = ctx.run(ctx.exec_request(&env, &["echo", "a  b", "$HOME", "c"])).await?;
@@ -168,18 +176,24 @@ pub(crate) async fn env_exact(ctx: &Ctx<'_>) -> Check {
         ("KILN_SECRET", "s3cr3t-value", true),
     ];
     let refs: Vec<String> = vars.iter().map(|(n, _, _)| format!("\"${n}\"")).collect();
-    let script = format!(
-        "printf '%s\\0' {} \"${{KILN_EMPTY+set}}\"; env >&2",
-        refs.join(" ")
-    );
+    let script = format!("printf '%s\\0' {} \"${{KILN_EMPTY+set}}\"; env >&2", refs.join(" "));
     let mut req = ctx.sh_request(&env, &script);
     req.env = vars
         .iter()
-        .map(|(n, v, secret)| EnvVar { name: (*n).to_owned(), value: (*v).to_owned(), secret: *secret })
+        .map(|(n, v, secret)| EnvVar {
+            name: (*n).to_owned(),
+            value: (*v).to_owned(),
+            secret: *secret,
+        })
         .collect();
     let w = ctx.run(req).await?;
     let x = w.exited()?;
-    ensure!(x.status == ExitStatus::Code(0), "ended with {} (stderr {})", x.status, shorten(&w.stderr));
+    ensure!(
+        x.status == ExitStatus::Code(0),
+        "ended with {} (stderr {})",
+        x.status,
+        shorten(&w.stderr)
+    );
     let values: Vec<&[u8]> = w.stdout.split(|b| *b == 0).collect();
     ensure!(
         values.len() == vars.len() + 2,
@@ -218,7 +232,9 @@ pub(crate) async fn env_exact(ctx: &Ctx<'_>) -> Check {
     Ok(())
 }
 
-/// `path_prepend` entries come first in PATH, in order, and are searched.
+/// `path_prepend` entries come first in PATH, in order, and are searched: in front of the
+/// PATH the request carries (as the runner sends it, from the primary container's image
+/// environment), and in front of the container's own search path when it carries none.
 pub(crate) async fn path_prepend(ctx: &Ctx<'_>) -> Check {
     let env = ctx.env().await?;
     let n = nonce(6);
@@ -233,26 +249,70 @@ pub(crate) async fn path_prepend(ctx: &Ctx<'_>) -> Check {
         ),
     )
     .await?;
-    let other = format!("/kiln-nonexistent-{n}");
-    let mut req = ctx.sh_request(&env, &format!("printf '%s\\n' \"$PATH\"; {tool}"));
-    req.path_prepend = vec![bin.clone(), other.clone()];
-    let w = ctx.run(req).await?;
-    let x = w.exited()?;
-    let out = String::from_utf8_lossy(&w.stdout).into_owned();
-    let mut lines = out.lines();
-    let path = lines.next().unwrap_or("");
+    let status = within(
+        "inspect",
+        RPC_TIMEOUT,
+        ctx.backend().inspect(ContainerRef {
+            environment_id: env.id.clone(),
+            container_id: env.primary_container_id.clone(),
+        }),
+    )
+    .await?
+    .or_fail("inspect of the primary container")?;
+    let var = if env.path_variable.is_empty() { "PATH" } else { env.path_variable.as_str() };
+    let image_path = status
+        .image_env
+        .iter()
+        .find_map(|e| e.strip_prefix(&format!("{var}=")).map(str::to_owned))
+        .unwrap_or_else(|| {
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned()
+        });
     let sep = if env.path_separator.is_empty() { ":" } else { env.path_separator.as_str() };
+    let other = format!("/kiln-nonexistent-{n}");
     let prefix = format!("{bin}{sep}{other}");
-    ensure!(
-        path == prefix || path.starts_with(&format!("{prefix}{sep}")),
-        "PATH is {path:?}, expected it to start with {prefix:?}"
-    );
-    ensure!(
-        x.status == ExitStatus::Code(0) && lines.next() == Some("hello-from-path"),
-        "a program in a path_prepend directory was not found by name ({}; stderr {})",
-        x.status,
-        shorten(&w.stderr)
-    );
+    let script = format!("printf '%s\\n' \"${var}\"; {tool}");
+
+    for given in [Some(image_path.clone()), None] {
+        let mut req = match given {
+            Some(_) => ctx.sh_request(&env, &script),
+            // Without a PATH the shell itself is named by its absolute path.
+            None => ctx.exec_request(&env, &["/bin/sh", "-c", &script]),
+        };
+        if let Some(p) = &given {
+            req.env = vec![EnvVar::new(var, p.clone())];
+        }
+        req.path_prepend = vec![bin.clone(), other.clone()];
+        let w = ctx.run(req).await?;
+        let x = w.exited()?;
+        let out = String::from_utf8_lossy(&w.stdout).into_owned();
+        let mut lines = out.lines();
+        let path = lines.next().unwrap_or("");
+        let how = match &given {
+            Some(p) => format!("with {var}={p:?} in the request"),
+            None => format!("with no {var} in the request"),
+        };
+        match &given {
+            Some(p) => ensure!(
+                path == format!("{prefix}{sep}{p}"),
+                "{how}, {var} is {path:?}, expected {:?} ({}; stderr {})",
+                format!("{prefix}{sep}{p}"),
+                x.status,
+                shorten(&w.stderr)
+            ),
+            None => ensure!(
+                path == prefix || path.starts_with(&format!("{prefix}{sep}")),
+                "{how}, {var} is {path:?}, expected it to start with {prefix:?} ({}; stderr {})",
+                x.status,
+                shorten(&w.stderr)
+            ),
+        }
+        ensure!(
+            x.status == ExitStatus::Code(0) && lines.next() == Some("hello-from-path"),
+            "{how}, a program in a path_prepend directory was not found by name ({}; stderr {})",
+            x.status,
+            shorten(&w.stderr)
+        );
+    }
     Ok(())
 }
 
@@ -270,7 +330,12 @@ pub(crate) async fn working_dir(ctx: &Ctx<'_>) -> Check {
         req.working_dir = asked.to_owned();
         let w = ctx.run(req).await?;
         let x = w.exited()?;
-        ensure!(x.status == ExitStatus::Code(0), "ended with {} (stderr {})", x.status, shorten(&w.stderr));
+        ensure!(
+            x.status == ExitStatus::Code(0),
+            "ended with {} (stderr {})",
+            x.status,
+            shorten(&w.stderr)
+        );
         let out = String::from_utf8_lossy(&w.stdout).into_owned();
         let lines: Vec<&str> = out.lines().collect();
         ensure!(
@@ -365,7 +430,11 @@ pub(crate) async fn timeout(ctx: &Ctx<'_>) -> Check {
     let mut w = ctx.start(req).await?;
     w.finish(Duration::from_secs(40)).await?;
     let x = w.exited()?;
-    ensure!(x.timed_out, "`sleep 30` with a 500 ms timeout ended with {} and timed_out=false", x.status);
+    ensure!(
+        x.timed_out,
+        "`sleep 30` with a 500 ms timeout ended with {} and timed_out=false",
+        x.status
+    );
     ensure!(!x.status.success(), "a timed-out exec reported exit code 0");
     let took = w.exited_after().unwrap_or_default();
     ensure!(took <= limit, "the timed-out exec ended after {took:?}, expected within {limit:?}");
@@ -414,9 +483,13 @@ pub(crate) async fn stdin(ctx: &Ctx<'_>) -> Check {
     let mut w = ctx.start(req).await?;
     let chunks: Vec<crate::Result<Bytes>> =
         vec![Ok(Bytes::from_static(b"hello\n")), Ok(Bytes::from_static(b"world\n"))];
-    let n = within("write_stdin", RPC_TIMEOUT, ctx.backend().write_stdin(id, Box::pin(futures::stream::iter(chunks))))
-        .await?
-        .or_fail("write_stdin")?;
+    let n = within(
+        "write_stdin",
+        RPC_TIMEOUT,
+        ctx.backend().write_stdin(id, Box::pin(futures::stream::iter(chunks))),
+    )
+    .await?
+    .or_fail("write_stdin")?;
     ensure!(n == 12, "write_stdin reported {n} bytes written, expected 12");
     w.finish(Duration::from_secs(20)).await?;
     let x = w.exited()?;
@@ -438,11 +511,20 @@ fn pid_files(env: &Environment, what: &str) -> Pids {
     }
 }
 
-async fn signal(ctx: &Ctx<'_>, exec_id: &str, sig: i32, grace: Duration) -> Check<crate::Result<bool>> {
+async fn signal(
+    ctx: &Ctx<'_>,
+    exec_id: &str,
+    sig: i32,
+    grace: Duration,
+) -> Check<crate::Result<bool>> {
     within(
         "signal_exec",
         RPC_TIMEOUT,
-        ctx.backend().signal_exec(SignalRequest { exec_id: exec_id.to_owned(), signal: sig, grace }),
+        ctx.backend().signal_exec(SignalRequest {
+            exec_id: exec_id.to_owned(),
+            signal: sig,
+            grace,
+        }),
     )
     .await
 }
@@ -517,11 +599,8 @@ pub(crate) async fn signal_escalation(ctx: &Ctx<'_>) -> Check {
 pub(crate) async fn cancel_disconnect(ctx: &Ctx<'_>) -> Check {
     let env = ctx.env().await?;
     let p = pid_files(&env, "cancel");
-    let script = format!(
-        "sleep 300 & echo $! > {}; echo $$ > {}; echo ready; wait",
-        sq(&p.bg),
-        sq(&p.sh)
-    );
+    let script =
+        format!("sleep 300 & echo $! > {}; echo $$ > {}; echo ready; wait", sq(&p.bg), sq(&p.sh));
     let grace = Duration::from_secs(1);
     let mut req = ctx.sh_request(&env, &script);
     req.grace = grace;
@@ -531,8 +610,11 @@ pub(crate) async fn cancel_disconnect(ctx: &Ctx<'_>) -> Check {
     ctx.wait_dead(&env, &[&p.sh, &p.bg], grace + Duration::from_secs(2)).await
 }
 
-/// The mode of a regular file, directory or link as a tar would carry it.
-fn tree() -> Vec<(&'static str, &'static str, u32, Vec<u8>, Option<&'static str>)> {
+/// One entry of the round-trip tree: name, kind, mode, content, link target.
+type Node = (&'static str, &'static str, u32, Vec<u8>, Option<&'static str>);
+
+/// The tree the copy round trip sends and expects back.
+fn tree() -> Vec<Node> {
     let big: Vec<u8> = (0..2 * 1024 * 1024u32).map(|i| ((i * 7) % 251) as u8).collect();
     vec![
         ("d", "dir", 0o755, Vec::new(), None),
@@ -562,9 +644,13 @@ pub(crate) async fn copy_round_trip(ctx: &Ctx<'_>) -> Check {
         dest_path: dest.clone(),
         local_path: None,
     };
-    within("copy_in", Duration::from_secs(120), ctx.backend().copy_in(target, byte_stream(t.finish()?)))
-        .await?
-        .or_fail(format!("copy_in into {dest}"))?;
+    within(
+        "copy_in",
+        Duration::from_secs(120),
+        ctx.backend().copy_in(target, byte_stream(t.finish()?)),
+    )
+    .await?
+    .or_fail(format!("copy_in into {dest}"))?;
 
     let secret = ctx.sh_ok(&env, &format!("cat {}", sq(&join(&dest, "d/secret")))).await?;
     ensure!(secret == "top secret\n", "d/secret reads {secret:?} inside the environment");
@@ -575,7 +661,10 @@ pub(crate) async fn copy_round_trip(ctx: &Ctx<'_>) -> Check {
         sq(&dest)
     );
     let ok = ctx.sh_ok(&env, &checks).await?;
-    ensure!(ok == "ok\n", "inside the environment the copied tree is wrong (link, empty dir or modes)");
+    ensure!(
+        ok == "ok\n",
+        "inside the environment the copied tree is wrong (link, empty dir or modes)"
+    );
 
     let source = CopyOutSource {
         environment_id: env.id.clone(),
@@ -598,7 +687,11 @@ pub(crate) async fn copy_round_trip(ctx: &Ctx<'_>) -> Check {
             );
             continue;
         }
-        ensure!(e.mode & 0o777 == *mode, "{name} came back with mode {:o}, expected {mode:o}", e.mode & 0o777);
+        ensure!(
+            e.mode & 0o777 == *mode,
+            "{name} came back with mode {:o}, expected {mode:o}",
+            e.mode & 0o777
+        );
         ensure!(
             e.data == *content,
             "{name} came back with {} bytes that differ from the {} copied in",
@@ -606,7 +699,8 @@ pub(crate) async fn copy_round_trip(ctx: &Ctx<'_>) -> Check {
             content.len()
         );
     }
-    let extra: Vec<_> = got.keys().filter(|k| !expected.iter().any(|e| e.0 == k.as_str())).collect();
+    let extra: Vec<_> =
+        got.keys().filter(|k| !expected.iter().any(|e| e.0 == k.as_str())).collect();
     ensure!(extra.is_empty(), "copy_out holds entries that were never copied in: {extra:?}");
 
     let source = CopyOutSource {
@@ -617,7 +711,10 @@ pub(crate) async fn copy_round_trip(ctx: &Ctx<'_>) -> Check {
     let data = copy_out_all(ctx, source).await?.or_fail("copy_out of a single file")?;
     let got = read_tar(&data)?;
     let names: Vec<_> = got.keys().cloned().collect();
-    ensure!(names == ["secret"], "copy_out of a file holds {names:?}, expected [\"secret\"] (its base name)");
+    ensure!(
+        names == ["secret"],
+        "copy_out of a file holds {names:?}, expected [\"secret\"] (its base name)"
+    );
     ensure!(
         got["secret"].data == b"top secret\n" && got["secret"].mode & 0o777 == 0o600,
         "copy_out of a single file returned wrong content or mode {:o}",
@@ -638,7 +735,11 @@ pub(crate) async fn copy_traversal(ctx: &Ctx<'_>) -> Check {
 
     // (what, archive, dest, the path that must not exist afterwards)
     let mut attempts: Vec<(String, Vec<u8>, String, String)> = Vec::new();
-    let mut add = |what: &str, build: &dyn Fn(&mut TarBuilder) -> Check, dest: String, outside: String| -> Check {
+    let mut add = |what: &str,
+                   build: &dyn Fn(&mut TarBuilder) -> Check,
+                   dest: String,
+                   outside: String|
+     -> Check {
         let mut t = TarBuilder::new();
         build(&mut t)?;
         attempts.push((what.to_owned(), t.finish()?, dest, outside));
@@ -707,12 +808,15 @@ pub(crate) async fn copy_traversal(ctx: &Ctx<'_>) -> Check {
     };
     for (what, archive, dest, outside) in attempts {
         let r = copy(archive, dest).await?;
-        if let Err(Stop::Fail(m) | Stop::Skip(m)) =
-            expect_code(format!("copy_in of {what}"), r, &[Code::InvalidArgument, Code::PermissionDenied])
-        {
+        if let Err(Stop::Fail(m) | Stop::Skip(m)) = expect_code(
+            format!("copy_in of {what}"),
+            r,
+            &[Code::InvalidArgument, Code::PermissionDenied],
+        ) {
             problems.push(m);
         }
-        let (status, _) = ctx.sh_status(&env, &format!("test ! -e {} && test ! -L {0}", sq(&outside))).await?;
+        let (status, _) =
+            ctx.sh_status(&env, &format!("test ! -e {} && test ! -L {0}", sq(&outside))).await?;
         if status != ExitStatus::Code(0) {
             problems.push(format!("copy_in of {what} wrote {outside} outside the destination"));
         }
@@ -769,7 +873,8 @@ pub(crate) async fn copy_traversal(ctx: &Ctx<'_>) -> Check {
 pub(crate) async fn copy_local_path(ctx: &Ctx<'_>) -> Check {
     ctx.require_feature("local_copy", ctx.caps.features.local_copy)?;
     let env = ctx.env().await?;
-    let local = tempfile::tempdir().map_err(|e| Stop::Fail(format!("creating a local directory: {e}")))?;
+    let local =
+        tempfile::tempdir().map_err(|e| Stop::Fail(format!("creating a local directory: {e}")))?;
     let write = || -> std::io::Result<()> {
         std::fs::write(local.path().join("a.txt"), "local copy\n")?;
         std::fs::create_dir(local.path().join("sub"))?;
@@ -791,7 +896,10 @@ pub(crate) async fn copy_local_path(ctx: &Ctx<'_>) -> Check {
         .await?
         .or_fail("copy_in with local_path")?;
     let out = ctx
-        .sh_ok(&env, &format!("cat {} && {}", sq(&join(&dest, "a.txt")), sq(&join(&dest, "sub/b.sh"))))
+        .sh_ok(
+            &env,
+            &format!("cat {} && {}", sq(&join(&dest, "a.txt")), sq(&join(&dest, "sub/b.sh"))),
+        )
         .await?;
     ensure!(
         out == "local copy\nb\n",
@@ -807,19 +915,35 @@ fn layer_check(ctx: &Ctx<'_>, name: &str, layer: &LayerSupport) -> Check<String>
         return Err(Stop::Skip(format!("layer {name} unsupported{detail}")));
     }
     ctx.config.container_image.clone().ok_or_else(|| {
-        Stop::Skip(format!("layer {name} supported, but no container image given (--container-image)"))
+        Stop::Skip(format!(
+            "layer {name} supported, but no container image given (--container-image)"
+        ))
     })
 }
 
-async fn create_container(ctx: &Ctx<'_>, kind: ContainerKind, req: ContainerRequest) -> Check<crate::Result<Container>> {
-    within(format!("create_container({kind})"), CREATE_TIMEOUT, ctx.backend().create_container(kind, req)).await
+async fn create_container(
+    ctx: &Ctx<'_>,
+    kind: ContainerKind,
+    req: ContainerRequest,
+) -> Check<crate::Result<Container>> {
+    within(
+        format!("create_container({kind})"),
+        CREATE_TIMEOUT,
+        ctx.backend().create_container(kind, req),
+    )
+    .await
 }
 
-async fn container_state(ctx: &Ctx<'_>, env: &str, id: &str) -> Check<crate::Result<ContainerStatus>> {
+async fn container_state(
+    ctx: &Ctx<'_>,
+    env: &str,
+    id: &str,
+) -> Check<crate::Result<ContainerStatus>> {
     within(
         "inspect",
         RPC_TIMEOUT,
-        ctx.backend().inspect(ContainerRef { environment_id: env.to_owned(), container_id: id.to_owned() }),
+        ctx.backend()
+            .inspect(ContainerRef { environment_id: env.to_owned(), container_id: id.to_owned() }),
     )
     .await
 }
@@ -841,7 +965,10 @@ async fn start_container(ctx: &Ctx<'_>, env: &str, id: &str) -> Check<Container>
     within(
         "start_container",
         CREATE_TIMEOUT,
-        ctx.backend().start_container(ContainerRef { environment_id: env.to_owned(), container_id: id.to_owned() }),
+        ctx.backend().start_container(ContainerRef {
+            environment_id: env.to_owned(),
+            container_id: id.to_owned(),
+        }),
     )
     .await?
     .or_fail(format!("start_container {id}"))
@@ -864,20 +991,40 @@ pub(crate) async fn job_container(ctx: &Ctx<'_>) -> Check {
             ..ContainerSpec::default()
         },
     };
-    let c = create_container(ctx, ContainerKind::Job, req.clone()).await?.or_fail("create_container(job)")?;
+    let c = create_container(ctx, ContainerKind::Job, req.clone())
+        .await?
+        .or_fail("create_container(job)")?;
     ensure!(c.id == id, "the job container came back with id {:?}, requested {id:?}", c.id);
-    let again = create_container(ctx, ContainerKind::Job, req.clone()).await?.or_fail("replayed create_container(job)")?;
+    let again = create_container(ctx, ContainerKind::Job, req.clone())
+        .await?
+        .or_fail("replayed create_container(job)")?;
     ensure!(again.id == id, "the replayed create returned container {:?}", again.id);
     let mut other = req.clone();
     other.spec.cmd = vec!["3601".to_owned()];
     let r = create_container(ctx, ContainerKind::Job, other).await?;
-    expect_code("create_container(job) with the same id and another spec", r, &[Code::AlreadyExists])?;
+    expect_code(
+        "create_container(job) with the same id and another spec",
+        r,
+        &[Code::AlreadyExists],
+    )?;
     let started = start_container(ctx, &env.id, &id).await?;
-    ensure!(started.state == ContainerState::Running, "after start the job container is {:?}", started.state);
+    ensure!(
+        started.state == ContainerState::Running,
+        "after start the job container is {:?}",
+        started.state
+    );
     let again = start_container(ctx, &env.id, &id).await?;
-    ensure!(again.state == ContainerState::Running, "a second start left the container {:?}", again.state);
+    ensure!(
+        again.state == ContainerState::Running,
+        "a second start left the container {:?}",
+        again.state
+    );
     let st = container_state(ctx, &env.id, &id).await?.or_fail("inspect of the job container")?;
-    ensure!(st.state == ContainerState::Running, "inspect reports the job container {:?}", st.state);
+    ensure!(
+        st.state == ContainerState::Running,
+        "inspect reports the job container {:?}",
+        st.state
+    );
 
     let file = join(&env.paths.workspace, &format!("job-{}", nonce(6)));
     ctx.sh_ok(&env, &format!("printf from-primary > {}", sq(&file))).await?;
@@ -891,15 +1038,19 @@ pub(crate) async fn job_container(ctx: &Ctx<'_>) -> Check {
         shorten(&w.stdout),
         x.status
     );
-    let listed = list(ctx, Selector { runner_id: ctx.config.namespace.clone(), labels: BTreeMap::new() }).await?;
+    let listed =
+        list(ctx, Selector { runner_id: ctx.config.namespace.clone(), labels: BTreeMap::new() })
+            .await?;
     let summary = listed.iter().find(|e| e.id == env.id);
     ensure!(
         summary.is_some_and(|s| s.container_ids.contains(&id)),
         "the environment's summary does not list the job container {id}: {summary:?}"
     );
-    let existed = remove_container(ctx, &env.id, &id).await?.or_fail("remove of the job container")?;
+    let existed =
+        remove_container(ctx, &env.id, &id).await?.or_fail("remove of the job container")?;
     ensure!(existed, "removing the job container returned existed=false");
-    let existed = remove_container(ctx, &env.id, &id).await?.or_fail("second remove of the job container")?;
+    let existed =
+        remove_container(ctx, &env.id, &id).await?.or_fail("second remove of the job container")?;
     ensure!(!existed, "removing the job container twice returned existed=true");
     let r = container_state(ctx, &env.id, &id).await?;
     expect_code("inspect of a removed container", r, &[Code::NotFound])?;
@@ -922,12 +1073,20 @@ pub(crate) async fn service_container(ctx: &Ctx<'_>) -> Check {
             ..ContainerSpec::default()
         },
     };
-    let c = create_container(ctx, ContainerKind::Service, req).await?.or_fail("create_container(service)")?;
+    let c = create_container(ctx, ContainerKind::Service, req)
+        .await?
+        .or_fail("create_container(service)")?;
     ensure!(c.id == id, "the service container came back with id {:?}", c.id);
     start_container(ctx, &env.id, &id).await?;
-    let st = container_state(ctx, &env.id, &id).await?.or_fail("inspect of the service container")?;
-    ensure!(st.state == ContainerState::Running, "inspect reports the service container {:?}", st.state);
-    let existed = remove_container(ctx, &env.id, &id).await?.or_fail("remove of the service container")?;
+    let st =
+        container_state(ctx, &env.id, &id).await?.or_fail("inspect of the service container")?;
+    ensure!(
+        st.state == ContainerState::Running,
+        "inspect reports the service container {:?}",
+        st.state
+    );
+    let existed =
+        remove_container(ctx, &env.id, &id).await?.or_fail("remove of the service container")?;
     ensure!(existed, "removing the service container returned existed=false");
     Ok(())
 }

@@ -34,8 +34,10 @@ pub(crate) fn resolve_inside(roots: &[&Path], path: &str, field: &str) -> Result
             Ok(c) => break c,
             Err(_) => {
                 let Some(name) = existing.file_name().map(|n| n.to_owned()) else {
-                    return Err(Error::invalid_argument(format!("{field} {path:?} cannot be resolved"))
-                        .field(field));
+                    return Err(Error::invalid_argument(format!(
+                        "{field} {path:?} cannot be resolved"
+                    ))
+                    .field(field));
                 };
                 rest.push(name);
                 existing.pop();

@@ -11,7 +11,9 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use kiln_plugin_sdk::{Environment, EnvironmentRequest, EnvironmentSummary, Error, Owner, Paths, Result};
+use kiln_plugin_sdk::{
+    Environment, EnvironmentRequest, EnvironmentSummary, Error, Owner, Paths, Result,
+};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -198,7 +200,8 @@ impl Env {
             Err(e) => return Err(Error::io(format!("creating {}", dir.display()), &e)),
         }
         let s = |p: PathBuf| p.to_string_lossy().into_owned();
-        let tool_cache = shared_tool_cache.map_or_else(|| dir.join("tool-cache"), Path::to_path_buf);
+        let tool_cache =
+            shared_tool_cache.map_or_else(|| dir.join("tool-cache"), Path::to_path_buf);
         let o = &req.owner;
         let meta = EnvMeta {
             format: 1,
@@ -244,7 +247,14 @@ impl Env {
     }
 
     /// Appends a started process group to the `pgids` log. Called with the state locked.
-    pub(crate) fn log_group(&self, state: &mut EnvState, pgid: i32, start: u64, kernel_boot: &str, exec_id: &str) {
+    pub(crate) fn log_group(
+        &self,
+        state: &mut EnvState,
+        pgid: i32,
+        start: u64,
+        kernel_boot: &str,
+        exec_id: &str,
+    ) {
         if state.log.is_none() {
             let path = self.dir.join(GROUPS_FILE);
             match fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&path) {
@@ -293,7 +303,12 @@ fn write_meta(dir: &Path, meta: &EnvMeta) -> Result<()> {
     let tmp = dir.join(format!(".{META_FILE}.tmp"));
     let path = dir.join(META_FILE);
     let write = || -> std::io::Result<()> {
-        let mut f = fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&tmp)?;
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(&data)?;
         fs::rename(&tmp, &path)
     };
@@ -323,7 +338,8 @@ fn read_groups(dir: &Path, kernel_boot: &str) -> (HashSet<String>, Vec<Group>) {
     };
     for line in text.lines() {
         let mut f = line.split(' ');
-        let (Some(pgid), Some(start), Some(boot), Some(exec)) = (f.next(), f.next(), f.next(), f.next())
+        let (Some(pgid), Some(start), Some(boot), Some(exec)) =
+            (f.next(), f.next(), f.next(), f.next())
         else {
             continue;
         };

@@ -159,8 +159,9 @@ pub(crate) fn start(
     }
     for (i, f) in req.files.iter().enumerate() {
         let path = inside(&env.dir, &f.path, &format!("files[{i}].path"))?;
-        stage(&path, &f.content, f.mode)
-            .map_err(|e| Error::io(format!("staging {}", path.display()), &e).field(format!("files[{i}]")))?;
+        stage(&path, &f.content, f.mode).map_err(|e| {
+            Error::io(format!("staging {}", path.display()), &e).field(format!("files[{i}]"))
+        })?;
     }
 
     let mut cmd = tokio::process::Command::new(program);
@@ -291,7 +292,9 @@ fn prepend_path(prepend: &[String], path: &str) -> String {
 fn stage(path: &Path, content: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write;
     let mode = if mode == 0 { 0o644 } else { mode & 0o7777 };
-    let open = || std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(path);
+    let open = || {
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(path)
+    };
     let mut f = match open() {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -350,7 +353,7 @@ async fn drive(
     plan: Plan,
     env: Arc<Env>,
 ) {
-    use tokio::time::{Instant as TInstant, sleep_until};
+    use tokio::time::Instant as TInstant;
 
     let mut obuf = vec![0u8; CHUNK];
     let mut ebuf = vec![0u8; CHUNK];
@@ -373,20 +376,23 @@ async fn drive(
     let mut last_activity = now;
 
     loop {
-        if (status.is_some() || wait_error.is_some()) && !out_open && !err_open && pending.is_none() {
+        if (status.is_some() || wait_error.is_some()) && !out_open && !err_open && pending.is_none()
+        {
             break;
         }
         // One output chunk becomes an event; a full channel parks it in `pending`, which
         // pauses reading (backpressure) without blocking the timers.
-        let mut emit = |stream: OutputStream, data: &[u8], pending: &mut Option<ExecEvent>, cancelled: &mut bool| {
-            if *cancelled {
+        let emit = |stream: OutputStream,
+                    data: &[u8],
+                    pending: &mut Option<ExecEvent>,
+                    cancelled: bool| {
+            if cancelled {
                 return;
             }
             let ev = ExecEvent::Output { stream, data: Bytes::copy_from_slice(data) };
-            match tx.try_send(Ok(ev)) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(ev)) => *pending = ev.ok(),
-                Err(mpsc::error::TrySendError::Closed(_)) => *cancelled = true,
+            // A closed channel is noticed by the `tx.closed()` branch, which terminates.
+            if let Err(mpsc::error::TrySendError::Full(ev)) = tx.try_send(Ok(ev)) {
+                *pending = ev.ok();
             }
         };
         tokio::select! {
@@ -422,7 +428,7 @@ async fn drive(
             r = out.read(&mut obuf), if out_open && pending.is_none() => {
                 match r {
                     Ok(0) | Err(_) => out_open = false,
-                    Ok(n) => emit(OutputStream::Stdout, &obuf[..n], &mut pending, &mut cancelled),
+                    Ok(n) => emit(OutputStream::Stdout, &obuf[..n], &mut pending, cancelled),
                 }
                 last_activity = TInstant::now();
                 if status.is_some() {
@@ -432,7 +438,7 @@ async fn drive(
             r = err.read(&mut ebuf), if err_open && pending.is_none() => {
                 match r {
                     Ok(0) | Err(_) => err_open = false,
-                    Ok(n) => emit(OutputStream::Stderr, &ebuf[..n], &mut pending, &mut cancelled),
+                    Ok(n) => emit(OutputStream::Stderr, &ebuf[..n], &mut pending, cancelled),
                 }
                 last_activity = TInstant::now();
                 if status.is_some() {

@@ -75,7 +75,7 @@ impl Default for HostConfig {
 pub struct HostArgs {
     /// Directory the environments live in [default: $XDG_STATE_HOME/kiln/<plugin>, else
     /// ~/.local/state/kiln/<plugin>].
-    #[arg(long, env = "KILN_HOST_ROOT")]
+    #[arg(long)]
     pub root: Option<PathBuf>,
     /// A tool cache shared by all jobs (default: one per environment).
     #[arg(long)]

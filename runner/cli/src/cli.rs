@@ -30,6 +30,8 @@ pub(crate) enum Command {
 pub(crate) enum PluginCommand {
     /// The host backend: steps run as processes on this machine.
     Host(kiln_plugin_host::Args),
+    /// The reference test backend with fault injection.
+    Test(kiln_plugin_test::Args),
 }
 
 #[derive(Debug, Args)]
@@ -76,6 +78,9 @@ pub(crate) struct ExecArgs {
     /// The directory copied into the workspace (default: the repository root).
     #[arg(short = 'C', long = "directory")]
     pub(crate) directory: Option<PathBuf>,
+    /// The github.actor of the run (default: git's user.name, else "kiln").
+    #[arg(long)]
+    pub(crate) actor: Option<String>,
     /// List the jobs and exit.
     #[arg(short, long)]
     pub(crate) list: bool,

@@ -28,8 +28,8 @@ fn workflow_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
         return Ok(vec![path.to_path_buf()]);
     }
     let mut files = Vec::new();
-    let entries =
-        std::fs::read_dir(path).with_context(|| format!("reading workflow directory {}", path.display()))?;
+    let entries = std::fs::read_dir(path)
+        .with_context(|| format!("reading workflow directory {}", path.display()))?;
     for entry in entries {
         let p = entry?.path();
         if p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yml" | "yaml")) {
@@ -41,8 +41,10 @@ fn workflow_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 fn load(path: &Path) -> anyhow::Result<Workflow> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let wf = workflow::parse_workflow(&text, &path.display().to_string()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let wf = workflow::parse_workflow(&text, &path.display().to_string())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     if let Err(errors) = workflow::validate(&wf) {
         let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
         bail!("{}", text.join("\n"));
@@ -90,7 +92,11 @@ fn repo_from_url(url: &str) -> Option<String> {
     (parts.len() >= 2).then(|| format!("{}/{}", parts[parts.len() - 2], parts[parts.len() - 1]))
 }
 
-fn parse_kv(items: &[String], what: &str, from_env: bool) -> anyhow::Result<IndexMap<String, String>> {
+fn parse_kv(
+    items: &[String],
+    what: &str,
+    from_env: bool,
+) -> anyhow::Result<IndexMap<String, String>> {
     let mut out = IndexMap::new();
     for item in items {
         match item.split_once('=') {
@@ -98,8 +104,9 @@ fn parse_kv(items: &[String], what: &str, from_env: bool) -> anyhow::Result<Inde
                 out.insert(k.to_owned(), v.to_owned());
             }
             None if from_env && !item.is_empty() => {
-                let v = std::env::var(item)
-                    .with_context(|| format!("{what} {item}: no value given and ${item} is not set"))?;
+                let v = std::env::var(item).with_context(|| {
+                    format!("{what} {item}: no value given and ${item} is not set")
+                })?;
                 out.insert(item.clone(), v);
             }
             _ => bail!("{what} {item:?}: expected NAME=VALUE"),
@@ -108,7 +115,13 @@ fn parse_kv(items: &[String], what: &str, from_env: bool) -> anyhow::Result<Inde
     Ok(out)
 }
 
-fn github_context(root: &Path, wf: &Workflow, event_name: &str, event: Value) -> Map<String, Value> {
+fn github_context(
+    root: &Path,
+    wf: &Workflow,
+    event_name: &str,
+    event: Value,
+    actor: Option<&str>,
+) -> Map<String, Value> {
     let sha = git(root, &["rev-parse", "HEAD"]).unwrap_or_else(|| "0".repeat(40));
     let branch = git(root, &["symbolic-ref", "--short", "-q", "HEAD"]);
     let tag = git(root, &["describe", "--tags", "--exact-match", "HEAD"]);
@@ -123,13 +136,18 @@ fn github_context(root: &Path, wf: &Workflow, event_name: &str, event: Value) ->
         format!("local/{name}")
     });
     let owner = repository.split('/').next().unwrap_or("").to_owned();
-    let actor = git(root, &["config", "user.name"]).unwrap_or_else(|| "kiln".into());
+    let actor = actor
+        .map(str::to_owned)
+        .or_else(|| git(root, &["config", "user.name"]))
+        .unwrap_or_else(|| "kiln".into());
     let run_id = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(1);
-    let head_ref = event.pointer("/pull_request/head/ref").and_then(Value::as_str).unwrap_or("").to_owned();
-    let base_ref = event.pointer("/pull_request/base/ref").and_then(Value::as_str).unwrap_or("").to_owned();
+    let head_ref =
+        event.pointer("/pull_request/head/ref").and_then(Value::as_str).unwrap_or("").to_owned();
+    let base_ref =
+        event.pointer("/pull_request/base/ref").and_then(Value::as_str).unwrap_or("").to_owned();
     let workflow_name = wf.name.clone().unwrap_or_else(|| wf.file.clone());
     let mut c = Map::new();
     for (k, v) in [
@@ -166,42 +184,44 @@ fn github_context(root: &Path, wf: &Workflow, event_name: &str, event: Value) ->
     c
 }
 
-/// The inputs of a workflow_dispatch / workflow_call run: declared defaults, overridden by
-/// `--input` and by the event's `inputs`.
-fn inputs(wf: &Workflow, event_name: &str, given: &IndexMap<String, String>, event: &Value) -> Map<String, Value> {
-    let mut out = Map::new();
-    if let Some(on) = &wf.on
-        && let Some(ev) = on.events.get(event_name)
-    {
-        for (name, input) in &ev.inputs {
-            if let Some(d) = &input.default {
-                let v = match (&input.type_, d) {
-                    (workflow::InputType::Boolean, Value::String(s)) => json!(s == "true"),
-                    (workflow::InputType::Number, Value::String(s)) => {
-                        s.parse::<f64>().map(|n| json!(n)).unwrap_or_else(|_| d.clone())
-                    }
-                    _ => d.clone(),
-                };
-                out.insert(name.clone(), v);
+/// The inputs of a workflow_dispatch / workflow_call run: declared defaults, overridden by the
+/// event's `inputs`, then by `--input`; typed by their declaration (`inputs` is typed, unlike
+/// `github.event.inputs`).
+fn inputs(
+    wf: &Workflow,
+    event_name: &str,
+    given: &IndexMap<String, String>,
+    event: &Value,
+) -> Map<String, Value> {
+    let decl = wf.on.as_ref().and_then(|on| on.events.get(event_name));
+    let typed = |name: &str, v: &Value| -> Value {
+        let s = match v {
+            Value::String(s) => s.clone(),
+            other => return other.clone(),
+        };
+        match decl.and_then(|d| d.inputs.get(name)).map(|i| &i.type_) {
+            Some(workflow::InputType::Boolean) => json!(s == "true"),
+            Some(workflow::InputType::Number) => {
+                s.parse::<f64>().map(|n| json!(n)).unwrap_or(json!(s))
             }
+            _ => json!(s),
         }
-        for (name, v) in given {
-            let typed = match ev.inputs.get(name).map(|i| &i.type_) {
-                Some(workflow::InputType::Boolean) => json!(v == "true"),
-                Some(workflow::InputType::Number) => v.parse::<f64>().map(|n| json!(n)).unwrap_or_else(|_| json!(v)),
-                _ => json!(v),
-            };
-            out.insert(name.clone(), typed);
-        }
-    } else {
-        for (name, v) in given {
-            out.insert(name.clone(), json!(v));
+    };
+    let mut out = Map::new();
+    if let Some(d) = decl {
+        for (name, input) in &d.inputs {
+            if let Some(default) = &input.default {
+                out.insert(name.clone(), typed(name, default));
+            }
         }
     }
     if let Some(Value::Object(ev_inputs)) = event.get("inputs") {
         for (k, v) in ev_inputs {
-            out.insert(k.clone(), v.clone());
+            out.insert(k.clone(), typed(k, v));
         }
+    }
+    for (name, v) in given {
+        out.insert(name.clone(), typed(name, &json!(v)));
     }
     out
 }
@@ -215,7 +235,9 @@ pub(crate) async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     let cwd = std::env::current_dir().context("reading the current directory")?;
     let root = match &args.directory {
         Some(d) => d.clone(),
-        None => git(&cwd, &["rev-parse", "--show-toplevel"]).map(PathBuf::from).unwrap_or_else(|| cwd.clone()),
+        None => git(&cwd, &["rev-parse", "--show-toplevel"])
+            .map(PathBuf::from)
+            .unwrap_or_else(|| cwd.clone()),
     };
     let wf_path = match &args.workflows {
         Some(p) => p.clone(),
@@ -249,13 +271,18 @@ pub(crate) async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     let selected: Vec<Workflow> = workflows
         .into_iter()
         .filter(|wf| {
-            let jobs_match = args.job.is_empty() || args.job.iter().any(|j| wf.jobs.contains_key(j));
+            let jobs_match =
+                args.job.is_empty() || args.job.iter().any(|j| wf.jobs.contains_key(j));
             jobs_match && (listens_to(wf, &args.event) || (single_file && !args.job.is_empty()))
         })
         .collect();
     if selected.is_empty() {
         if !args.job.is_empty() {
-            bail!("no workflow triggered by {:?} has job {:?} (see kiln exec --list)", args.event, args.job);
+            bail!(
+                "no workflow triggered by {:?} has job {:?} (see kiln exec --list)",
+                args.event,
+                args.job
+            );
         }
         bail!(
             "no workflow in {} is triggered by the event {:?}; pass the event as the first argument, \
@@ -267,8 +294,10 @@ pub(crate) async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
 
     let event = match &args.event_path {
         Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading event file {}", p.display()))?;
-            serde_json::from_str::<Value>(&text).with_context(|| format!("{}: not valid JSON", p.display()))?
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("reading event file {}", p.display()))?;
+            serde_json::from_str::<Value>(&text)
+                .with_context(|| format!("{}: not valid JSON", p.display()))?
         }
         None => json!({}),
     };
@@ -276,6 +305,18 @@ pub(crate) async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     let vars = parse_kv(&args.vars, "--var", false)?;
     let extra_env = parse_kv(&args.env, "--env", false)?;
     let given_inputs = parse_kv(&args.inputs, "--input", false)?;
+    // --input values also appear in github.event.inputs (as strings), as on GitHub.
+    let mut event = event;
+    if !given_inputs.is_empty()
+        && let Value::Object(ev) = &mut event
+    {
+        let entry = ev.entry("inputs").or_insert_with(|| json!({}));
+        if let Value::Object(ev_inputs) = entry {
+            for (k, v) in &given_inputs {
+                ev_inputs.insert(k.clone(), json!(v));
+            }
+        }
+    }
     let mut label_configs = Vec::new();
     for p in &args.platforms {
         label_configs.push(labels::parse_platform(p)?);
@@ -294,19 +335,22 @@ pub(crate) async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     let mut specs = BTreeMap::new();
     specs.insert("host".to_owned(), embedded_host()?);
     for p in &args.plugins {
-        let (name, command) = p.split_once('=').with_context(|| format!("--plugin {p:?}: expected NAME=COMMAND"))?;
+        let (name, command) =
+            p.split_once('=').with_context(|| format!("--plugin {p:?}: expected NAME=COMMAND"))?;
         let command: Vec<String> = command.split_whitespace().map(str::to_owned).collect();
         specs.insert(name.to_owned(), PluginSpec::Managed { command, env: BTreeMap::new() });
     }
     for p in &args.plugin_endpoints {
-        let (name, endpoint) =
-            p.split_once('=').with_context(|| format!("--plugin-endpoint {p:?}: expected NAME=ENDPOINT"))?;
-        let endpoint = kiln_plugin_sdk::client::Endpoint::parse(endpoint, None, args.insecure_plugins)
-            .map_err(|e| anyhow::anyhow!("--plugin-endpoint {name}: {e}"))?;
+        let (name, endpoint) = p
+            .split_once('=')
+            .with_context(|| format!("--plugin-endpoint {p:?}: expected NAME=ENDPOINT"))?;
+        let endpoint =
+            kiln_plugin_sdk::client::Endpoint::parse(endpoint, None, args.insecure_plugins)
+                .map_err(|e| anyhow::anyhow!("--plugin-endpoint {name}: {e}"))?;
         specs.insert(name.to_owned(), PluginSpec::Standalone { endpoint });
     }
     for l in &label_configs {
-        if !specs.contains_key(&l.backend) {
+        if l.backend != labels::SKIP && !specs.contains_key(&l.backend) {
             bail!(
                 "-P {}: backend {:?} is not configured; start it with --plugin {}=COMMAND or \
                  --plugin-endpoint {}=unix:///path.sock",
@@ -330,7 +374,7 @@ pub(crate) async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     for wf in selected {
         let wf = Arc::new(wf);
         let opts = RunOptions {
-            github: github_context(&root, &wf, &args.event, event.clone()),
+            github: github_context(&root, &wf, &args.event, event.clone(), args.actor.as_deref()),
             inputs: inputs(&wf, &args.event, &given_inputs, &event),
             workflow: wf.clone(),
             secrets: secrets.clone(),
@@ -345,7 +389,9 @@ pub(crate) async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
             act_compat: !args.no_act_env,
             matrix_filter: matrix_filter.clone(),
         };
-        let result = run_workflow(opts, backends.clone(), printer.clone(), cancel.clone(), force.clone()).await;
+        let result =
+            run_workflow(opts, backends.clone(), printer.clone(), cancel.clone(), force.clone())
+                .await;
         overall = match (overall, result.result) {
             (Outcome::Cancelled, _) | (_, Outcome::Cancelled) => Outcome::Cancelled,
             (Outcome::Failure, _) | (_, Outcome::Failure) => Outcome::Failure,
@@ -370,7 +416,8 @@ pub(crate) async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
 /// First Ctrl-C or SIGTERM: cancel (running steps are stopped, `always()` steps and cleanup
 /// run). Second: force (stop everything). Third: exit now.
 async fn watch_signals(cancel: CancellationToken, force: CancellationToken) {
-    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
         return;
     };
     let mut count = 0;
@@ -397,11 +444,19 @@ async fn watch_signals(cancel: CancellationToken, force: CancellationToken) {
 fn print_plan(workflows: &[Workflow], graph: bool) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     if !graph {
-        writeln!(out, "{:<6} {:<30} {:<30} {:<40} Events", "Stage", "Job ID", "Job name", "Workflow file")?;
+        writeln!(
+            out,
+            "{:<6} {:<30} {:<30} {:<40} Events",
+            "Stage", "Job ID", "Job name", "Workflow file"
+        )?;
     }
     for wf in workflows {
         let stages = workflow::needs_order(wf).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let events: Vec<&str> = wf.on.as_ref().map(|o| o.events.keys().map(String::as_str).collect()).unwrap_or_default();
+        let events: Vec<&str> = wf
+            .on
+            .as_ref()
+            .map(|o| o.events.keys().map(String::as_str).collect())
+            .unwrap_or_default();
         if graph {
             writeln!(out, "{} ({})", wf.name.as_deref().unwrap_or(&wf.file), wf.file)?;
             for (i, stage) in stages.iter().enumerate() {
@@ -421,7 +476,15 @@ fn print_plan(workflows: &[Workflow], graph: bool) -> anyhow::Result<()> {
         for (i, stage) in stages.iter().enumerate() {
             for id in stage {
                 let name = wf.jobs[id.as_str()].name.clone().unwrap_or_else(|| id.clone());
-                writeln!(out, "{:<6} {:<30} {:<30} {:<40} {}", i, id, name, wf.file, events.join(","))?;
+                writeln!(
+                    out,
+                    "{:<6} {:<30} {:<30} {:<40} {}",
+                    i,
+                    id,
+                    name,
+                    wf.file,
+                    events.join(",")
+                )?;
             }
         }
     }

@@ -45,6 +45,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 kiln_plugin_host::run(args).await?;
                 Ok(ExitCode::SUCCESS)
             }
+            cli::PluginCommand::Test(args) => {
+                kiln_plugin_test::run(args).await?;
+                Ok(ExitCode::SUCCESS)
+            }
         },
     }
 }

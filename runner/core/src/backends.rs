@@ -113,7 +113,11 @@ impl Backends {
     }
 }
 
-async fn start_one(name: &str, spec: &PluginSpec, socket: Option<PathBuf>) -> anyhow::Result<Plugin> {
+async fn start_one(
+    name: &str,
+    spec: &PluginSpec,
+    socket: Option<PathBuf>,
+) -> anyhow::Result<Plugin> {
     let (endpoint, mut child) = match spec {
         PluginSpec::Standalone { endpoint } => (endpoint.clone(), None),
         PluginSpec::Managed { command, env } => {
@@ -134,9 +138,7 @@ async fn start_one(name: &str, spec: &PluginSpec, socket: Option<PathBuf>) -> an
                 cmd.env("KILN_LOG", "warn");
             }
             cmd.envs(env);
-            let child = cmd
-                .spawn()
-                .with_context(|| format!("running {}", command.join(" ")))?;
+            let child = cmd.spawn().with_context(|| format!("running {}", command.join(" ")))?;
             (Endpoint::Unix(socket), Some(child))
         }
     };

@@ -24,7 +24,8 @@ impl Identity {
         let dir = state_dir();
         let file = dir.join("runner-id");
         let id = std::fs::read_to_string(&file).ok().map(|s| s.trim().to_owned()).filter(|s| {
-            !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            !s.is_empty()
+                && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         });
         let id = id.unwrap_or_else(|| {
             let id = format!("exec-{}", short_nonce());

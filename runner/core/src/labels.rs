@@ -31,12 +31,20 @@ impl fmt::Display for LabelConfig {
     }
 }
 
+/// The backend name of a label whose jobs are skipped (`-P label=` or `-P label=skip`), as act
+/// skips jobs whose platform maps to nothing.
+pub const SKIP: &str = "skip";
+
 /// Parses `name:spec` (the config file and `register --labels` form).
 pub fn parse_label(s: &str) -> anyhow::Result<LabelConfig> {
     let Some((name, spec)) = s.split_once(':') else {
         // A bare name: the default backend is decided by the caller (host for kiln exec).
         check_name(s, s)?;
-        return Ok(LabelConfig { name: s.to_owned(), backend: String::new(), options: Default::default() });
+        return Ok(LabelConfig {
+            name: s.to_owned(),
+            backend: String::new(),
+            options: Default::default(),
+        });
     };
     check_name(name, s)?;
     parse_spec(name, spec, s)
@@ -46,7 +54,9 @@ pub fn parse_label(s: &str) -> anyhow::Result<LabelConfig> {
 /// (act's spelling of host) or `<backend>[:<args>]`.
 pub fn parse_platform(s: &str) -> anyhow::Result<LabelConfig> {
     let Some((name, spec)) = s.split_once('=') else {
-        bail!("-P {s:?}: expected label=backend, e.g. ubuntu-latest=host or ubuntu-latest=docker://debian:12");
+        bail!(
+            "-P {s:?}: expected label=backend, e.g. ubuntu-latest=host or ubuntu-latest=docker://debian:12"
+        );
     };
     check_name(name, s)?;
     parse_spec(name, spec, s)
@@ -61,7 +71,9 @@ fn check_name(name: &str, whole: &str) -> anyhow::Result<()> {
 
 fn parse_spec(name: &str, spec: &str, whole: &str) -> anyhow::Result<LabelConfig> {
     let mut options = serde_json::Map::new();
-    let backend = if spec == "-self-hosted" || spec == "host" {
+    let backend = if spec.is_empty() || spec == SKIP {
+        SKIP.to_owned()
+    } else if spec == "-self-hosted" || spec == "host" {
         "host".to_owned()
     } else if let Some(image) = spec.strip_prefix("docker://") {
         if image.is_empty() {
@@ -102,7 +114,9 @@ mod tests {
 
     fn show(r: anyhow::Result<LabelConfig>) -> String {
         match r {
-            Ok(l) => format!("{} -> {} {}", l.name, l.backend, serde_json::Value::Object(l.options)),
+            Ok(l) => {
+                format!("{} -> {} {}", l.name, l.backend, serde_json::Value::Object(l.options))
+            }
             Err(e) => format!("error: {e}"),
         }
     }
@@ -115,9 +129,18 @@ mod tests {
             ("vm:qemu:debian-12", "vm -> qemu {\"args\":\"debian-12\"}"),
             ("vm:lxc://debian:bookworm", "vm -> lxc {\"args\":\"debian:bookworm\"}"),
             ("bare", "bare ->  {}"),
-            ("x:docker://", "error: label \"x:docker://\": docker:// needs an image, e.g. x:docker://debian:12"),
-            (" x:host", "error: label \" x:host\": the name must be non-empty and contain no spaces"),
-            ("x:b@d", "error: label \"x:b@d\": unknown backend \"b@d\"; use host, docker://IMAGE or the name of a configured plugin"),
+            (
+                "x:docker://",
+                "error: label \"x:docker://\": docker:// needs an image, e.g. x:docker://debian:12",
+            ),
+            (
+                " x:host",
+                "error: label \" x:host\": the name must be non-empty and contain no spaces",
+            ),
+            (
+                "x:b@d",
+                "error: label \"x:b@d\": unknown backend \"b@d\"; use host, docker://IMAGE or the name of a configured plugin",
+            ),
         ];
         for (input, want) in cases {
             assert_eq!(show(parse_label(input)), want, "{input}");
@@ -125,6 +148,7 @@ mod tests {
         assert_eq!(show(parse_platform("ubuntu-latest=-self-hosted")), "ubuntu-latest -> host {}");
         assert_eq!(show(parse_platform("a=docker://img")), "a -> docker {\"image\":\"img\"}");
         assert!(parse_platform("nolabel").is_err());
+        assert_eq!(show(parse_platform("old=")), "old -> skip {}");
     }
 
     #[test]

@@ -185,7 +185,12 @@ impl ConsolePrinter {
         }
         text.push_str("\nJobs:\n");
         for (job, outcome, d) in &st.results {
-            text.push_str(&format!("  {} {job} ({}) [{}]\n", self.mark(*outcome), outcome, fmt_duration(*d)));
+            text.push_str(&format!(
+                "  {} {job} ({}) [{}]\n",
+                self.mark(*outcome),
+                outcome,
+                fmt_duration(*d)
+            ));
         }
         text.push_str(&format!("\nWorkflow {} in {}\n", result, fmt_duration(duration)));
         let _ = st.out.write_all(text.as_bytes());
@@ -217,7 +222,12 @@ impl EventSink for ConsolePrinter {
         let is_line = matches!(event, Event::Line { .. });
         let line = match event {
             Event::JobStarted { job, runs_on } => {
-                format!("{} {} {}\n", self.paint("1", &format!("[{job}]")), self.paint("36", "▶ Job"), self.paint("2", &format!("on {runs_on}")))
+                format!(
+                    "{} {} {}\n",
+                    self.paint("1", &format!("[{job}]")),
+                    self.paint("36", "▶ Job"),
+                    self.paint("2", &format!("on {runs_on}"))
+                )
             }
             Event::StepStarted { job, name, .. } => {
                 st.group_depth = 0;
@@ -237,7 +247,9 @@ impl EventSink for ConsolePrinter {
                         String::new()
                     }
                     LineKind::Debug if !self.show_debug => String::new(),
-                    LineKind::Debug => format!("[{job}] {indent}{}\n", self.paint("2", &format!("debug: {text}"))),
+                    LineKind::Debug => {
+                        format!("[{job}] {indent}{}\n", self.paint("2", &format!("debug: {text}")))
+                    }
                     LineKind::Annotation { level, location, title } => {
                         let level = match level {
                             AnnotationLevel::Error => "error",
@@ -249,10 +261,15 @@ impl EventSink for ConsolePrinter {
                         let a = format!("{level}{loc}:{title} {text} ({job})");
                         st.annotations.push(a);
                         let color = if level == "error" { "31" } else { "33" };
-                        format!("[{job}] {indent}{}\n", self.paint(color, &format!("{level}{loc}:{title} {text}")))
+                        format!(
+                            "[{job}] {indent}{}\n",
+                            self.paint(color, &format!("{level}{loc}:{title} {text}"))
+                        )
                     }
                     LineKind::Runner => format!("[{job}] {indent}{}\n", self.paint("2", &text)),
-                    LineKind::RunnerError => format!("[{job}] {indent}{}\n", self.paint("31", &text)),
+                    LineKind::RunnerError => {
+                        format!("[{job}] {indent}{}\n", self.paint("31", &text))
+                    }
                 }
             }
             Event::StepFinished { job, name, outcome, conclusion, duration, .. } => {
@@ -261,12 +278,19 @@ impl EventSink for ConsolePrinter {
                 if outcome == Outcome::Skipped {
                     format!("[{job}] {mark} {name} {}\n", self.paint("2", "(skipped)"))
                 } else {
-                    format!("[{job}] {mark} {name} {}{extra}\n", self.paint("2", &format!("[{}]", fmt_duration(duration))))
+                    format!(
+                        "[{job}] {mark} {name} {}{extra}\n",
+                        self.paint("2", &format!("[{}]", fmt_duration(duration)))
+                    )
                 }
             }
             Event::JobFinished { job, result, duration } => {
                 st.results.push((job.clone(), result, duration));
-                format!("[{job}] {} Job {result} {}\n", self.mark(result), self.paint("2", &format!("[{}]", fmt_duration(duration))))
+                format!(
+                    "[{job}] {} Job {result} {}\n",
+                    self.mark(result),
+                    self.paint("2", &format!("[{}]", fmt_duration(duration)))
+                )
             }
         };
         if line.is_empty() {

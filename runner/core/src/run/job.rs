@@ -119,12 +119,25 @@ pub(crate) async fn run_job(shared: Arc<Shared>, run: JobRun) -> ComboResult {
     // runs-on.
     let runs_on = match eval_runs_on(job.runs_on.as_ref(), &contexts, &host) {
         Ok(r) => r,
-        Err(e) => return fail_early(&shared, &name, format!("{file}: jobs.{}.runs-on: {e}", run.job_id)),
+        Err(e) => {
+            return fail_early(&shared, &name, format!("{file}: jobs.{}.runs-on: {e}", run.job_id));
+        }
     };
     let label = match resolve_label(&shared, &runs_on) {
         Ok(l) => l,
-        Err(e) => return fail_early(&shared, &name, format!("{file}: jobs.{}.runs-on: {e}", run.job_id)),
+        Err(e) => {
+            return fail_early(&shared, &name, format!("{file}: jobs.{}.runs-on: {e}", run.job_id));
+        }
     };
+    if label.backend == labels::SKIP {
+        log(format!("skipped: the label {:?} maps to no platform", label.name), LineKind::Runner);
+        sink.event(Event::JobFinished {
+            job: name.clone(),
+            result: Outcome::Skipped,
+            duration: timer.elapsed(),
+        });
+        return ComboResult { result: Outcome::Skipped, outputs: Map::new() };
+    }
     sink.event(Event::JobStarted { job: name.clone(), runs_on: label.to_string() });
 
     let Some(plugin) = shared.backends.get(&label.backend) else {
@@ -144,6 +157,17 @@ pub(crate) async fn run_job(shared: Arc<Shared>, run: JobRun) -> ComboResult {
         );
     };
     let caps = &plugin.capabilities;
+    // Services whose image evaluates to nothing are left out (as act and GitHub do).
+    let services: Vec<&String> = job
+        .services
+        .iter()
+        .filter(|(_, svc)| {
+            let image = expr::interpolate(&svc.image, &Scope { contexts: &contexts, host: &host })
+                .unwrap_or_else(|_| svc.image.clone());
+            !image.trim().is_empty()
+        })
+        .map(|(id, _)| id)
+        .collect();
     // Preflight: nothing is created when the backend lacks a layer the job needs.
     let docker_steps = job
         .steps
@@ -154,7 +178,7 @@ pub(crate) async fn run_job(shared: Arc<Shared>, run: JobRun) -> ComboResult {
     if job.container.is_some() && !caps.job_container.is_supported() {
         missing.push(("job containers (container:)", &caps.job_container));
     }
-    if !job.services.is_empty() && !caps.service_containers.is_supported() {
+    if !services.is_empty() && !caps.service_containers.is_supported() {
         missing.push(("service containers (services:)", &caps.service_containers));
     }
     if docker_steps && !caps.step_containers.is_supported() {
@@ -176,7 +200,7 @@ pub(crate) async fn run_job(shared: Arc<Shared>, run: JobRun) -> ComboResult {
             )),
         );
     }
-    if job.container.is_some() || !job.services.is_empty() {
+    if job.container.is_some() || !services.is_empty() {
         return finish(
             &shared,
             &name,
@@ -212,7 +236,7 @@ pub(crate) async fn run_job(shared: Arc<Shared>, run: JobRun) -> ComboResult {
         options: label.options.clone(),
         hints: EnvironmentHints {
             job_container: job.container.is_some(),
-            service_containers: u32::try_from(job.services.len()).unwrap_or(u32::MAX),
+            service_containers: u32::try_from(services.len()).unwrap_or(u32::MAX),
             step_containers: docker_steps,
         },
     };
@@ -238,7 +262,9 @@ pub(crate) async fn run_job(shared: Arc<Shared>, run: JobRun) -> ComboResult {
         }
     };
 
-    let result = run_in_env(&shared, &run, &name, job, &backend, &plugin.name, &env, contexts, timeout).await;
+    let result =
+        run_in_env(&shared, &run, &name, job, &backend, &plugin.name, &env, contexts, timeout)
+            .await;
     remove_env(&*backend, &env.id, &plugin.name, &log).await;
     finish(&shared, &name, &timer, result.result, None);
     result
@@ -265,11 +291,20 @@ fn finish(
             kind: LineKind::RunnerError,
         });
     }
-    shared.sink.event(Event::JobFinished { job: name.to_owned(), result, duration: timer.elapsed() });
+    shared.sink.event(Event::JobFinished {
+        job: name.to_owned(),
+        result,
+        duration: timer.elapsed(),
+    });
     ComboResult { result, outputs: Map::new() }
 }
 
-async fn remove_env(backend: &dyn Backend, env_id: &str, plugin: &str, log: &impl Fn(String, LineKind)) {
+async fn remove_env(
+    backend: &dyn Backend,
+    env_id: &str,
+    plugin: &str,
+    log: &impl Fn(String, LineKind),
+) {
     let request = RemoveRequest {
         environment_id: env_id.to_owned(),
         container_id: None,
@@ -277,7 +312,9 @@ async fn remove_env(backend: &dyn Backend, env_id: &str, plugin: &str, log: &imp
     };
     if let Err(e) = backend.remove(request).await {
         log(
-            format!("could not remove environment {env_id} on backend {plugin:?}: {e} (it will be collected later)"),
+            format!(
+                "could not remove environment {env_id} on backend {plugin:?}: {e} (it will be collected later)"
+            ),
             LineKind::RunnerError,
         );
     }
@@ -362,7 +399,11 @@ pub(crate) fn eval_env(
         Env::Map(m) => {
             let mut out = IndexMap::new();
             for (k, v) in m {
-                let v = if expr::contains_expression(v) { expr::interpolate(v, &scope)? } else { v.clone() };
+                let v = if expr::contains_expression(v) {
+                    expr::interpolate(v, &scope)?
+                } else {
+                    v.clone()
+                };
                 out.insert(k.clone(), v);
             }
             Ok(out)
@@ -370,7 +411,9 @@ pub(crate) fn eval_env(
         Env::Expr(e) => {
             let v = expr::interpolate_value(&Value::String(e.clone()), &scope)?;
             Ok(match v {
-                Value::Object(o) => o.iter().map(|(k, v)| (k.clone(), expr::to_string(v))).collect(),
+                Value::Object(o) => {
+                    o.iter().map(|(k, v)| (k.clone(), expr::to_string(v))).collect()
+                }
                 _ => IndexMap::new(),
             })
         }
@@ -465,13 +508,19 @@ async fn run_in_env(
             }
         }
         Err(e) => {
-            log(format!("inspecting the environment on backend {plugin:?}: {e}"), LineKind::RunnerError);
+            log(
+                format!("inspecting the environment on backend {plugin:?}: {e}"),
+                LineKind::RunnerError,
+            );
             timer_task.abort();
             return ComboResult { result: Outcome::Failure, outputs: Map::new() };
         }
     }
     if !base_env.contains_key("PATH") {
-        base_env.insert("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+        base_env.insert(
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        );
     }
     let gh = |k: &str| github.get(k).map(expr::to_string).unwrap_or_default();
     let defaults: [(&str, String); 26] = [
@@ -554,9 +603,13 @@ async fn run_in_env(
     let bash = match setup {
         Ok(b) => b,
         Err(e) => {
-            log(format!("setting up the environment on backend {plugin:?}: {e}"), LineKind::RunnerError);
+            log(
+                format!("setting up the environment on backend {plugin:?}: {e}"),
+                LineKind::RunnerError,
+            );
             timer_task.abort();
-            let result = if job_cancel.is_cancelled() { Outcome::Cancelled } else { Outcome::Failure };
+            let result =
+                if job_cancel.is_cancelled() { Outcome::Cancelled } else { Outcome::Failure };
             return ComboResult { result, outputs: Map::new() };
         }
     };
@@ -586,7 +639,10 @@ async fn run_in_env(
 
     if timed_out.load(std::sync::atomic::Ordering::SeqCst) {
         log(
-            format!("the job exceeded its maximum execution time of {}", crate::output::fmt_duration(timeout)),
+            format!(
+                "the job exceeded its maximum execution time of {}",
+                crate::output::fmt_duration(timeout)
+            ),
             LineKind::RunnerError,
         );
         state.status = JobStatus::Failure;
@@ -607,13 +663,18 @@ async fn run_in_env(
             Ok(s) => {
                 outputs.insert(k.clone(), Value::String(s));
             }
-            Err(e) => log(format!("{}: jobs.{}.outputs.{k}: {e}", wf.file, run.job_id), LineKind::RunnerError),
+            Err(e) => log(
+                format!("{}: jobs.{}.outputs.{k}: {e}", wf.file, run.job_id),
+                LineKind::RunnerError,
+            ),
         }
     }
     let result = match state.status {
         JobStatus::Success => Outcome::Success,
         JobStatus::Failure => Outcome::Failure,
-        JobStatus::Cancelled if timed_out.load(std::sync::atomic::Ordering::SeqCst) => Outcome::Failure,
+        JobStatus::Cancelled if timed_out.load(std::sync::atomic::Ordering::SeqCst) => {
+            Outcome::Failure
+        }
         JobStatus::Cancelled => Outcome::Cancelled,
     };
     ComboResult { result, outputs }
@@ -648,7 +709,11 @@ async fn setup_environment(
         exec_id: step::exec_id(),
         environment_id: env.id.clone(),
         container_id: container.to_owned(),
-        argv: vec!["sh".into(), "-c".into(), "command -v bash >/dev/null 2>&1 && echo bash || echo sh".into()],
+        argv: vec![
+            "sh".into(),
+            "-c".into(),
+            "command -v bash >/dev/null 2>&1 && echo bash || echo sh".into(),
+        ],
         // The probe must see the environment's real PATH.
         env: vec![kiln_plugin_sdk::EnvVar::new("PATH", path)],
         path_prepend: Vec::new(),

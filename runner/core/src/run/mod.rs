@@ -22,8 +22,6 @@ use crate::labels::LabelConfig;
 use crate::output::{Event, EventSink, LineKind, Outcome};
 use crate::workflow::{self, BoolOrExpr, NumberOrExpr, Workflow};
 
-
-
 /// Everything a run needs besides the plugins.
 pub struct RunOptions {
     /// The parsed, validated workflow.
@@ -375,9 +373,11 @@ fn start_job(
     let combos: Vec<_> = combos
         .into_iter()
         .filter(|c| {
-            shared.opts.matrix_filter.iter().all(|(k, v)| {
-                c.get(k).is_none_or(|have| expr::to_string(have) == *v)
-            })
+            shared
+                .opts
+                .matrix_filter
+                .iter()
+                .all(|(k, v)| c.get(k).is_none_or(|have| expr::to_string(have) == *v))
         })
         .collect();
     let eval_bool = |v: Option<&BoolOrExpr>, default: bool| match v {
@@ -388,7 +388,10 @@ fn start_job(
     let fail_fast = match eval_bool(strategy.and_then(|s| s.fail_fast.as_ref()), true) {
         Ok(b) => b,
         Err(e) => {
-            return finish(Outcome::Failure, Some(format!("{}: jobs.{id}.strategy.fail-fast: {e}", wf.file)));
+            return finish(
+                Outcome::Failure,
+                Some(format!("{}: jobs.{id}.strategy.fail-fast: {e}", wf.file)),
+            );
         }
     };
     let max_parallel = match strategy.and_then(|s| s.max_parallel.as_ref()) {
@@ -397,7 +400,10 @@ fn start_job(
         Some(NumberOrExpr::Expr(e)) => match expr::interpolate(e, &scope) {
             Ok(s) => s.trim().parse::<f64>().map(|n| (n as usize).max(1)).unwrap_or(usize::MAX),
             Err(e) => {
-                return finish(Outcome::Failure, Some(format!("{}: jobs.{id}.strategy.max-parallel: {e}", wf.file)));
+                return finish(
+                    Outcome::Failure,
+                    Some(format!("{}: jobs.{id}.strategy.max-parallel: {e}", wf.file)),
+                );
             }
         },
     };
@@ -413,15 +419,7 @@ fn start_job(
                 "job-total": total,
                 "max-parallel": if max_parallel == usize::MAX { total } else { max_parallel },
             });
-            job::JobRun::new(
-                shared,
-                id,
-                index,
-                combo,
-                strategy_ctx,
-                needs.clone(),
-                token.clone(),
-            )
+            job::JobRun::new(shared, id, index, combo, strategy_ctx, needs.clone(), token.clone())
         })
         .collect();
     JobState::Running {

@@ -117,7 +117,15 @@ pub(crate) async fn run_step(
     let step_env = match eval_env(&step.env, contexts, &host) {
         Ok(m) => m,
         Err(e) => {
-            return fail_step(cx, state, index, &key, &name, &timer, format!("{wf_file}: jobs.{}.steps[{index}].env: {e}", cx.job_id));
+            return fail_step(
+                cx,
+                state,
+                index,
+                &key,
+                &name,
+                &timer,
+                format!("{wf_file}: jobs.{}.steps[{index}].env: {e}", cx.job_id),
+            );
         }
     };
     env_ctx.extend(step_env.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -134,11 +142,21 @@ pub(crate) async fn run_step(
     let run_it = match expr::evaluate_if(cond, &Scope { contexts, host: &host }) {
         Ok(b) => b,
         Err(e) => {
-            return fail_step(cx, state, index, &key, &name, &timer, format!("{wf_file}: jobs.{}.steps[{index}].if: {e}", cx.job_id));
+            return fail_step(
+                cx,
+                state,
+                index,
+                &key,
+                &name,
+                &timer,
+                format!("{wf_file}: jobs.{}.steps[{index}].if: {e}", cx.job_id),
+            );
         }
     };
     if !run_it {
-        state.steps.insert(key, json!({ "outputs": {}, "outcome": "skipped", "conclusion": "skipped" }));
+        state
+            .steps
+            .insert(key, json!({ "outputs": {}, "outcome": "skipped", "conclusion": "skipped" }));
         sink.event(Event::StepFinished {
             job: cx.job_name.clone(),
             index,
@@ -158,7 +176,15 @@ pub(crate) async fn run_step(
         Some(BoolOrExpr::Expr(e)) => match expr::interpolate(e, &scope) {
             Ok(s) => s == "true",
             Err(e) => {
-                return fail_step(cx, state, index, &key, &name, &timer, format!("{wf_file}: jobs.{}.steps[{index}].continue-on-error: {e}", cx.job_id));
+                return fail_step(
+                    cx,
+                    state,
+                    index,
+                    &key,
+                    &name,
+                    &timer,
+                    format!("{wf_file}: jobs.{}.steps[{index}].continue-on-error: {e}", cx.job_id),
+                );
             }
         },
     };
@@ -168,7 +194,15 @@ pub(crate) async fn run_step(
         Some(NumberOrExpr::Expr(e)) => match expr::interpolate(e, &scope) {
             Ok(s) => s.trim().parse::<f64>().ok(),
             Err(e) => {
-                return fail_step(cx, state, index, &key, &name, &timer, format!("{wf_file}: jobs.{}.steps[{index}].timeout-minutes: {e}", cx.job_id));
+                return fail_step(
+                    cx,
+                    state,
+                    index,
+                    &key,
+                    &name,
+                    &timer,
+                    format!("{wf_file}: jobs.{}.steps[{index}].timeout-minutes: {e}", cx.job_id),
+                );
             }
         },
     }
@@ -177,26 +211,54 @@ pub(crate) async fn run_step(
     let Some(script) = &step.run else {
         let uses = step.uses.as_deref().unwrap_or("");
         return finish_step(
-            cx, state, index, &key, &name, &timer, Outcome::Failure, continue_on_error, Map::new(),
+            cx,
+            state,
+            index,
+            &key,
+            &name,
+            &timer,
+            Outcome::Failure,
+            continue_on_error,
+            Map::new(),
             Some(format!("uses: {uses}: actions are not supported by this build of kiln yet")),
         );
     };
     let script = match expr::interpolate(script, &scope) {
         Ok(s) => s,
         Err(e) => {
-            return fail_step(cx, state, index, &key, &name, &timer, format!("{wf_file}: jobs.{}.steps[{index}].run: {e}", cx.job_id));
+            return fail_step(
+                cx,
+                state,
+                index,
+                &key,
+                &name,
+                &timer,
+                format!("{wf_file}: jobs.{}.steps[{index}].run: {e}", cx.job_id),
+            );
         }
     };
     let shell = step
         .shell
         .clone()
-        .or_else(|| cx.job_defaults.as_ref().and_then(|d| d.run.as_ref()).and_then(|r| r.shell.clone()))
-        .or_else(|| cx.workflow_defaults.as_ref().and_then(|d| d.run.as_ref()).and_then(|r| r.shell.clone()));
+        .or_else(|| {
+            cx.job_defaults.as_ref().and_then(|d| d.run.as_ref()).and_then(|r| r.shell.clone())
+        })
+        .or_else(|| {
+            cx.workflow_defaults.as_ref().and_then(|d| d.run.as_ref()).and_then(|r| r.shell.clone())
+        });
     let shell = match shell {
         Some(s) if expr::contains_expression(&s) => match expr::interpolate(&s, &scope) {
             Ok(s) => Some(s),
             Err(e) => {
-                return fail_step(cx, state, index, &key, &name, &timer, format!("{wf_file}: jobs.{}.steps[{index}].shell: {e}", cx.job_id));
+                return fail_step(
+                    cx,
+                    state,
+                    index,
+                    &key,
+                    &name,
+                    &timer,
+                    format!("{wf_file}: jobs.{}.steps[{index}].shell: {e}", cx.job_id),
+                );
             }
         },
         s => s,
@@ -204,20 +266,50 @@ pub(crate) async fn run_step(
     let spec = match workflow::shell_command(shell.as_deref(), cx.bash_available) {
         Ok(s) => s,
         Err(e) => {
-            return fail_step(cx, state, index, &key, &name, &timer, format!("{wf_file}: jobs.{}.steps[{index}].shell: {e}", cx.job_id));
+            return fail_step(
+                cx,
+                state,
+                index,
+                &key,
+                &name,
+                &timer,
+                format!("{wf_file}: jobs.{}.steps[{index}].shell: {e}", cx.job_id),
+            );
         }
     };
     let working_dir = step
         .working_directory
         .clone()
-        .or_else(|| cx.job_defaults.as_ref().and_then(|d| d.run.as_ref()).and_then(|r| r.working_directory.clone()))
-        .or_else(|| cx.workflow_defaults.as_ref().and_then(|d| d.run.as_ref()).and_then(|r| r.working_directory.clone()));
+        .or_else(|| {
+            cx.job_defaults
+                .as_ref()
+                .and_then(|d| d.run.as_ref())
+                .and_then(|r| r.working_directory.clone())
+        })
+        .or_else(|| {
+            cx.workflow_defaults
+                .as_ref()
+                .and_then(|d| d.run.as_ref())
+                .and_then(|r| r.working_directory.clone())
+        });
     let working_dir = match working_dir {
         Some(w) => match expr::interpolate(&w, &scope) {
             Ok(w) if w.starts_with('/') => w,
-            Ok(w) => format!("{}/{}", cx.env.paths.workspace.trim_end_matches('/'), w.trim_start_matches("./")),
+            Ok(w) => format!(
+                "{}/{}",
+                cx.env.paths.workspace.trim_end_matches('/'),
+                w.trim_start_matches("./")
+            ),
             Err(e) => {
-                return fail_step(cx, state, index, &key, &name, &timer, format!("{wf_file}: jobs.{}.steps[{index}].working-directory: {e}", cx.job_id));
+                return fail_step(
+                    cx,
+                    state,
+                    index,
+                    &key,
+                    &name,
+                    &timer,
+                    format!("{wf_file}: jobs.{}.steps[{index}].working-directory: {e}", cx.job_id),
+                );
             }
         },
         None => cx.env.paths.workspace.clone(),
@@ -227,8 +319,16 @@ pub(crate) async fn run_step(
     let dir = format!("{}/steps/{index}", cx.env.paths.runner_files.trim_end_matches('/'));
     let script_path = format!("{dir}/script{}", spec.extension);
     let files = ["env", "output", "path", "state", "summary"].map(|f| format!("{dir}/{f}"));
-    let mut staged = vec![StagedFile { path: script_path.clone(), content: Bytes::from(script.into_bytes()), mode: 0o755 }];
-    staged.extend(files.iter().map(|f| StagedFile { path: f.clone(), content: Bytes::new(), mode: 0o644 }));
+    let mut staged = vec![StagedFile {
+        path: script_path.clone(),
+        content: Bytes::from(script.into_bytes()),
+        mode: 0o755,
+    }];
+    staged.extend(files.iter().map(|f| StagedFile {
+        path: f.clone(),
+        content: Bytes::new(),
+        mode: 0o644,
+    }));
 
     let mut env = cx.base_env.clone();
     env.extend(env_ctx.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -289,7 +389,8 @@ pub(crate) async fn run_step(
     let mut outputs = std::mem::take(&mut lines.outputs);
     let (outcome, message) = match outcome {
         Ok(exited) => {
-            let message = collect_env_files(cx, lines.state, &files, exited.files, &mut outputs).await;
+            let message =
+                collect_env_files(cx, lines.state, &files, exited.files, &mut outputs).await;
             let outcome = match (exited.status, exited.timed_out) {
                 (_, true) => {
                     lines.state_log(format!(
@@ -311,14 +412,27 @@ pub(crate) async fn run_step(
             };
             (outcome, message)
         }
-        Err(StepError::Cancelled) => (Outcome::Cancelled, Some(format!("step cancelled (exec {exec_id})"))),
+        Err(StepError::Cancelled) => {
+            (Outcome::Cancelled, Some(format!("step cancelled (exec {exec_id})")))
+        }
         Err(StepError::Backend(e)) => (
             Outcome::Failure,
             Some(format!("backend {:?} failed while running step {name:?}: {e}", cx.plugin)),
         ),
     };
     drop(lines);
-    finish_step(cx, state, index, &key, &name, &timer, outcome, continue_on_error, outputs, message);
+    finish_step(
+        cx,
+        state,
+        index,
+        &key,
+        &name,
+        &timer,
+        outcome,
+        continue_on_error,
+        outputs,
+        message,
+    );
 }
 
 enum StepError {
@@ -478,12 +592,20 @@ fn finish_step(
 ) {
     if let Some(message) = message {
         let text = state.masker.mask(&message).into_owned();
-        cx.shared.sink.event(Event::Line { job: cx.job_name.clone(), step: Some(index), text, kind: LineKind::RunnerError });
+        cx.shared.sink.event(Event::Line {
+            job: cx.job_name.clone(),
+            step: Some(index),
+            text,
+            kind: LineKind::RunnerError,
+        });
     }
-    let conclusion = if outcome == Outcome::Failure && continue_on_error { Outcome::Success } else { outcome };
+    let conclusion =
+        if outcome == Outcome::Failure && continue_on_error { Outcome::Success } else { outcome };
     match conclusion {
         Outcome::Failure => state.status = JobStatus::Failure,
-        Outcome::Cancelled if state.status == JobStatus::Success => state.status = JobStatus::Cancelled,
+        Outcome::Cancelled if state.status == JobStatus::Success => {
+            state.status = JobStatus::Cancelled
+        }
         _ => {}
     }
     state.steps.insert(
@@ -509,8 +631,23 @@ fn fail_step(
     timer: &Timer,
     message: String,
 ) {
-    cx.shared.sink.event(Event::StepStarted { job: cx.job_name.clone(), index, name: name.to_owned() });
-    finish_step(cx, state, index, key, name, timer, Outcome::Failure, false, Map::new(), Some(message));
+    cx.shared.sink.event(Event::StepStarted {
+        job: cx.job_name.clone(),
+        index,
+        name: name.to_owned(),
+    });
+    finish_step(
+        cx,
+        state,
+        index,
+        key,
+        name,
+        timer,
+        Outcome::Failure,
+        false,
+        Map::new(),
+        Some(message),
+    );
 }
 
 /// Splits output into lines and interprets each: workflow commands, masking, groups.
@@ -568,7 +705,12 @@ impl LineHandler<'_> {
 
     fn emit(&self, text: &str, kind: LineKind) {
         let text = self.state.masker.mask(text).into_owned();
-        self.cx.shared.sink.event(Event::Line { job: self.cx.job_name.clone(), step: Some(self.index), text, kind });
+        self.cx.shared.sink.event(Event::Line {
+            job: self.cx.job_name.clone(),
+            step: Some(self.index),
+            text,
+            kind,
+        });
     }
 
     fn state_log(&self, text: String) {

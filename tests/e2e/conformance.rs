@@ -1,0 +1,38 @@
+//! The conformance suite against the first-party plugins, over a unix socket, with the suite
+//! starting each plugin itself (which enables the faults tier).
+
+use crate::support::{conformance_bin, kiln_bin};
+
+fn run_suite(plugin_args: &str) {
+    let root = tempfile::tempdir().unwrap();
+    let junit = root.path().join("junit.xml");
+    let command =
+        format!("{} plugin {plugin_args} --root {}/envs", kiln_bin(), root.path().display());
+    let out = std::process::Command::new(conformance_bin())
+        .args(["--command", &command, "--junit"])
+        .arg(&junit)
+        .env("KILN_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "conformance failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = stdout.lines().last().unwrap_or_default();
+    assert!(summary.contains(" passed, 0 failed"), "{summary}");
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    assert!(xml.contains("<testsuite"), "{xml}");
+}
+
+#[test]
+fn host_plugin_passes_conformance() {
+    run_suite("host");
+}
+
+#[test]
+fn test_plugin_passes_conformance() {
+    run_suite("test");
+}

@@ -1,0 +1,160 @@
+//! Lifecycle under stress: step timeouts, Ctrl-C, and a plugin that crashes mid-step. Each test
+//! checks that no process of the job is left behind.
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate::support::{Repo, kiln_bin, processes_with, wait_for};
+
+#[test]
+fn step_timeout_kills_the_process_tree_and_failure_steps_still_run() {
+    let marker = format!("kiln-e2e-timeout-{}", std::process::id());
+    let repo = Repo::with_workflow(
+        "t.yml",
+        &format!(
+            r#"
+on: push
+jobs:
+  j:
+    runs-on: ubuntu-latest
+    steps:
+      - timeout-minutes: 0.02
+        run: |
+          sh -c 'exec -a {marker}-child sleep 300' &
+          exec -a {marker}-main sleep 300
+      - if: failure()
+        run: echo "after the timeout"
+"#
+        ),
+    );
+    let run = repo.exec(&[]);
+    run.assert_code(1).assert_stdout(&["exceeded its timeout", "after the timeout"]);
+    assert!(
+        wait_for(5, || processes_with(&marker).is_empty()),
+        "left behind: {:?}",
+        processes_with(&marker)
+    );
+}
+
+#[test]
+fn ctrl_c_cancels_the_run_and_leaves_no_process() {
+    let marker = format!("kiln-e2e-cancel-{}", std::process::id());
+    let repo = Repo::with_workflow(
+        "c.yml",
+        &format!(
+            r#"
+on: push
+jobs:
+  j:
+    runs-on: ubuntu-latest
+    steps:
+      - run: |
+          sh -c 'exec -a {marker}-bg sleep 300' &
+          echo "step started"
+          exec -a {marker}-fg sleep 300
+      - if: always()
+        run: echo "always step ran"
+      - run: echo "normal step must not run"
+"#
+        ),
+    );
+    let mut child = repo.kiln().arg("exec").stdout(Stdio::piped()).spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
+            let started = line.contains("step started");
+            seen.push(line);
+            if started {
+                break;
+            }
+        }
+    }
+    assert!(seen.iter().any(|l| l.contains("step started")), "{seen:#?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "kiln did not exit after SIGINT");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    seen.extend(rx.try_iter());
+    assert_eq!(status.code(), Some(130), "{seen:#?}");
+    let text = seen.join("\n");
+    assert!(text.contains("always step ran"), "{text}");
+    assert!(!text.contains("normal step must not run"), "{text}");
+    assert!(
+        wait_for(5, || processes_with(&marker).is_empty()),
+        "left behind: {:?}",
+        processes_with(&marker)
+    );
+}
+
+#[test]
+fn plugin_crash_mid_step_fails_the_job_quickly_naming_the_plugin() {
+    let marker = format!("kiln-e2e-crash-{}", std::process::id());
+    let repo = Repo::with_workflow(
+        "crash.yml",
+        &format!(
+            r#"
+on: push
+jobs:
+  j:
+    runs-on: ubuntu-latest
+    steps:
+      - run: echo "first step ok"
+      - run: |
+          echo "second step started"
+          exec -a {marker} sleep 300
+      - if: always()
+        run: echo "cleanup step"
+"#
+        ),
+    );
+    let root = tempfile::tempdir().unwrap();
+    // The setup probe is exec 1, the first step exec 2: crash while the second step runs.
+    let plugin = format!(
+        "test={} plugin test --root {} --crash-on-exec 3",
+        kiln_bin(),
+        root.path().display()
+    );
+    let start = Instant::now();
+    let run = repo.exec(&["--plugin", &plugin, "-P", "ubuntu-latest=test"]);
+    let took = start.elapsed();
+    run.assert_code(1).assert_stdout(&["first step ok", "backend \"test\" failed"]);
+    assert!(took < Duration::from_secs(15), "took {took:?}\n{}", run.show());
+    // The step that was running when the plugin died failed within 5 s.
+    let step_line = run
+        .stdout
+        .lines()
+        .find(|l| l.contains("✗ Run echo \"second step started\""))
+        .unwrap_or_else(|| panic!("no failed step line\n{}", run.show()));
+    let took = step_duration(step_line);
+    assert!(took < Duration::from_secs(5), "{step_line}");
+}
+
+/// The duration printed at the end of a step line: `[12ms]`, `[1.52s]`.
+fn step_duration(line: &str) -> Duration {
+    let inner = line.rsplit('[').next().and_then(|s| s.split(']').next()).unwrap_or("");
+    if let Some(ms) = inner.strip_suffix("ms") {
+        return Duration::from_millis(ms.parse().unwrap_or(u64::MAX));
+    }
+    if let Some(s) = inner.strip_suffix('s') {
+        return Duration::from_secs_f64(s.parse().unwrap_or(f64::MAX));
+    }
+    Duration::MAX
+}
