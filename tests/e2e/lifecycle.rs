@@ -55,14 +55,14 @@ jobs:
           exec -a {marker}-fg sleep 300
       - if: always()
         run: echo "always step ran"
-      - run: echo "normal step must not run"
+      - run: echo "normal step" "must not run"
 "#
         ),
     );
     let mut child = repo.kiln().arg("exec").stdout(Stdio::piped()).spawn().unwrap();
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             let _ = tx.send(line);
         }
@@ -92,6 +92,7 @@ jobs:
         assert!(start.elapsed() < Duration::from_secs(20), "kiln did not exit after SIGINT");
         std::thread::sleep(Duration::from_millis(20));
     };
+    let _ = reader.join();
     seen.extend(rx.try_iter());
     assert_eq!(status.code(), Some(130), "{seen:#?}");
     let text = seen.join("\n");

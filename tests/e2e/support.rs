@@ -5,29 +5,29 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 /// The `kiln` binary under test.
-pub fn kiln_bin() -> &'static str {
+pub(crate) fn kiln_bin() -> &'static str {
     env!("CARGO_BIN_EXE_e2e-kiln")
 }
 
 /// The `kiln-conformance` binary under test.
-pub fn conformance_bin() -> &'static str {
+pub(crate) fn conformance_bin() -> &'static str {
     env!("CARGO_BIN_EXE_e2e-conformance")
 }
 
 /// The repository root (for examples/).
-pub fn repo_root() -> PathBuf {
+pub(crate) fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 /// A temporary git repository with workflows in `.github/workflows/`, and a private state dir.
-pub struct Repo {
-    pub dir: tempfile::TempDir,
-    pub state: tempfile::TempDir,
+pub(crate) struct Repo {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) state: tempfile::TempDir,
 }
 
 impl Repo {
     /// A repository holding one workflow file `name` with `yaml`.
-    pub fn with_workflow(name: &str, yaml: &str) -> Repo {
+    pub(crate) fn with_workflow(name: &str, yaml: &str) -> Repo {
         let dir = tempfile::tempdir().expect("temp dir");
         let wf = dir.path().join(".github/workflows");
         std::fs::create_dir_all(&wf).expect("mkdir");
@@ -50,12 +50,12 @@ impl Repo {
         Repo { dir, state: tempfile::tempdir().expect("state dir") }
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.dir.path()
     }
 
     /// `kiln` with the repository as working directory and a private state directory.
-    pub fn kiln(&self) -> Command {
+    pub(crate) fn kiln(&self) -> Command {
         let mut cmd = Command::new(kiln_bin());
         cmd.current_dir(self.path())
             .env("XDG_STATE_HOME", self.state.path())
@@ -66,22 +66,17 @@ impl Repo {
     }
 
     /// Runs `kiln exec ARGS…` to the end.
-    pub fn exec(&self, args: &[&str]) -> Run {
+    pub(crate) fn exec(&self, args: &[&str]) -> Run {
         let out = self.kiln().arg("exec").args(args).output().expect("running kiln");
         Run::from(out)
-    }
-
-    /// The host plugin's environments directory of this repository's runs.
-    pub fn host_root(&self) -> PathBuf {
-        self.state.path().join("kiln/host")
     }
 }
 
 /// The result of a kiln run.
-pub struct Run {
-    pub code: Option<i32>,
-    pub stdout: String,
-    pub stderr: String,
+pub(crate) struct Run {
+    pub(crate) code: Option<i32>,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 impl From<Output> for Run {
@@ -96,13 +91,13 @@ impl From<Output> for Run {
 
 impl Run {
     /// Panics with the whole output unless the exit code is `code`.
-    pub fn assert_code(&self, code: i32) -> &Run {
+    pub(crate) fn assert_code(&self, code: i32) -> &Run {
         assert_eq!(self.code, Some(code), "unexpected exit code\n{}", self.show());
         self
     }
 
     /// Panics unless stdout contains every one of `needles`.
-    pub fn assert_stdout(&self, needles: &[&str]) -> &Run {
+    pub(crate) fn assert_stdout(&self, needles: &[&str]) -> &Run {
         for n in needles {
             assert!(self.stdout.contains(n), "stdout lacks {n:?}\n{}", self.show());
         }
@@ -110,20 +105,20 @@ impl Run {
     }
 
     /// Panics if stdout contains any of `needles`.
-    pub fn assert_no_stdout(&self, needles: &[&str]) -> &Run {
+    pub(crate) fn assert_no_stdout(&self, needles: &[&str]) -> &Run {
         for n in needles {
             assert!(!self.stdout.contains(n), "stdout has {n:?}\n{}", self.show());
         }
         self
     }
 
-    pub fn show(&self) -> String {
+    pub(crate) fn show(&self) -> String {
         format!("--- stdout\n{}\n--- stderr\n{}", self.stdout, self.stderr)
     }
 }
 
 /// Processes whose command line contains `marker` (from /proc), excluding zombies.
-pub fn processes_with(marker: &str) -> Vec<String> {
+pub(crate) fn processes_with(marker: &str) -> Vec<String> {
     let mut found = Vec::new();
     let Ok(dir) = std::fs::read_dir("/proc") else { return found };
     for entry in dir.flatten() {
@@ -143,7 +138,7 @@ pub fn processes_with(marker: &str) -> Vec<String> {
 }
 
 /// Waits up to `secs` for `f` to hold.
-pub fn wait_for(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+pub(crate) fn wait_for(secs: u64, mut f: impl FnMut() -> bool) -> bool {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
     while std::time::Instant::now() < deadline {
         if f() {
