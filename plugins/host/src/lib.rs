@@ -73,8 +73,8 @@ impl Default for HostConfig {
 /// The host backend's own flags.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct HostArgs {
-    /// Directory the environments live in [default: $XDG_STATE_HOME/kiln/<plugin>, else
-    /// ~/.local/state/kiln/<plugin>].
+    /// Directory the environments live in (default: `$XDG_STATE_HOME/kiln/<plugin>`, else
+    /// `~/.local/state/kiln/<plugin>`).
     #[arg(long)]
     pub root: Option<PathBuf>,
     /// A tool cache shared by all jobs (default: one per environment).
