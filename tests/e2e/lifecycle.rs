@@ -159,3 +159,55 @@ fn step_duration(line: &str) -> Duration {
     }
     Duration::MAX
 }
+
+#[test]
+fn job_timeout_stops_the_job_and_always_steps_run() {
+    let marker = format!("kiln-e2e-jobtimeout-{}", std::process::id());
+    let repo = Repo::with_workflow(
+        "jt.yml",
+        &format!(
+            r#"
+on: push
+jobs:
+  j:
+    runs-on: ubuntu-latest
+    timeout-minutes: 0.02
+    steps:
+      - run: exec -a {marker} sleep 300
+      - run: echo "must not run"
+      - if: always()
+        run: echo "always after job timeout"
+"#
+        ),
+    );
+    repo.exec(&[])
+        .assert_code(1)
+        .assert_stdout(&["exceeded its maximum execution time", "always after job timeout"])
+        .assert_no_stdout(&["  must not run"]);
+    assert!(
+        wait_for(5, || processes_with(&marker).is_empty()),
+        "left behind: {:?}",
+        processes_with(&marker)
+    );
+}
+
+#[test]
+fn hash_files_sees_the_job_workspace() {
+    let repo = Repo::with_workflow(
+        "h.yml",
+        r#"
+on: push
+jobs:
+  j:
+    runs-on: ubuntu-latest
+    steps:
+      - run: echo "before=${{ hashFiles('made-in-job.txt') }}"
+      - run: echo content > made-in-job.txt
+      - run: echo "after=${{ hashFiles('made-in-job.txt') }}"
+"#,
+    );
+    let run = repo.exec(&[]);
+    run.assert_code(0).assert_stdout(&["before=\n", "after="]);
+    let after = run.stdout.lines().find_map(|l| l.strip_prefix("[j]   after=")).unwrap_or_default();
+    assert_eq!(after.len(), 64, "{}", run.show());
+}

@@ -83,7 +83,7 @@ pub enum Capability {
 /// The faults to inject (also the binary's fault flags).
 #[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
 pub struct Faults {
-    /// Exit abruptly (status 101) ~300 ms after the Nth exec (1-based, over all environments)
+    /// Exit abruptly (status 101) ~300 ms after the Nth exec (1-based, over all environments; only execs that start count)
     /// has started: a plugin crash in the middle of a step.
     #[arg(long, value_name = "N")]
     pub crash_on_exec: Option<u64>,
@@ -314,9 +314,7 @@ impl Backend for TestBackend {
 
     async fn exec(&self, request: ExecRequest) -> Result<ExecStream> {
         self.check_refusals(&request)?;
-        let n = self.execs.fetch_add(1, Ordering::SeqCst) + 1;
         let env_fault = self.env_fault(&request.environment_id);
-        let env_n = env_fault.as_ref().map(|f| f.execs.fetch_add(1, Ordering::SeqCst) + 1);
         let env_kind = env_fault.as_ref().map(|f| f.kind);
 
         let mut delay = Duration::from_millis(self.faults.exec_delay_ms.unwrap_or(0));
@@ -326,12 +324,14 @@ impl Backend for TestBackend {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
+        // Only execs that really start count, so refused requests do not use up a fault.
+        let stream = self.host.exec(request).await?;
+        let n = self.execs.fetch_add(1, Ordering::SeqCst) + 1;
+        let env_n = env_fault.as_ref().map(|f| f.execs.fetch_add(1, Ordering::SeqCst) + 1);
         let crash_now = self.faults.crash_on_exec == Some(n)
             || matches!(env_kind, Some(EnvFaultKind::CrashOnExec(k)) if env_n == Some(k));
         let drop_frame = self.faults.drop_stream_on_exec == Some(n)
             || matches!(env_kind, Some(EnvFaultKind::DropStreamOnExec(k)) if env_n == Some(k));
-
-        let stream = self.host.exec(request).await?;
         if crash_now {
             tokio::spawn(async {
                 tokio::time::sleep(CRASH_DELAY).await;

@@ -625,6 +625,12 @@ async fn run_in_env(
         base_env,
         env_ctx,
         bash_available: bash,
+        hash_root: match shared.backends.get(plugin) {
+            Some(p) if p.capabilities.features.local_copy => {
+                Some(std::path::PathBuf::from(&env.paths.workspace))
+            }
+            _ => opts.workspace.clone(),
+        },
         workflow_defaults: wf.defaults.clone(),
         job_defaults: job.defaults.clone(),
     };

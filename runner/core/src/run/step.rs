@@ -41,6 +41,9 @@ pub(crate) struct StepContext {
     /// Workflow and job `env`, evaluated.
     pub(crate) env_ctx: IndexMap<String, String>,
     pub(crate) bash_available: bool,
+    /// Where `hashFiles` looks: the environment's workspace when the plugin shares our
+    /// filesystem (feature local_copy), else the local source of the workspace.
+    pub(crate) hash_root: Option<std::path::PathBuf>,
     pub(crate) workflow_defaults: Option<Defaults>,
     pub(crate) job_defaults: Option<Defaults>,
 }
@@ -102,7 +105,7 @@ pub(crate) async fn run_step(
     let mut name = step_display_name(step, index);
     let cancelled = job_cancel.is_cancelled();
     let status = if cancelled { JobStatus::Cancelled } else { state.status };
-    let workspace_local = cx.shared.opts.workspace.as_deref();
+    let workspace_local = cx.hash_root.as_deref();
     let host = StepHost { status, workspace: workspace_local };
 
     contexts.insert("steps".into(), Value::Object(state.steps.clone()));
