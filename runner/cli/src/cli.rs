@@ -32,6 +32,8 @@ pub(crate) enum PluginCommand {
     Host(kiln_plugin_host::Args),
     /// The reference test backend with fault injection.
     Test(kiln_plugin_test::Args),
+    /// The Docker backend: jobs in containers on a Docker engine.
+    Docker(kiln_plugin_docker::Args),
 }
 
 #[derive(Debug, Args)]

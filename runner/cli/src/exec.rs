@@ -388,6 +388,8 @@ pub(crate) async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
             max_job_time: None,
             act_compat: !args.no_act_env,
             matrix_filter: matrix_filter.clone(),
+            skip_local_checkout: true,
+            external_needs: Map::new(),
         };
         let result =
             run_workflow(opts, backends.clone(), printer.clone(), cancel.clone(), force.clone())

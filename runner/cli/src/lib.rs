@@ -49,6 +49,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 kiln_plugin_test::run(args).await?;
                 Ok(ExitCode::SUCCESS)
             }
+            cli::PluginCommand::Docker(args) => {
+                kiln_plugin_docker::run(args).await?;
+                Ok(ExitCode::SUCCESS)
+            }
         },
     }
 }

@@ -7,7 +7,9 @@
 //! and removes the environment. Progress goes to an [`output::EventSink`].
 
 pub mod backends;
+pub mod config;
 pub mod expr;
+pub mod forgejo;
 pub mod identity;
 pub mod labels;
 pub mod mask;

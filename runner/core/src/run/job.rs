@@ -100,6 +100,8 @@ pub(crate) struct JobState {
     pub(crate) masker: Masker,
     /// Step summaries (GITHUB_STEP_SUMMARY), in order.
     pub(crate) summary: String,
+    /// Post steps registered by actions, in registration order.
+    pub(crate) posts: Vec<step::PostStep>,
 }
 
 pub(crate) async fn run_job(shared: Arc<Shared>, run: JobRun) -> ComboResult {
@@ -592,6 +594,7 @@ async fn run_in_env(
         steps: Map::new(),
         masker: Masker::new(),
         summary: String::new(),
+        posts: Vec::new(),
     };
     for v in opts.secrets.values() {
         state.masker.add(v);
@@ -635,12 +638,14 @@ async fn run_in_env(
         job_defaults: job.defaults.clone(),
     };
     let steps = job.steps.as_deref().unwrap_or(&[]);
+    let frame = step::Frame::default();
     for (index, s) in steps.iter().enumerate() {
         if job_cancel.is_cancelled() && state.status == JobStatus::Success {
             state.status = JobStatus::Cancelled;
         }
-        step::run_step(&step_ctx, &mut state, &mut contexts, index, s, &job_cancel).await;
+        step::run_step(&step_ctx, &mut state, &mut contexts, index, s, &job_cancel, &frame).await;
     }
+    step::run_posts(&step_ctx, &mut state, &mut contexts, &job_cancel).await;
     timer_task.abort();
 
     if timed_out.load(std::sync::atomic::Ordering::SeqCst) {

@@ -50,8 +50,15 @@ pub struct RunOptions {
     pub max_job_time: Option<Duration>,
     /// Set `ACT=true` like act does (local runs).
     pub act_compat: bool,
+    /// Satisfy `actions/checkout` of the repository being run from the workspace copy (local
+    /// runs, like act) instead of running the action.
+    pub skip_local_checkout: bool,
     /// Extra combinations (`--matrix k:v`): only combinations matching all are run.
     pub matrix_filter: Vec<(String, String)>,
+    /// `needs` entries for jobs that are not in this workflow, already finished elsewhere
+    /// (daemon mode: the server sends each job alone, with the results and outputs of the jobs
+    /// it needs), as `{id: {"result": "success", "outputs": {…}}}`. They count as done.
+    pub external_needs: Map<String, Value>,
 }
 
 /// The result of a run.
@@ -201,7 +208,7 @@ fn settle(
         if !needs_done {
             continue;
         }
-        let needs = needs_context(states, &job.needs);
+        let needs = needs_context(states, &job.needs, &shared.opts.external_needs);
         let state = start_job(shared, id, needs, cancel);
         states.insert(id.clone(), state);
         changed = true;
@@ -258,11 +265,19 @@ fn aggregate(results: &[Outcome]) -> Outcome {
     }
 }
 
-fn needs_context(states: &IndexMap<String, JobState>, needs: &[String]) -> Map<String, Value> {
+fn needs_context(
+    states: &IndexMap<String, JobState>,
+    needs: &[String],
+    external: &Map<String, Value>,
+) -> Map<String, Value> {
     let mut ctx = Map::new();
     for n in needs {
         let (result, outputs) = match states.get(n) {
             Some(JobState::Done { result, outputs }) => (*result, outputs.clone()),
+            None if external.contains_key(n) => {
+                ctx.insert(n.clone(), external[n.as_str()].clone());
+                continue;
+            }
             _ => (Outcome::Skipped, Map::new()),
         };
         ctx.insert(n.clone(), json!({ "result": result.as_str(), "outputs": outputs }));
@@ -350,7 +365,7 @@ fn start_job(
     let combos = match strategy.and_then(|s| s.matrix.as_ref()) {
         None => vec![IndexMap::new()],
         Some(m) => {
-            let evaluated = match expr::interpolate_value(m, &scope) {
+            let evaluated = match eval_matrix(m, &scope, 0) {
                 Ok(v) => v,
                 Err(e) => {
                     return finish(
@@ -431,6 +446,65 @@ fn start_job(
         outputs: Map::new(),
         token,
     }
+}
+
+/// Evaluates a `strategy.matrix` definition with the template rules GitHub (and act) apply:
+/// expressions anywhere, an expression item of a list that yields a list is spliced into it,
+/// and a `${{ insert }}` key merges its (object) value into the enclosing object.
+fn eval_matrix(v: &Value, scope: &Scope<'_>, depth: usize) -> Result<Value, String> {
+    if depth > 64 {
+        return Err("the matrix nests too deeply".into());
+    }
+    match v {
+        Value::String(s) if expr::contains_expression(s) => {
+            expr::interpolate_value(v, scope).map_err(|e| e.to_string())
+        }
+        Value::Array(items) => {
+            let mut out = Vec::with_capacity(items.len());
+            for item in items {
+                let spliced = matches!(item, Value::String(s) if expr::contains_expression(s));
+                match eval_matrix(item, scope, depth + 1)? {
+                    Value::Array(inner) if spliced => out.extend(inner),
+                    other => out.push(other),
+                }
+            }
+            Ok(Value::Array(out))
+        }
+        Value::Object(map) => {
+            let mut out = Map::new();
+            for (k, item) in map {
+                let value = eval_matrix(item, scope, depth + 1)?;
+                if is_insert_directive(k) {
+                    match value {
+                        Value::Object(inner) => out.extend(inner),
+                        other => {
+                            return Err(format!(
+                                "${{{{ insert }}}} needs an object, got {}",
+                                expr::to_string(&other)
+                            ));
+                        }
+                    }
+                    continue;
+                }
+                let key = if expr::contains_expression(k) {
+                    expr::interpolate(k, scope).map_err(|e| e.to_string())?
+                } else {
+                    k.clone()
+                };
+                out.insert(key, value);
+            }
+            Ok(Value::Object(out))
+        }
+        other => Ok(other.clone()),
+    }
+}
+
+/// Whether a key is the template directive `${{ insert }}`.
+fn is_insert_directive(key: &str) -> bool {
+    key.trim()
+        .strip_prefix("${{")
+        .and_then(|k| k.strip_suffix("}}"))
+        .is_some_and(|k| k.trim().eq_ignore_ascii_case("insert"))
 }
 
 /// The contexts available at job level: github, vars, secrets, inputs, needs, matrix, env

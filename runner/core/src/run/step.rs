@@ -89,17 +89,52 @@ fn step_display_name(step: &Step, index: usize) -> String {
     format!("step {}", index + 1)
 }
 
+/// Where a step runs: at the top of the job, or inside a composite action.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Frame {
+    /// Inside a composite action: lifecycle shows as lines of the enclosing step.
+    pub(crate) nested: bool,
+    /// The env of the enclosing `uses:` steps (and `GITHUB_ACTION_PATH`).
+    pub(crate) parent_env: IndexMap<String, String>,
+    /// How many composite actions enclose this step.
+    pub(crate) depth: usize,
+}
+
+/// GitHub's limit on nested composite actions.
+const MAX_COMPOSITE_DEPTH: usize = 10;
+
+/// A post step registered by a node action's `post:`, run after the main steps.
+#[derive(Debug, Clone)]
+pub(crate) struct PostStep {
+    pub(crate) name: String,
+    pub(crate) condition: String,
+    pub(crate) argv: Vec<String>,
+    pub(crate) env: IndexMap<String, String>,
+}
+
 /// Runs one step and records it in `state` and the `steps` context.
-pub(crate) async fn run_step(
+pub(crate) fn run_step<'a>(
+    cx: &'a StepContext,
+    state: &'a mut JobState,
+    contexts: &'a mut Map<String, Value>,
+    index: usize,
+    step: &'a Step,
+    job_cancel: &'a CancellationToken,
+    frame: &'a Frame,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+    Box::pin(run_step_inner(cx, state, contexts, index, step, job_cancel, frame))
+}
+
+async fn run_step_inner(
     cx: &StepContext,
     state: &mut JobState,
     contexts: &mut Map<String, Value>,
     index: usize,
     step: &Step,
     job_cancel: &CancellationToken,
+    frame: &Frame,
 ) {
     let timer = Timer::start();
-    let sink = &cx.shared.sink;
     let wf_file = &cx.shared.opts.workflow.file;
     let key = step.id.clone().unwrap_or_else(|| format!("__{index}"));
     let mut name = step_display_name(step, index);
@@ -116,12 +151,14 @@ pub(crate) async fn run_step(
     // env context: workflow + job env, GITHUB_ENV, then the step's own.
     let mut env_ctx = cx.env_ctx.clone();
     env_ctx.extend(state.env_accum.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env_ctx.extend(frame.parent_env.iter().map(|(k, v)| (k.clone(), v.clone())));
     contexts.insert("env".into(), to_obj(&env_ctx));
     let step_env = match eval_env(&step.env, contexts, &host) {
         Ok(m) => m,
         Err(e) => {
             return fail_step(
                 cx,
+                frame,
                 state,
                 index,
                 &key,
@@ -147,6 +184,7 @@ pub(crate) async fn run_step(
         Err(e) => {
             return fail_step(
                 cx,
+                frame,
                 state,
                 index,
                 &key,
@@ -160,17 +198,18 @@ pub(crate) async fn run_step(
         state
             .steps
             .insert(key, json!({ "outputs": {}, "outcome": "skipped", "conclusion": "skipped" }));
-        sink.event(Event::StepFinished {
-            job: cx.job_name.clone(),
+        report_finished(
+            cx,
+            frame,
             index,
-            name,
-            outcome: Outcome::Skipped,
-            conclusion: Outcome::Skipped,
-            duration: Duration::ZERO,
-        });
+            &name,
+            Outcome::Skipped,
+            Outcome::Skipped,
+            Duration::ZERO,
+        );
         return;
     }
-    sink.event(Event::StepStarted { job: cx.job_name.clone(), index, name: name.clone() });
+    announce(cx, frame, index, &name);
 
     let scope = Scope { contexts, host: &host };
     let continue_on_error = match &step.continue_on_error {
@@ -181,6 +220,7 @@ pub(crate) async fn run_step(
             Err(e) => {
                 return fail_step(
                     cx,
+                    frame,
                     state,
                     index,
                     &key,
@@ -199,6 +239,7 @@ pub(crate) async fn run_step(
             Err(e) => {
                 return fail_step(
                     cx,
+                    frame,
                     state,
                     index,
                     &key,
@@ -213,24 +254,24 @@ pub(crate) async fn run_step(
 
     let Some(script) = &step.run else {
         let uses = step.uses.as_deref().unwrap_or("");
-        return finish_step(
-            cx,
-            state,
-            index,
-            &key,
-            &name,
-            &timer,
-            Outcome::Failure,
+        let plan = UsesStep {
+            key: &key,
+            name: &name,
+            timer: &timer,
+            env_ctx: &env_ctx,
+            step_env: &step_env,
             continue_on_error,
-            Map::new(),
-            Some(format!("uses: {uses}: actions are not supported by this build of kiln yet")),
-        );
+            timeout,
+            cancelled,
+        };
+        return run_uses(cx, frame, state, contexts, index, step, uses, job_cancel, plan).await;
     };
     let script = match expr::interpolate(script, &scope) {
         Ok(s) => s,
         Err(e) => {
             return fail_step(
                 cx,
+                frame,
                 state,
                 index,
                 &key,
@@ -255,6 +296,7 @@ pub(crate) async fn run_step(
             Err(e) => {
                 return fail_step(
                     cx,
+                    frame,
                     state,
                     index,
                     &key,
@@ -271,6 +313,7 @@ pub(crate) async fn run_step(
         Err(e) => {
             return fail_step(
                 cx,
+                frame,
                 state,
                 index,
                 &key,
@@ -306,6 +349,7 @@ pub(crate) async fn run_step(
             Err(e) => {
                 return fail_step(
                     cx,
+                    frame,
                     state,
                     index,
                     &key,
@@ -318,15 +362,75 @@ pub(crate) async fn run_step(
         None => cx.env.paths.workspace.clone(),
     };
 
-    // Files of this step: the script and fresh, empty environment files.
-    let dir = format!("{}/steps/{index}", cx.env.paths.runner_files.trim_end_matches('/'));
-    let script_path = format!("{dir}/script{}", spec.extension);
+    let plan = ExecPlan {
+        argv: spec.argv.clone(),
+        script: Some((spec.extension, script)),
+        env_ctx,
+        extra_env: IndexMap::new(),
+        working_dir,
+        timeout,
+    };
+    let (outcome, outputs, _state, message) =
+        exec_command(cx, state, index, &key, &name, plan, job_cancel, cancelled).await;
+    finish_step(
+        cx,
+        frame,
+        state,
+        index,
+        &key,
+        &name,
+        &timer,
+        outcome,
+        continue_on_error,
+        outputs,
+        message,
+    );
+}
+
+/// One process of a step: the command, its script (staged with it) and environment.
+pub(crate) struct ExecPlan {
+    /// The command; `{0}` (the shell template's placeholder) becomes the script's path.
+    pub(crate) argv: Vec<String>,
+    /// The script: file extension and contents.
+    pub(crate) script: Option<(&'static str, String)>,
+    /// The `env` context at this step (workflow, job, GITHUB_ENV, enclosing and own step env).
+    pub(crate) env_ctx: IndexMap<String, String>,
+    /// More variables (INPUT_*, STATE_*, GITHUB_ACTION_PATH).
+    pub(crate) extra_env: IndexMap<String, String>,
+    pub(crate) working_dir: String,
+    pub(crate) timeout: Option<Duration>,
+}
+
+/// Runs one exec for a step: stages the script and fresh environment files, streams and
+/// interprets the output, applies the environment files. Returns the outcome, the step outputs,
+/// the saved state (GITHUB_STATE) and an error message.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn exec_command(
+    cx: &StepContext,
+    state: &mut JobState,
+    index: usize,
+    key: &str,
+    name: &str,
+    plan: ExecPlan,
+    job_cancel: &CancellationToken,
+    cancelled: bool,
+) -> (Outcome, Map<String, Value>, IndexMap<String, String>, Option<String>) {
+    let exec_id = exec_id();
+    let dir = format!("{}/steps/{exec_id}", cx.env.paths.runner_files.trim_end_matches('/'));
     let files = ["env", "output", "path", "state", "summary"].map(|f| format!("{dir}/{f}"));
-    let mut staged = vec![StagedFile {
-        path: script_path.clone(),
-        content: Bytes::from(script.into_bytes()),
-        mode: 0o755,
-    }];
+    let mut staged: Vec<StagedFile> = Vec::with_capacity(6);
+    let mut argv = plan.argv;
+    if let Some((extension, script)) = plan.script {
+        let script_path = format!("{dir}/script{extension}");
+        for a in &mut argv {
+            *a = a.replace("{0}", &script_path);
+        }
+        staged.push(StagedFile {
+            path: script_path,
+            content: Bytes::from(script.into_bytes()),
+            mode: 0o755,
+        });
+    }
     staged.extend(files.iter().map(|f| StagedFile {
         path: f.clone(),
         content: Bytes::new(),
@@ -334,7 +438,8 @@ pub(crate) async fn run_step(
     }));
 
     let mut env = cx.base_env.clone();
-    env.extend(env_ctx.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.extend(plan.env_ctx);
+    env.extend(plan.extra_env);
     for (k, f) in [
         ("GITHUB_ENV", &files[0]),
         ("GITHUB_OUTPUT", &files[1]),
@@ -344,7 +449,7 @@ pub(crate) async fn run_step(
     ] {
         env.insert(k.into(), f.clone());
     }
-    env.insert("GITHUB_ACTION".into(), key.clone());
+    env.insert("GITHUB_ACTION".into(), key.to_owned());
     let allow_unsecure = env.get("ACTIONS_ALLOW_UNSECURE_COMMANDS").is_some_and(|v| v == "true");
     let secrets = &cx.shared.opts.secrets;
     let env_vars: Vec<EnvVar> = env
@@ -354,15 +459,15 @@ pub(crate) async fn run_step(
             EnvVar { name, value, secret }
         })
         .collect();
-
+    let timeout = plan.timeout;
     let request = ExecRequest {
-        exec_id: exec_id(),
+        exec_id: exec_id.clone(),
         environment_id: cx.env.id.clone(),
         container_id: cx.container_id.clone(),
-        argv: spec.command(&script_path),
+        argv,
         env: env_vars,
         path_prepend: state.path_accum.clone(),
-        working_dir,
+        working_dir: plan.working_dir,
         files: staged,
         collect: files.to_vec(),
         collect_limit_bytes: COLLECT_LIMIT,
@@ -371,7 +476,6 @@ pub(crate) async fn run_step(
         timeout,
         grace: Duration::from_secs(5),
     };
-    let exec_id = request.exec_id.clone();
     let mut lines = LineHandler {
         cx,
         index,
@@ -379,6 +483,7 @@ pub(crate) async fn run_step(
         allow_unsecure,
         echo: false,
         outputs: Map::new(),
+        saved_state: IndexMap::new(),
         state,
         stdout: Vec::new(),
         stderr: Vec::new(),
@@ -390,10 +495,18 @@ pub(crate) async fn run_step(
     let outcome = execute(cx, request, &mut lines, &token, timeout).await;
     lines.flush_partial();
     let mut outputs = std::mem::take(&mut lines.outputs);
+    let mut saved_state = std::mem::take(&mut lines.saved_state);
     let (outcome, message) = match outcome {
         Ok(exited) => {
-            let message =
-                collect_env_files(cx, lines.state, &files, exited.files, &mut outputs).await;
+            let message = collect_env_files(
+                cx,
+                lines.state,
+                &files,
+                exited.files,
+                &mut outputs,
+                &mut saved_state,
+            )
+            .await;
             let outcome = match (exited.status, exited.timed_out) {
                 (_, true) => {
                     lines.state_log(format!(
@@ -423,19 +536,7 @@ pub(crate) async fn run_step(
             Some(format!("backend {:?} failed while running step {name:?}: {e}", cx.plugin)),
         ),
     };
-    drop(lines);
-    finish_step(
-        cx,
-        state,
-        index,
-        &key,
-        &name,
-        &timer,
-        outcome,
-        continue_on_error,
-        outputs,
-        message,
-    );
+    (outcome, outputs, saved_state, message)
 }
 
 enum StepError {
@@ -515,6 +616,7 @@ async fn collect_env_files(
     paths: &[String; 5],
     files: Vec<CollectedFile>,
     outputs: &mut Map<String, Value>,
+    saved_state: &mut IndexMap<String, String>,
 ) -> Option<String> {
     let mut contents: Vec<String> = vec![String::new(); 5];
     for f in files {
@@ -545,6 +647,10 @@ async fn collect_env_files(
             }
         }
         Err(e) => error = Some(format!("GITHUB_OUTPUT: {e}")),
+    }
+    match workflow::parse_env_file(&contents[3]) {
+        Ok(pairs) => saved_state.extend(pairs),
+        Err(e) => error = Some(format!("GITHUB_STATE: {e}")),
     }
     for p in workflow::parse_path_file(&contents[2]).into_iter().rev() {
         state.path_accum.insert(0, p);
@@ -580,9 +686,63 @@ async fn copy_out_file(cx: &StepContext, path: &str) -> Result<Vec<u8>, String> 
     Ok(data)
 }
 
+/// Announces a step: a StepStarted event at the top level, a line inside a composite action.
+fn announce(cx: &StepContext, frame: &Frame, index: usize, name: &str) {
+    if frame.nested {
+        cx.shared.sink.event(Event::Line {
+            job: cx.job_name.clone(),
+            step: Some(index),
+            text: format!("▶ {name}"),
+            kind: LineKind::Runner,
+        });
+    } else {
+        cx.shared.sink.event(Event::StepStarted {
+            job: cx.job_name.clone(),
+            index,
+            name: name.to_owned(),
+        });
+    }
+}
+
+/// Reports a finished step: a StepFinished event at the top level, a line inside a composite.
+fn report_finished(
+    cx: &StepContext,
+    frame: &Frame,
+    index: usize,
+    name: &str,
+    outcome: Outcome,
+    conclusion: Outcome,
+    duration: Duration,
+) {
+    if frame.nested {
+        let mark = match outcome {
+            Outcome::Success => "✓",
+            Outcome::Failure => "✗",
+            Outcome::Cancelled => "⊘",
+            Outcome::Skipped => "-",
+        };
+        cx.shared.sink.event(Event::Line {
+            job: cx.job_name.clone(),
+            step: Some(index),
+            text: format!("{mark} {name} ({outcome}) [{}]", crate::output::fmt_duration(duration)),
+            kind: LineKind::Runner,
+        });
+    } else {
+        cx.shared.sink.event(Event::StepFinished {
+            job: cx.job_name.clone(),
+            index,
+            name: name.to_owned(),
+            outcome,
+            conclusion,
+            duration,
+        });
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn finish_step(
     cx: &StepContext,
+    frame: &Frame,
     state: &mut JobState,
     index: usize,
     key: &str,
@@ -615,18 +775,13 @@ fn finish_step(
         key.to_owned(),
         json!({ "outputs": outputs, "outcome": outcome.as_str(), "conclusion": conclusion.as_str() }),
     );
-    cx.shared.sink.event(Event::StepFinished {
-        job: cx.job_name.clone(),
-        index,
-        name: name.to_owned(),
-        outcome,
-        conclusion,
-        duration: timer.elapsed(),
-    });
+    report_finished(cx, frame, index, name, outcome, conclusion, timer.elapsed());
 }
 
+#[allow(clippy::too_many_arguments)]
 fn fail_step(
     cx: &StepContext,
+    frame: &Frame,
     state: &mut JobState,
     index: usize,
     key: &str,
@@ -634,13 +789,10 @@ fn fail_step(
     timer: &Timer,
     message: String,
 ) {
-    cx.shared.sink.event(Event::StepStarted {
-        job: cx.job_name.clone(),
-        index,
-        name: name.to_owned(),
-    });
+    announce(cx, frame, index, name);
     finish_step(
         cx,
+        frame,
         state,
         index,
         key,
@@ -661,6 +813,7 @@ struct LineHandler<'a> {
     allow_unsecure: bool,
     echo: bool,
     outputs: Map<String, Value>,
+    saved_state: IndexMap<String, String>,
     state: &'a mut JobState,
     stdout: Vec<u8>,
     stderr: Vec<u8>,
@@ -761,7 +914,9 @@ impl LineHandler<'_> {
             workflow::LineKind::SetOutput { name, value } => {
                 self.outputs.insert(name, Value::String(value));
             }
-            workflow::LineKind::SaveState { .. } => {}
+            workflow::LineKind::SaveState { name, value } => {
+                self.saved_state.insert(name, value);
+            }
             workflow::LineKind::SetEnv { name, value } => {
                 if self.allow_unsecure {
                     self.state.env_accum.insert(name, value);
@@ -794,4 +949,350 @@ impl LineHandler<'_> {
 
 fn memchr(data: &[u8]) -> Option<usize> {
     data.iter().position(|&b| b == b'\n')
+}
+
+/// What `run_uses` needs from the step being run.
+pub(crate) struct UsesStep<'a> {
+    key: &'a str,
+    name: &'a str,
+    timer: &'a Timer,
+    env_ctx: &'a IndexMap<String, String>,
+    step_env: &'a IndexMap<String, String>,
+    continue_on_error: bool,
+    timeout: Option<Duration>,
+    cancelled: bool,
+}
+
+/// `INPUT_<NAME>`: upper case, spaces to underscores, as the actions toolkit reads them.
+fn input_env_name(name: &str) -> String {
+    format!("INPUT_{}", name.replace(' ', "_").to_uppercase())
+}
+
+/// Runs a `uses:` step: a local action (`./path`: composite or node), or the local checkout.
+#[allow(clippy::too_many_arguments)]
+async fn run_uses(
+    cx: &StepContext,
+    frame: &Frame,
+    state: &mut JobState,
+    contexts: &mut Map<String, Value>,
+    index: usize,
+    step: &Step,
+    uses: &str,
+    job_cancel: &CancellationToken,
+    u: UsesStep<'_>,
+) {
+    let fail = |state: &mut JobState, message: String| {
+        finish_step(
+            cx,
+            frame,
+            state,
+            index,
+            u.key,
+            u.name,
+            u.timer,
+            Outcome::Failure,
+            u.continue_on_error,
+            Map::new(),
+            Some(message),
+        );
+    };
+    // actions/checkout of the repository being run: the workspace already holds the local
+    // checkout (act does the same).
+    if cx.shared.opts.skip_local_checkout
+        && uses.split('@').next().is_some_and(|a| a.eq_ignore_ascii_case("actions/checkout"))
+    {
+        let repo = step.with.get("repository").map(String::as_str).unwrap_or("");
+        let ours = contexts
+            .get("github")
+            .and_then(|g| g.get("repository"))
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if repo.is_empty() || repo.contains("${{") || repo == ours {
+            cx.shared.sink.event(Event::Line {
+                job: cx.job_name.clone(),
+                step: Some(index),
+                text: "the workspace is the local checkout: actions/checkout skipped".into(),
+                kind: LineKind::Runner,
+            });
+            return finish_step(
+                cx,
+                frame,
+                state,
+                index,
+                u.key,
+                u.name,
+                u.timer,
+                Outcome::Success,
+                u.continue_on_error,
+                Map::new(),
+                None,
+            );
+        }
+    }
+    let Some(rel) = uses.strip_prefix("./") else {
+        return fail(
+            state,
+            format!(
+                "uses: {uses}: only local actions (./path) run in this build of kiln; remote and docker actions are not supported yet"
+            ),
+        );
+    };
+    // The action is read from the environment's workspace, where earlier steps may have
+    // created or changed it.
+    let rel = rel.trim_end_matches('/');
+    let base = format!("{}/{rel}", cx.env.paths.workspace.trim_end_matches('/'));
+    let base = base.trim_end_matches("/.").trim_end_matches('/').to_owned();
+    let mut found = None;
+    for f in ["action.yml", "action.yaml"] {
+        let path = format!("{base}/{f}");
+        if let Ok(data) = copy_out_file(cx, &path).await {
+            found = Some((f, data));
+            break;
+        }
+    }
+    let Some((file, data)) = found else {
+        return fail(state, format!("uses: {uses}: no action.yml or action.yaml in {base}"));
+    };
+    let manifest = format!("{uses}/{file}");
+    let text = String::from_utf8_lossy(&data).into_owned();
+    let action = match workflow::parse_action(&text, &manifest) {
+        Ok(a) => a,
+        Err(e) => return fail(state, e.to_string()),
+    };
+    let action_path = base.clone();
+
+    // Inputs: `with:` (interpolated), else the declared default (interpolated).
+    let host = StepHost {
+        status: if u.cancelled { JobStatus::Cancelled } else { state.status },
+        workspace: cx.hash_root.as_deref(),
+    };
+    let mut inputs = Map::new();
+    {
+        let scope = Scope { contexts, host: &host };
+        for (name, value) in &step.with {
+            match expr::interpolate(value, &scope) {
+                Ok(v) => {
+                    inputs.insert(name.to_lowercase(), Value::String(v));
+                }
+                Err(e) => {
+                    return fail(
+                        state,
+                        format!("jobs.{}.steps[{index}].with.{name}: {e}", cx.job_id),
+                    );
+                }
+            }
+        }
+        for (name, input) in &action.inputs {
+            let key = name.to_lowercase();
+            if inputs.contains_key(&key) {
+                continue;
+            }
+            let value = match &input.default {
+                Some(d) => match expr::interpolate(d, &scope) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        return fail(
+                            state,
+                            format!("{}: inputs.{name}.default: {e}", manifest),
+                        );
+                    }
+                },
+                None => String::new(),
+            };
+            inputs.insert(key, Value::String(value));
+        }
+    }
+
+    match &action.runs {
+        workflow::Runs::Node(node) => {
+            let mut extra: IndexMap<String, String> =
+                inputs.iter().map(|(k, v)| (input_env_name(k), expr::to_string(v))).collect();
+            extra.insert("GITHUB_ACTION_PATH".into(), action_path.clone());
+            let mut env_ctx = u.env_ctx.clone();
+            env_ctx.extend(u.step_env.iter().map(|(k, v)| (k.clone(), v.clone())));
+            let plan = ExecPlan {
+                argv: vec!["node".into(), format!("{action_path}/{}", node.main)],
+                script: None,
+                env_ctx: env_ctx.clone(),
+                extra_env: extra.clone(),
+                working_dir: cx.env.paths.workspace.clone(),
+                timeout: u.timeout,
+            };
+            let (outcome, outputs, saved, message) =
+                exec_command(cx, state, index, u.key, u.name, plan, job_cancel, u.cancelled).await;
+            if let Some(post) = &node.post {
+                let mut env = env_ctx;
+                env.extend(extra);
+                env.extend(saved.iter().map(|(k, v)| (format!("STATE_{k}"), v.clone())));
+                state.posts.push(PostStep {
+                    name: format!("Post {}", u.name),
+                    condition: node.post_if.clone().unwrap_or_else(|| "always()".into()),
+                    argv: vec!["node".into(), format!("{action_path}/{post}")],
+                    env,
+                });
+            }
+            finish_step(
+                cx,
+                frame,
+                state,
+                index,
+                u.key,
+                u.name,
+                u.timer,
+                outcome,
+                u.continue_on_error,
+                outputs,
+                message,
+            );
+        }
+        workflow::Runs::Composite { steps } => {
+            if frame.depth >= MAX_COMPOSITE_DEPTH {
+                return fail(
+                    state,
+                    format!(
+                        "uses: {uses}: composite actions nest deeper than {MAX_COMPOSITE_DEPTH}"
+                    ),
+                );
+            }
+            let mut inner = Frame {
+                nested: true,
+                parent_env: frame.parent_env.clone(),
+                depth: frame.depth + 1,
+            };
+            inner.parent_env.extend(u.step_env.iter().map(|(k, v)| (k.clone(), v.clone())));
+            inner.parent_env.insert("GITHUB_ACTION_PATH".into(), action_path.clone());
+            let saved_steps = std::mem::take(&mut state.steps);
+            let saved_status = state.status;
+            state.status = JobStatus::Success;
+            let saved_inputs = contexts.insert("inputs".into(), Value::Object(inputs));
+            for s in steps {
+                run_step(cx, state, contexts, index, s, job_cancel, &inner).await;
+            }
+            let inner_steps = std::mem::replace(&mut state.steps, saved_steps);
+            let inner_status = state.status;
+            state.status = saved_status;
+            // Outputs are evaluated with the composite's own steps and inputs.
+            contexts.insert("steps".into(), Value::Object(inner_steps));
+            let mut outputs = Map::new();
+            let mut message = None;
+            {
+                let host = StepHost { status: inner_status, workspace: cx.hash_root.as_deref() };
+                let scope = Scope { contexts, host: &host };
+                for (name, out) in &action.outputs {
+                    let Some(value) = &out.value else { continue };
+                    match expr::interpolate(value, &scope) {
+                        Ok(v) => {
+                            outputs.insert(name.clone(), Value::String(v));
+                        }
+                        Err(e) => {
+                            message =
+                                Some(format!("{}: outputs.{name}.value: {e}", manifest))
+                        }
+                    }
+                }
+            }
+            match saved_inputs {
+                Some(v) => contexts.insert("inputs".into(), v),
+                None => contexts.remove("inputs"),
+            };
+            let outcome = match inner_status {
+                JobStatus::Success if message.is_none() => Outcome::Success,
+                JobStatus::Cancelled => Outcome::Cancelled,
+                _ => Outcome::Failure,
+            };
+            finish_step(
+                cx,
+                frame,
+                state,
+                index,
+                u.key,
+                u.name,
+                u.timer,
+                outcome,
+                u.continue_on_error,
+                outputs,
+                message,
+            );
+        }
+        workflow::Runs::Docker(_) => fail(
+            state,
+            format!(
+                "uses: {uses}: docker actions need the docker plugin, which this build of kiln does not have yet"
+            ),
+        ),
+    }
+}
+
+/// Runs the post steps registered by actions, in reverse order, after the main steps.
+pub(crate) async fn run_posts(
+    cx: &StepContext,
+    state: &mut JobState,
+    contexts: &mut Map<String, Value>,
+    job_cancel: &CancellationToken,
+) {
+    let posts = std::mem::take(&mut state.posts);
+    let index = cx
+        .shared
+        .opts
+        .workflow
+        .jobs
+        .get(cx.job_id.as_str())
+        .and_then(|j| j.steps.as_ref())
+        .map_or(0, |s| s.len().saturating_sub(1));
+    let frame = Frame { nested: true, ..Frame::default() };
+    for post in posts.into_iter().rev() {
+        let timer = Timer::start();
+        let cancelled = job_cancel.is_cancelled();
+        let status = if cancelled { JobStatus::Cancelled } else { state.status };
+        contexts.insert("steps".into(), Value::Object(state.steps.clone()));
+        let host = StepHost { status, workspace: cx.hash_root.as_deref() };
+        let run_it = match expr::evaluate_if(&post.condition, &Scope { contexts, host: &host }) {
+            Ok(b) => b,
+            Err(e) => {
+                cx.shared.sink.event(Event::Line {
+                    job: cx.job_name.clone(),
+                    step: None,
+                    text: format!("{}: post-if: {e}", post.name),
+                    kind: LineKind::RunnerError,
+                });
+                state.status = JobStatus::Failure;
+                continue;
+            }
+        };
+        if !run_it {
+            report_finished(
+                cx,
+                &frame,
+                index,
+                &post.name,
+                Outcome::Skipped,
+                Outcome::Skipped,
+                Duration::ZERO,
+            );
+            continue;
+        }
+        announce(cx, &frame, index, &post.name);
+        let plan = ExecPlan {
+            argv: post.argv.clone(),
+            script: None,
+            env_ctx: post.env.clone(),
+            extra_env: IndexMap::new(),
+            working_dir: cx.env.paths.workspace.clone(),
+            timeout: None,
+        };
+        let (outcome, _, _, message) =
+            exec_command(cx, state, index, "post", &post.name, plan, job_cancel, cancelled).await;
+        if let Some(message) = message {
+            cx.shared.sink.event(Event::Line {
+                job: cx.job_name.clone(),
+                step: Some(index),
+                text: message,
+                kind: LineKind::RunnerError,
+            });
+        }
+        if outcome == Outcome::Failure {
+            state.status = JobStatus::Failure;
+        }
+        report_finished(cx, &frame, index, &post.name, outcome, outcome, timer.elapsed());
+    }
 }

@@ -1,0 +1,1091 @@
+//! [`DockerBackend`]: environments, containers, inspection, removal and listing on a Docker
+//! engine. Exec lives in `exec`, copies in `copy`.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use bollard::Docker;
+use bollard::models::{
+    ContainerCreateBody, ContainerStateStatusEnum, EndpointSettings, HealthStatusEnum,
+    HostConfig, NetworkCreateRequest, NetworkingConfig, VolumeCreateRequest,
+};
+use bollard::query_parameters::{
+    CreateContainerOptions, CreateImageOptions, InspectContainerOptions, InspectNetworkOptions,
+    ListContainersOptions, ListNetworksOptions, ListVolumesOptions, RemoveContainerOptions,
+    RemoveVolumeOptions,
+};
+use futures::StreamExt;
+use kiln_plugin_sdk::ids::validate_id;
+use kiln_plugin_sdk::{
+    Backend, Capabilities, CapabilitiesRequest, Container, ContainerKind, ContainerRef,
+    ContainerRequest, ContainerSpec, ContainerState, ContainerStatus, CopyInTarget,
+    CopyOutSource, CopyStats, Environment, EnvironmentRequest, EnvironmentSummary, Error,
+    ExecRequest, ExecStream, Fault, Features, Health, LayerSupport, Owner, PROTOCOL_VERSION,
+    Paths, PortBinding, RemoveRequest, Result, Selector, SignalRequest,
+};
+
+use crate::exec::ExecHandle;
+use crate::labels::{self, PRIMARY};
+use crate::{DockerConfig, lock, spec};
+
+/// Where the environment's host directory is mounted in its containers.
+pub(crate) const KILN_MOUNT: &str = "/__kiln";
+/// `paths.workspace`: the workspace volume's mount point.
+pub(crate) const WORKSPACE: &str = "/github/workspace";
+const RUNNER_FILES: &str = "/__kiln/runner";
+const TEMP: &str = "/__kiln/temp";
+const TOOL_CACHE: &str = "/__kiln/tool-cache";
+/// Subdirectories of the host directory, created 0777 so that an image's non-root user can
+/// write them.
+const HOST_DIRS: &[&str] = &["runner", "temp", "tool-cache", "execs"];
+/// The keep-alive main process of primary containers: needs only `sh` and `sleep`.
+const KEEPALIVE: &str = "trap 'exit 0' TERM; while :; do sleep 86400 & wait $!; done";
+/// Engine request timeout (long pulls included).
+const DOCKER_TIMEOUT_SECS: u64 = 900;
+
+/// The Docker backend.
+#[derive(Clone)]
+pub struct DockerBackend {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) docker: Docker,
+    pub(crate) state_dir: PathBuf,
+    config: DockerConfig,
+    /// The plugin runs as root: it can delete whatever containers write into `/__kiln`.
+    is_root: bool,
+    os: String,
+    arch: String,
+    envs: Mutex<HashMap<String, Arc<EnvInfo>>>,
+    /// Environments being removed: new execs there are NOT_FOUND.
+    removing: Mutex<HashSet<String>>,
+    /// Every exec id used by this plugin process.
+    pub(crate) exec_ids: Mutex<HashSet<String>>,
+    pub(crate) execs: Mutex<HashMap<String, Arc<ExecHandle>>>,
+    /// Specs of step containers created by this process, to add an exec's env at start.
+    pub(crate) step_specs: Mutex<HashMap<String, ContainerSpec>>,
+}
+
+/// What the plugin knows about an environment (all of it also in the network's labels).
+#[derive(Debug)]
+pub(crate) struct EnvInfo {
+    pub(crate) id: String,
+    pub(crate) owner: Owner,
+    pub(crate) spec_hash: String,
+    pub(crate) has_primary: bool,
+    /// The host directory bind-mounted at [`KILN_MOUNT`].
+    pub(crate) dir: PathBuf,
+}
+
+impl std::fmt::Debug for DockerBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DockerBackend").field("state_dir", &self.inner.state_dir).finish()
+    }
+}
+
+/// Maps an engine error to the protocol's codes; `what` says what was being done.
+pub(crate) fn docker_err(what: impl std::fmt::Display, e: bollard::errors::Error) -> Error {
+    use bollard::errors::Error as E;
+    match e {
+        E::DockerResponseServerError { status_code, message } => {
+            let msg = format!("{what}: {}", message.trim());
+            match status_code {
+                404 => Error::not_found(msg),
+                409 => Error::failed_precondition(msg),
+                400 => Error::invalid_argument(msg),
+                403 => Error::permission_denied(msg),
+                _ => Error::internal(msg),
+            }
+        }
+        E::DockerContainerWaitError { error, code } => {
+            Error::internal(format!("{what}: the container ended with {code}: {error}"))
+        }
+        other => Error::unavailable(format!(
+            "{what}: the docker daemon is not reachable ({other}); check that dockerd runs and \
+             --docker-host"
+        )),
+    }
+}
+
+fn is_not_found(e: &bollard::errors::Error) -> bool {
+    matches!(e, bollard::errors::Error::DockerResponseServerError { status_code: 404, .. })
+}
+
+fn is_conflict(e: &bollard::errors::Error) -> bool {
+    matches!(e, bollard::errors::Error::DockerResponseServerError { status_code: 409, .. })
+}
+
+/// GOARCH of an engine's architecture.
+fn go_arch(arch: &str) -> String {
+    match arch {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+    .to_owned()
+}
+
+impl DockerBackend {
+    /// Connects to the daemon (negotiating the API version) and prepares the state directory.
+    pub async fn connect(config: DockerConfig) -> anyhow::Result<DockerBackend> {
+        let docker = connect_docker(&config)?
+            .negotiate_version()
+            .await
+            .context("negotiating the API version with the docker daemon (is dockerd running?)")?;
+        let info = docker.info().await.context("asking the docker daemon for its info")?;
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(&config.state_dir)
+            .with_context(|| format!("creating {}", config.state_dir.display()))?;
+        let state_dir = std::fs::canonicalize(&config.state_dir)
+            .with_context(|| format!("resolving {}", config.state_dir.display()))?;
+        Ok(DockerBackend {
+            inner: Arc::new(Inner {
+                docker,
+                state_dir,
+                config,
+                is_root: nix::unistd::geteuid().is_root(),
+                os: info.os_type.unwrap_or_else(|| "linux".to_owned()),
+                arch: go_arch(info.architecture.as_deref().unwrap_or("x86_64")),
+                envs: Mutex::new(HashMap::new()),
+                removing: Mutex::new(HashSet::new()),
+                exec_ids: Mutex::new(HashSet::new()),
+                execs: Mutex::new(HashMap::new()),
+                step_specs: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The (canonical) directory of per-environment host files.
+    pub fn state_dir(&self) -> &Path {
+        &self.inner.state_dir
+    }
+
+    /// The engine client.
+    pub fn docker(&self) -> &Docker {
+        &self.inner.docker
+    }
+
+    fn caps(&self) -> Capabilities {
+        Capabilities {
+            plugin_name: "docker".to_owned(),
+            plugin_version: env!("CARGO_PKG_VERSION").to_owned(),
+            protocol_version: PROTOCOL_VERSION,
+            instance_id: String::new(),
+            environment: LayerSupport::Native,
+            job_container: LayerSupport::Native,
+            service_containers: LayerSupport::Native,
+            step_containers: LayerSupport::Native,
+            features: Features {
+                stdin: false,
+                tty: false,
+                local_copy: false,
+                image_build: false,
+                exec_files: true,
+                exec_timeout: true,
+                health: true,
+            },
+            os: self.inner.os.clone(),
+            arch: self.inner.arch.clone(),
+            max_message_bytes: 0,
+        }
+    }
+
+    fn environment(&self, info: &EnvInfo) -> Environment {
+        Environment {
+            id: info.id.clone(),
+            primary_container_id: if info.has_primary { PRIMARY.to_owned() } else { String::new() },
+            os: self.inner.os.clone(),
+            arch: self.inner.arch.clone(),
+            paths: Paths {
+                workspace: WORKSPACE.to_owned(),
+                temp: TEMP.to_owned(),
+                tool_cache: TOOL_CACHE.to_owned(),
+                runner_files: RUNNER_FILES.to_owned(),
+                home: String::new(),
+            },
+            path_variable: "PATH".to_owned(),
+            path_separator: ":".to_owned(),
+            delegation: None,
+            owner: info.owner.clone(),
+        }
+    }
+
+    /// The environment `id` from memory or the engine (its network's labels).
+    pub(crate) async fn find_env(&self, id: &str) -> Result<Option<Arc<EnvInfo>>> {
+        if let Some(e) = lock(&self.inner.envs).get(id) {
+            return Ok(Some(Arc::clone(e)));
+        }
+        let net = match self
+            .inner
+            .docker
+            .inspect_network(&labels::network_name(id), None::<InspectNetworkOptions>)
+            .await
+        {
+            Ok(n) => n,
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(docker_err(format!("inspecting environment {id:?}"), e)),
+        };
+        let l = net.labels.unwrap_or_default();
+        if l.get(labels::ENVIRONMENT_ID).map(String::as_str) != Some(id) {
+            return Ok(None);
+        }
+        let info = Arc::new(EnvInfo {
+            id: id.to_owned(),
+            owner: labels::owner_from(&l),
+            spec_hash: l.get(labels::SPEC_HASH).cloned().unwrap_or_default(),
+            has_primary: l.get(labels::KIND).map(String::as_str) == Some("with-primary"),
+            dir: self.inner.state_dir.join(id),
+        });
+        lock(&self.inner.envs).insert(id.to_owned(), Arc::clone(&info));
+        Ok(Some(info))
+    }
+
+    /// A live environment, or NOT_FOUND.
+    pub(crate) async fn live_env(&self, id: &str) -> Result<Arc<EnvInfo>> {
+        validate_id(id, "environment_id")?;
+        if lock(&self.inner.removing).contains(id) {
+            return Err(Error::not_found(format!("environment {id:?} is being removed"))
+                .field("environment_id"));
+        }
+        self.find_env(id).await?.ok_or_else(|| {
+            Error::not_found(format!("environment {id:?} does not exist")).field("environment_id")
+        })
+    }
+
+    /// The engine name of a container of a live environment, after checking it exists there.
+    pub(crate) async fn container(
+        &self,
+        env: &EnvInfo,
+        container_id: &str,
+    ) -> Result<(String, bollard::models::ContainerInspectResponse)> {
+        validate_id(container_id, "container_id")?;
+        let name = labels::container_name(&env.id, container_id);
+        match self.inner.docker.inspect_container(&name, None::<InspectContainerOptions>).await {
+            Ok(c) => {
+                let owner = c
+                    .config
+                    .as_ref()
+                    .and_then(|c| c.labels.as_ref())
+                    .and_then(|l| l.get(labels::ENVIRONMENT_ID).cloned());
+                if owner.as_deref() != Some(env.id.as_str()) {
+                    return Err(self.no_container(env, container_id));
+                }
+                Ok((name, c))
+            }
+            Err(e) if is_not_found(&e) => Err(self.no_container(env, container_id)),
+            Err(e) => Err(docker_err(format!("inspecting container {container_id:?}"), e)),
+        }
+    }
+
+    fn no_container(&self, env: &EnvInfo, container_id: &str) -> Error {
+        Error::not_found(format!(
+            "container {container_id:?} does not exist in environment {:?}",
+            env.id
+        ))
+        .field("container_id")
+    }
+
+    /// Makes sure `image` is present: pulled when missing or when `force`.
+    async fn ensure_image(
+        &self,
+        image: &str,
+        force: bool,
+        credentials: Option<&kiln_plugin_sdk::RegistryCredentials>,
+        field: &str,
+    ) -> Result<()> {
+        let docker = &self.inner.docker;
+        let present = match docker.inspect_image(image).await {
+            Ok(_) => true,
+            Err(e) if is_not_found(&e) => false,
+            Err(e) if matches!(e, bollard::errors::Error::DockerResponseServerError { status_code: 400, .. }) => {
+                return Err(Error::invalid_argument(format!(
+                    "image {image:?} is not a valid image reference: {e}"
+                ))
+                .field(field));
+            }
+            Err(e) => return Err(docker_err(format!("inspecting image {image:?}"), e)),
+        };
+        if present && !force {
+            return Ok(());
+        }
+        tracing::info!(%image, "pulling image");
+        let auth = credentials.map(|c| bollard::auth::DockerCredentials {
+            username: Some(c.username.clone()),
+            password: Some(c.password.clone()),
+            ..Default::default()
+        });
+        let options = CreateImageOptions { from_image: Some(image.to_owned()), ..Default::default() };
+        let mut pull = docker.create_image(Some(options), None, auth);
+        let mut failure = None;
+        while let Some(item) = pull.next().await {
+            match item {
+                Ok(info) => {
+                    if let Some(detail) = info.error_detail.and_then(|d| d.message) {
+                        failure = Some(detail);
+                    }
+                }
+                Err(e) => {
+                    failure = Some(match e {
+                        bollard::errors::Error::DockerResponseServerError { message, .. } => message,
+                        other => other.to_string(),
+                    });
+                    break;
+                }
+            }
+        }
+        let Some(why) = failure else { return Ok(()) };
+        if present {
+            tracing::warn!(%image, error = %why, "pull failed; using the local image");
+            return Ok(());
+        }
+        let lower = why.to_ascii_lowercase();
+        let unresolved = ["not found", "manifest unknown", "does not exist", "invalid reference"]
+            .iter()
+            .any(|s| lower.contains(s));
+        let message = format!(
+            "image {image:?} is not present on the docker daemon and pulling it failed: {}; \
+             build or load it locally (docker build -t {image} …, docker load), or make its \
+             registry reachable",
+            why.trim()
+        );
+        if lower.contains("unauthorized") || lower.contains("denied") {
+            return Err(Error::permission_denied(message).field(field));
+        }
+        if unresolved {
+            return Err(Error::invalid_argument(message).field(field));
+        }
+        Err(Error::unavailable(message).fault(Fault::User).retryable(false).field(field))
+    }
+
+    /// Creates the host directory of an environment.
+    fn make_host_dir(dir: &Path) -> Result<()> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), &e))?;
+        for sub in HOST_DIRS {
+            let d = dir.join(sub);
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .create(&d)
+                .map_err(|e| Error::io(format!("creating {}", d.display()), &e))?;
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777))
+                .map_err(|e| Error::io(format!("opening up {}", d.display()), &e))?;
+        }
+        Ok(())
+    }
+
+    /// Mounts every container of the environment gets (`mount_workspace` and the primary).
+    fn env_binds(env: &str, dir: &Path) -> Vec<String> {
+        vec![
+            format!("{}:{WORKSPACE}", labels::workspace_volume(env)),
+            format!("{}:{KILN_MOUNT}", dir.display()),
+        ]
+    }
+
+    /// Creates and starts the primary container (replays find it and make sure it runs).
+    async fn ensure_primary(
+        &self,
+        env: &EnvInfo,
+        image: &str,
+        base_labels: &HashMap<String, String>,
+    ) -> Result<()> {
+        let docker = &self.inner.docker;
+        let name = labels::container_name(&env.id, PRIMARY);
+        let exists = match docker.inspect_container(&name, None::<InspectContainerOptions>).await {
+            Ok(c) => Some(c.state.and_then(|s| s.running).unwrap_or(false)),
+            Err(e) if is_not_found(&e) => None,
+            Err(e) => return Err(docker_err("inspecting the primary container", e)),
+        };
+        if exists.is_none() {
+            let mut l = base_labels.clone();
+            l.insert(labels::CONTAINER_ID.to_owned(), PRIMARY.to_owned());
+            l.insert(labels::KIND.to_owned(), "primary".to_owned());
+            let net = labels::network_name(&env.id);
+            let body = ContainerCreateBody {
+                image: Some(image.to_owned()),
+                entrypoint: Some(vec!["/bin/sh".to_owned(), "-c".to_owned()]),
+                cmd: Some(vec![KEEPALIVE.to_owned()]),
+                working_dir: Some(WORKSPACE.to_owned()),
+                labels: Some(l),
+                host_config: Some(HostConfig {
+                    init: Some(true),
+                    network_mode: Some(net.clone()),
+                    binds: Some(Self::env_binds(&env.id, &env.dir)),
+                    ..Default::default()
+                }),
+                networking_config: Some(NetworkingConfig {
+                    endpoints_config: Some(HashMap::from([(net, EndpointSettings::default())])),
+                }),
+                ..Default::default()
+            };
+            let options = CreateContainerOptions { name: Some(name.clone()), ..Default::default() };
+            match docker.create_container(Some(options), body).await {
+                Ok(_) => {}
+                Err(e) if is_conflict(&e) => {}
+                Err(e) => {
+                    return Err(docker_err(
+                        format!("creating the primary container from image {image:?}"),
+                        e,
+                    ));
+                }
+            }
+        }
+        if exists != Some(true) {
+            docker.start_container(&name, None).await.map_err(|e| {
+                docker_err(format!("starting the primary container from image {image:?}"), e)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Removes every engine object labelled with the environment, the host directory, then
+    /// the network (the environment's record, last so an interrupted removal stays listed).
+    async fn remove_env(&self, id: &str, grace: Duration) -> Result<bool> {
+        let docker = &self.inner.docker;
+        let filter = labels::filter(&[format!("{}={id}", labels::ENVIRONMENT_ID)]);
+        let containers = docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filter.clone()),
+                ..Default::default()
+            }))
+            .await
+            .map_err(|e| docker_err("listing the environment's containers", e))?;
+        let dir = self.inner.state_dir.join(id);
+        let mut existed = !containers.is_empty() || dir.exists();
+        // Background processes and in-flight execs die with their containers.
+        self.fail_execs(id);
+        if !self.inner.is_root && dir.exists() {
+            self.empty_from_inside(id, grace).await;
+        }
+        let removals = containers.iter().filter_map(|c| c.id.clone()).map(|cid| async move {
+            match docker
+                .remove_container(
+                    &cid,
+                    Some(RemoveContainerOptions { force: true, v: true, ..Default::default() }),
+                )
+                .await
+            {
+                Ok(()) => Ok(()),
+                Err(e) if is_not_found(&e) => Ok(()),
+                // Already being removed by a concurrent call.
+                Err(e) if is_conflict(&e) => Ok(()),
+                Err(e) => Err(docker_err(format!("removing container {cid}"), e)),
+            }
+        });
+        for r in futures::future::join_all(removals).await {
+            r?;
+        }
+        let volumes = docker
+            .list_volumes(Some(ListVolumesOptions { filters: Some(filter.clone()) }))
+            .await
+            .map_err(|e| docker_err("listing the environment's volumes", e))?;
+        for v in volumes.volumes.unwrap_or_default() {
+            existed = true;
+            match docker.remove_volume(&v.name, Some(RemoveVolumeOptions { force: true })).await {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(docker_err(format!("removing volume {}", v.name), e)),
+            }
+        }
+        if dir.exists() {
+            let d = dir.clone();
+            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&d))
+                .await
+                .map_err(|e| Error::internal(format!("the removal task failed: {e}")))?
+                .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
+                .map_err(|e| Error::io(format!("removing {}", dir.display()), &e))?;
+        }
+        match docker.remove_network(&labels::network_name(id)).await {
+            Ok(()) => existed = true,
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(docker_err(format!("removing the network of {id:?}"), e)),
+        }
+        Ok(existed)
+    }
+
+    /// As a non-root plugin, empties `/__kiln` from inside the primary container (files
+    /// written there by root in a container are not deletable from outside).
+    async fn empty_from_inside(&self, id: &str, grace: Duration) {
+        let name = labels::container_name(id, PRIMARY);
+        let script = format!("rm -rf {KILN_MOUNT}/* {KILN_MOUNT}/.[!.]* 2>/dev/null; true");
+        let run = crate::exec::run_simple(
+            &self.inner.docker,
+            &name,
+            vec!["/bin/sh".to_owned(), "-c".to_owned(), script],
+        );
+        if tokio::time::timeout(grace.max(Duration::from_secs(5)), run).await.is_err() {
+            tracing::warn!(env = %id, "emptying the environment's directory from inside timed out");
+        }
+    }
+
+    /// Forgets the execs of an environment (their processes die with its containers).
+    fn fail_execs(&self, env_id: &str) {
+        let mut execs = lock(&self.inner.execs);
+        execs.retain(|_, h| h.env_id != env_id);
+    }
+
+    async fn create_container_inner(
+        &self,
+        kind: ContainerKind,
+        request: ContainerRequest,
+    ) -> Result<Container> {
+        let env = self.live_env(&request.environment_id).await?;
+        validate_id(&request.container_id, "container_id")?;
+        if request.container_id == PRIMARY {
+            return Err(Error::already_exists(format!(
+                "container id {PRIMARY:?} is the environment's primary container"
+            ))
+            .field("container_id"));
+        }
+        let spec = &request.spec;
+        if spec.build.is_some() {
+            return Err(Error::unimplemented(
+                "the docker plugin does not build images yet (feature image_build); build the \
+                 image beforehand and use `image`",
+            )
+            .field("spec.build")
+            .fault(Fault::Config));
+        }
+        if spec.image.is_empty() {
+            return Err(Error::invalid_argument("spec.image is empty").field("spec.image"));
+        }
+        // Policy first: nothing is created or pulled for a refused spec.
+        let policy = spec::Policy {
+            valid_volumes: &self.inner.config.valid_volumes,
+            allowed_options: &self.inner.config.allowed_options,
+        };
+        let parsed = spec::parse(&env.id, spec, &policy)?;
+        let hash = container_spec_hash(kind, spec);
+        let name = labels::container_name(&env.id, &request.container_id);
+        let docker = &self.inner.docker;
+        match docker.inspect_container(&name, None::<InspectContainerOptions>).await {
+            Ok(c) => {
+                let l = c.config.as_ref().and_then(|c| c.labels.clone()).unwrap_or_default();
+                if l.get(labels::CONTAINER_SPEC_HASH) != Some(&hash)
+                    || l.get(labels::ENVIRONMENT_ID) != Some(&env.id)
+                {
+                    return Err(Error::already_exists(format!(
+                        "container {:?} exists with a different spec",
+                        request.container_id
+                    ))
+                    .field("container_id"));
+                }
+                return Ok(container_of(&request.container_id, &env.id, &c));
+            }
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(docker_err("inspecting the container", e)),
+        }
+        if kind == ContainerKind::Job {
+            let others = docker
+                .list_containers(Some(ListContainersOptions {
+                    all: true,
+                    filters: Some(labels::filter(&[
+                        format!("{}={}", labels::ENVIRONMENT_ID, env.id),
+                        format!("{}=job", labels::KIND),
+                    ])),
+                    ..Default::default()
+                }))
+                .await
+                .map_err(|e| docker_err("listing job containers", e))?;
+            if !others.is_empty() {
+                return Err(Error::failed_precondition(format!(
+                    "environment {:?} already has a job container",
+                    env.id
+                )));
+            }
+        }
+        self.ensure_image(&spec.image, spec.force_pull, spec.credentials.as_ref(), "spec.image")
+            .await?;
+
+        let mut l = labels::owner_labels(&env.id, &env.owner, &env.spec_hash);
+        l.extend(parsed.labels.clone());
+        l.insert(labels::CONTAINER_ID.to_owned(), request.container_id.clone());
+        l.insert(labels::KIND.to_owned(), kind.to_string());
+        l.insert(labels::CONTAINER_SPEC_HASH.to_owned(), hash);
+        for v in &parsed.named_volumes {
+            let create = VolumeCreateRequest {
+                name: Some(v.clone()),
+                labels: Some(labels::owner_labels(&env.id, &env.owner, &env.spec_hash)),
+                ..Default::default()
+            };
+            docker
+                .create_volume(create)
+                .await
+                .map_err(|e| docker_err(format!("creating volume {v}"), e))?;
+        }
+        let net = labels::network_name(&env.id);
+        let mut host = parsed.host;
+        let mut binds = host.binds.take().unwrap_or_default();
+        if spec.mount_workspace || kind == ContainerKind::Step {
+            binds.extend(Self::env_binds(&env.id, &env.dir));
+        }
+        host.binds = (!binds.is_empty()).then_some(binds);
+        host.network_mode = Some(net.clone());
+        if host.init.is_none() && kind != ContainerKind::Step {
+            host.init = Some(true);
+        }
+        let mut env_vars: Vec<String> =
+            spec.env.iter().map(|v| format!("{}={}", v.name, v.value)).collect();
+        env_vars.extend(parsed.env);
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            entrypoint: parsed
+                .entrypoint
+                .or_else(|| (!spec.entrypoint.is_empty()).then(|| spec.entrypoint.clone())),
+            cmd: (!spec.cmd.is_empty()).then(|| spec.cmd.clone()),
+            env: (!env_vars.is_empty()).then_some(env_vars),
+            working_dir: (!spec.working_dir.is_empty())
+                .then(|| spec.working_dir.clone())
+                .or(parsed.working_dir)
+                .or_else(|| (kind == ContainerKind::Step).then(|| WORKSPACE.to_owned())),
+            user: (!spec.user.is_empty()).then(|| spec.user.clone()).or(parsed.user),
+            hostname: parsed.hostname,
+            exposed_ports: (!parsed.exposed.is_empty()).then_some(parsed.exposed),
+            healthcheck: parsed.healthcheck,
+            labels: Some(l),
+            host_config: Some(host),
+            networking_config: Some(NetworkingConfig {
+                endpoints_config: Some(HashMap::from([(
+                    net,
+                    EndpointSettings {
+                        aliases: (!spec.network_aliases.is_empty())
+                            .then(|| spec.network_aliases.clone()),
+                        ..Default::default()
+                    },
+                )])),
+            }),
+            ..Default::default()
+        };
+        let options = CreateContainerOptions { name: Some(name.clone()), ..Default::default() };
+        docker.create_container(Some(options), body).await.map_err(|e| {
+            docker_err(format!("creating {kind} container from image {:?}", spec.image), e)
+        })?;
+        if kind == ContainerKind::Step {
+            lock(&self.inner.step_specs).insert(name, spec.clone());
+        }
+        tracing::info!(env = %env.id, container = %request.container_id, %kind, image = %spec.image, "container created");
+        Ok(Container {
+            id: request.container_id,
+            environment_id: env.id.clone(),
+            state: ContainerState::Created,
+            ports: Vec::new(),
+        })
+    }
+}
+
+/// Connects to the configured daemon without negotiating.
+fn connect_docker(config: &DockerConfig) -> anyhow::Result<Docker> {
+    let v = bollard::API_DEFAULT_VERSION;
+    let host = config
+        .docker_host
+        .clone()
+        .or_else(|| std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty()));
+    let docker = match host.as_deref() {
+        None => Docker::connect_with_unix("unix:///var/run/docker.sock", DOCKER_TIMEOUT_SECS, v)
+            .context("connecting to the docker daemon at /var/run/docker.sock (is dockerd running? set --docker-host)")?,
+        Some(h) if h.starts_with("unix://") || h.starts_with('/') => {
+            Docker::connect_with_unix(h, DOCKER_TIMEOUT_SECS, v)
+                .with_context(|| format!("connecting to the docker daemon at {h}"))?
+        }
+        Some(h) if h.starts_with("tcp://") || h.starts_with("https://") => match &config.tls_dir {
+            Some(dir) => Docker::connect_with_ssl(
+                h,
+                &dir.join("key.pem"),
+                &dir.join("cert.pem"),
+                &dir.join("ca.pem"),
+                DOCKER_TIMEOUT_SECS,
+                v,
+            )
+            .with_context(|| format!("connecting to the docker daemon at {h} with TLS from {}", dir.display()))?,
+            None if h.starts_with("tcp://") => Docker::connect_with_http(h, DOCKER_TIMEOUT_SECS, v)
+                .with_context(|| format!("connecting to the docker daemon at {h}"))?,
+            None => anyhow::bail!("--docker-host {h}: https needs --docker-tls-dir"),
+        },
+        Some(h) if h.starts_with("http://") => Docker::connect_with_http(h, DOCKER_TIMEOUT_SECS, v)
+            .with_context(|| format!("connecting to the docker daemon at {h}"))?,
+        Some(h) => anyhow::bail!(
+            "--docker-host {h}: expected unix:///path, tcp://host:port or http://host:port"
+        ),
+    };
+    Ok(docker)
+}
+
+/// The hash of a container spec, for idempotent creates (the password is left out).
+fn container_spec_hash(kind: ContainerKind, s: &ContainerSpec) -> String {
+    let env: Vec<(String, String)> = s.env.iter().map(|v| (v.name.clone(), v.value.clone())).collect();
+    labels::hash_json(&serde_json::json!({
+        "kind": kind.to_string(),
+        "image": s.image,
+        "entrypoint": s.entrypoint,
+        "cmd": s.cmd,
+        "env": env,
+        "working_dir": s.working_dir,
+        "volumes": s.volumes,
+        "ports": s.ports,
+        "aliases": s.network_aliases,
+        "options": s.options,
+        "user": s.user,
+        "mount_workspace": s.mount_workspace,
+        "username": s.credentials.as_ref().map(|c| c.username.clone()),
+    }))
+}
+
+fn state_of(c: &bollard::models::ContainerInspectResponse) -> ContainerState {
+    match c.state.as_ref().and_then(|s| s.status) {
+        Some(ContainerStateStatusEnum::CREATED) => ContainerState::Created,
+        Some(ContainerStateStatusEnum::RUNNING)
+        | Some(ContainerStateStatusEnum::RESTARTING)
+        | Some(ContainerStateStatusEnum::PAUSED) => ContainerState::Running,
+        Some(_) => ContainerState::Exited,
+        None => ContainerState::Unspecified,
+    }
+}
+
+fn ports_of(c: &bollard::models::ContainerInspectResponse) -> Vec<PortBinding> {
+    let mut out = Vec::new();
+    let ports = c.network_settings.as_ref().and_then(|n| n.ports.clone()).unwrap_or_default();
+    for (container_port, bindings) in ports {
+        for b in bindings.unwrap_or_default() {
+            out.push(PortBinding {
+                container_port: container_port.clone(),
+                host_ip: b.host_ip.unwrap_or_default(),
+                host_port: b.host_port.and_then(|p| p.parse().ok()).unwrap_or(0),
+            });
+        }
+    }
+    out.sort_by(|a, b| (&a.container_port, &a.host_ip).cmp(&(&b.container_port, &b.host_ip)));
+    out
+}
+
+fn container_of(id: &str, env: &str, c: &bollard::models::ContainerInspectResponse) -> Container {
+    Container {
+        id: id.to_owned(),
+        environment_id: env.to_owned(),
+        state: state_of(c),
+        ports: ports_of(c),
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for DockerBackend {
+    async fn capabilities(&self, _request: CapabilitiesRequest) -> Result<Capabilities> {
+        Ok(self.caps())
+    }
+
+    async fn create_environment(&self, request: EnvironmentRequest) -> Result<Environment> {
+        let id = request.environment_id.clone();
+        validate_id(&id, "environment_id")?;
+        let mut image = None;
+        for (k, v) in &request.options {
+            match (k.as_str(), v) {
+                ("image", serde_json::Value::String(s)) if !s.is_empty() => image = Some(s.clone()),
+                ("image", _) => {
+                    return Err(Error::invalid_argument(
+                        "options.image must be a non-empty string, e.g. {\"image\": \"debian:12\"}",
+                    )
+                    .field("options.image")
+                    .fault(Fault::Config));
+                }
+                _ => {
+                    return Err(Error::invalid_argument(format!(
+                        "unknown option {k:?} for the docker backend: it takes only \"image\""
+                    ))
+                    .field(format!("options.{k}"))
+                    .fault(Fault::Config));
+                }
+            }
+        }
+        let with_primary = !request.hints.job_container;
+        if with_primary && image.is_none() {
+            return Err(Error::invalid_argument(format!(
+                "label {:?} has no image: map it like {0}=docker://IMAGE",
+                request.label
+            ))
+            .field("options.image")
+            .fault(Fault::Config));
+        }
+        if lock(&self.inner.removing).contains(&id) {
+            return Err(Error::unavailable(format!("environment {id:?} is being removed; retry")));
+        }
+        let hash = labels::env_spec_hash(&request);
+        let dir = self.inner.state_dir.join(&id);
+        if let Some(existing) = self.find_env(&id).await? {
+            if existing.spec_hash != hash {
+                return Err(Error::already_exists(format!(
+                    "environment {id:?} exists with a different spec"
+                ))
+                .field("environment_id"));
+            }
+            Self::make_host_dir(&dir)?;
+            if let (true, Some(image)) = (existing.has_primary, &image) {
+                let l = labels::owner_labels(&id, &existing.owner, &hash);
+                self.ensure_primary(&existing, image, &l).await?;
+            }
+            return Ok(self.environment(&existing));
+        }
+        if let Some(image) = &image {
+            self.ensure_image(image, false, None, "options.image").await?;
+        }
+        let mut owner = request.owner.clone();
+        owner.created_at_unix_ms = labels::now_ms();
+        let base = labels::owner_labels(&id, &owner, &hash);
+        let docker = &self.inner.docker;
+        // The network first: it is the environment's record.
+        let mut net_labels = base.clone();
+        net_labels.insert(labels::ROLE.to_owned(), "environment".to_owned());
+        net_labels.insert(labels::RUNS_ON.to_owned(), request.label.clone());
+        net_labels.insert(
+            labels::KIND.to_owned(),
+            if with_primary { "with-primary" } else { "without-primary" }.to_owned(),
+        );
+        let create = NetworkCreateRequest {
+            name: labels::network_name(&id),
+            driver: Some("bridge".to_owned()),
+            labels: Some(net_labels),
+            ..Default::default()
+        };
+        match docker.create_network(create).await {
+            Ok(_) => {}
+            Err(e) if is_conflict(&e) => {
+                return Err(Error::unavailable(format!(
+                    "environment {id:?} is being created by another call; retry"
+                )));
+            }
+            Err(e) => return Err(docker_err(format!("creating the network of {id:?}"), e)),
+        }
+        let info = Arc::new(EnvInfo {
+            id: id.clone(),
+            owner,
+            spec_hash: hash,
+            has_primary: with_primary,
+            dir: dir.clone(),
+        });
+        Self::make_host_dir(&dir)?;
+        docker
+            .create_volume(VolumeCreateRequest {
+                name: Some(labels::workspace_volume(&id)),
+                labels: Some(base.clone()),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| docker_err("creating the workspace volume", e))?;
+        if let (true, Some(image)) = (with_primary, &image) {
+            self.ensure_primary(&info, image, &base).await?;
+        }
+        lock(&self.inner.envs).insert(id.clone(), Arc::clone(&info));
+        tracing::info!(env = %id, image = image.as_deref().unwrap_or(""), "environment created");
+        Ok(self.environment(&info))
+    }
+
+    async fn create_container(
+        &self,
+        kind: ContainerKind,
+        request: ContainerRequest,
+    ) -> Result<Container> {
+        self.create_container_inner(kind, request).await
+    }
+
+    async fn start_container(&self, target: ContainerRef) -> Result<Container> {
+        let env = self.live_env(&target.environment_id).await?;
+        let (name, c) = self.container(&env, &target.container_id).await?;
+        match state_of(&c) {
+            ContainerState::Running => return Ok(container_of(&target.container_id, &env.id, &c)),
+            ContainerState::Exited => {
+                let st = c.state.clone().unwrap_or_default();
+                return Err(Error::failed_precondition(format!(
+                    "container {:?} has exited (code {}{}); it is not restarted",
+                    target.container_id,
+                    st.exit_code.unwrap_or(0),
+                    st.error.filter(|e| !e.is_empty()).map(|e| format!(": {e}")).unwrap_or_default()
+                ))
+                .fault(Fault::User));
+            }
+            _ => {}
+        }
+        let docker = &self.inner.docker;
+        match docker.start_container(&name, None).await {
+            Ok(()) => {}
+            // 304: already started.
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 304, .. }) => {}
+            Err(e) => {
+                return Err(docker_err(format!("starting container {:?}", target.container_id), e));
+            }
+        }
+        let c = docker
+            .inspect_container(&name, None::<InspectContainerOptions>)
+            .await
+            .map_err(|e| docker_err("inspecting the started container", e))?;
+        Ok(container_of(&target.container_id, &env.id, &c))
+    }
+
+    async fn inspect(&self, target: ContainerRef) -> Result<ContainerStatus> {
+        let env = self.live_env(&target.environment_id).await?;
+        let (_, c) = self.container(&env, &target.container_id).await?;
+        let st = c.state.clone().unwrap_or_default();
+        let health = match st.health.as_ref().and_then(|h| h.status) {
+            Some(HealthStatusEnum::STARTING) => Health::Starting,
+            Some(HealthStatusEnum::HEALTHY) => Health::Healthy,
+            Some(HealthStatusEnum::UNHEALTHY) => Health::Unhealthy,
+            _ => Health::None,
+        };
+        let config = c.config.clone().unwrap_or_default();
+        let mut image_env = config.env.clone().unwrap_or_default();
+        let user = config.user.clone().unwrap_or_default();
+        if !image_env.iter().any(|e| e.starts_with("HOME="))
+            && (user.is_empty() || user == "root" || user == "0" || user.starts_with("0:"))
+        {
+            // Docker gives root's execs HOME=/root; `env -i` drops it, so report it here.
+            image_env.push("HOME=/root".to_owned());
+        }
+        let net = labels::network_name(&env.id);
+        let ip = c
+            .network_settings
+            .as_ref()
+            .and_then(|n| n.networks.as_ref())
+            .and_then(|n| n.get(&net))
+            .and_then(|e| e.ip_address.clone())
+            .unwrap_or_default();
+        let detail = match (&st.health, &st.error) {
+            (_, Some(err)) if !err.is_empty() => err.clone(),
+            (Some(h), _) => h
+                .log
+                .as_ref()
+                .and_then(|l| l.last())
+                .and_then(|r| r.output.clone())
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
+        Ok(ContainerStatus {
+            id: target.container_id.clone(),
+            state: state_of(&c),
+            health,
+            exit_code: st.exit_code.unwrap_or(0) as i32,
+            oom_killed: st.oom_killed.unwrap_or(false),
+            ports: ports_of(&c),
+            image_env,
+            ip_address: ip,
+            detail: detail.trim().to_owned(),
+        })
+    }
+
+    async fn exec(&self, request: ExecRequest) -> Result<ExecStream> {
+        crate::exec::start(self, request).await
+    }
+
+    async fn signal_exec(&self, request: SignalRequest) -> Result<bool> {
+        crate::exec::signal(self, request).await
+    }
+
+    async fn copy_in(&self, target: CopyInTarget, data: kiln_plugin_sdk::ByteStream) -> Result<CopyStats> {
+        crate::copy::copy_in(self, target, data).await
+    }
+
+    async fn copy_out(&self, source: CopyOutSource) -> Result<kiln_plugin_sdk::ByteStream> {
+        crate::copy::copy_out(self, source).await
+    }
+
+    async fn remove(&self, request: RemoveRequest) -> Result<bool> {
+        let id = request.environment_id.clone();
+        validate_id(&id, "environment_id")?;
+        let grace = if request.grace.is_zero() { Duration::from_secs(2) } else { request.grace };
+        if let Some(container) = &request.container_id {
+            validate_id(container, "container_id")?;
+            if container == PRIMARY {
+                // The primary container lives exactly as long as its environment.
+                return Ok(false);
+            }
+            let name = labels::container_name(&id, container);
+            lock(&self.inner.step_specs).remove(&name);
+            let docker = &self.inner.docker;
+            let c = match docker.inspect_container(&name, None::<InspectContainerOptions>).await {
+                Ok(c) => c,
+                Err(e) if is_not_found(&e) => return Ok(false),
+                Err(e) => return Err(docker_err("inspecting the container", e)),
+            };
+            let labels = c.config.and_then(|c| c.labels).unwrap_or_default();
+            if labels.get(labels::ENVIRONMENT_ID) != Some(&id) {
+                return Ok(false);
+            }
+            if c.state.and_then(|s| s.running).unwrap_or(false) {
+                let secs = i32::try_from(grace.as_secs().max(1)).unwrap_or(i32::MAX);
+                let stop = bollard::query_parameters::StopContainerOptions { t: Some(secs), signal: None };
+                let _ = docker.stop_container(&name, Some(stop)).await;
+            }
+            return match docker
+                .remove_container(&name, Some(RemoveContainerOptions { force: true, v: true, ..Default::default() }))
+                .await
+            {
+                Ok(()) => Ok(true),
+                Err(e) if is_not_found(&e) => Ok(false),
+                Err(e) => Err(docker_err(format!("removing container {container:?}"), e)),
+            };
+        }
+        lock(&self.inner.removing).insert(id.clone());
+        let result = self.remove_env(&id, grace).await;
+        lock(&self.inner.envs).remove(&id);
+        lock(&self.inner.removing).remove(&id);
+        if let Ok(true) = result {
+            tracing::info!(env = %id, "environment removed");
+        }
+        result
+    }
+
+    async fn list_environments(&self, selector: Selector) -> Result<Vec<EnvironmentSummary>> {
+        let mut pairs = vec![format!("{}=environment", labels::ROLE)];
+        if !selector.runner_id.is_empty() {
+            pairs.push(format!("{}={}", labels::RUNNER_ID, selector.runner_id));
+        }
+        for (k, v) in &selector.labels {
+            if k.is_empty() || !k.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-".contains(c)) {
+                return Err(Error::invalid_argument(format!("label key {k:?} is not [a-z0-9.-]"))
+                    .field("labels"));
+            }
+            pairs.push(format!("{}{k}={v}", labels::EXTRA));
+        }
+        let docker = &self.inner.docker;
+        let nets = docker
+            .list_networks(Some(ListNetworksOptions { filters: Some(labels::filter(&pairs)) }))
+            .await
+            .map_err(|e| docker_err("listing environments", e))?;
+        let containers = docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(labels::filter(&[labels::ENVIRONMENT_ID.to_owned()])),
+                ..Default::default()
+            }))
+            .await
+            .map_err(|e| docker_err("listing containers", e))?;
+        let mut by_env: HashMap<String, Vec<String>> = HashMap::new();
+        for c in containers {
+            let l = c.labels.unwrap_or_default();
+            if let (Some(e), Some(id)) = (l.get(labels::ENVIRONMENT_ID), l.get(labels::CONTAINER_ID)) {
+                by_env.entry(e.clone()).or_default().push(id.clone());
+            }
+        }
+        let removing = lock(&self.inner.removing).clone();
+        let mut out = Vec::new();
+        for n in nets {
+            let l = n.labels.unwrap_or_default();
+            let Some(id) = l.get(labels::ENVIRONMENT_ID).cloned() else { continue };
+            if removing.contains(&id) {
+                continue;
+            }
+            let mut container_ids = by_env.remove(&id).unwrap_or_default();
+            container_ids.sort();
+            out.push(EnvironmentSummary { id, owner: labels::owner_from(&l), container_ids });
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+}

@@ -1,0 +1,164 @@
+//! Ownership labels (rule 9) on Docker objects, resource names, and the spec hash that makes
+//! replayed creates idempotent.
+
+use std::collections::{BTreeMap, HashMap};
+
+use kiln_plugin_sdk::{EnvironmentRequest, Owner};
+use sha2::{Digest, Sha256};
+
+/// Prefix of every label the plugin writes.
+pub(crate) const PREFIX: &str = "dev.kiln.";
+pub(crate) const RUNNER_ID: &str = "dev.kiln.runner-id";
+pub(crate) const BOOT_ID: &str = "dev.kiln.boot-id";
+pub(crate) const JOB_ID: &str = "dev.kiln.job-id";
+pub(crate) const ENVIRONMENT_ID: &str = "dev.kiln.environment-id";
+pub(crate) const PARENT_ENVIRONMENT_ID: &str = "dev.kiln.parent-environment-id";
+pub(crate) const CREATED_AT: &str = "dev.kiln.created-at";
+pub(crate) const EXPIRES_AT: &str = "dev.kiln.expires-at";
+pub(crate) const SPEC_HASH: &str = "dev.kiln.spec-hash";
+pub(crate) const RUNS_ON: &str = "dev.kiln.runs-on";
+/// Set on the environment's network, the record of the environment.
+pub(crate) const ROLE: &str = "dev.kiln.role";
+pub(crate) const CONTAINER_ID: &str = "dev.kiln.container-id";
+pub(crate) const KIND: &str = "dev.kiln.kind";
+pub(crate) const CONTAINER_SPEC_HASH: &str = "dev.kiln.container-spec-hash";
+/// Extra owner labels are stored as `dev.kiln.label.<key>`.
+pub(crate) const EXTRA: &str = "dev.kiln.label.";
+
+/// The protocol id of the primary container.
+pub(crate) const PRIMARY: &str = "primary";
+
+/// Name of the environment's network (and the prefix of its other objects).
+pub(crate) fn network_name(env: &str) -> String {
+    format!("kiln_{env}")
+}
+
+/// Name of a container of the environment (`_` never occurs in ids, so names never collide).
+pub(crate) fn container_name(env: &str, container: &str) -> String {
+    format!("kiln_{env}_{container}")
+}
+
+/// Name of the environment's workspace volume.
+pub(crate) fn workspace_volume(env: &str) -> String {
+    format!("kiln_{env}_workspace")
+}
+
+/// Name of a named volume of the workflow, scoped to the environment.
+pub(crate) fn scoped_volume(env: &str, name: &str) -> String {
+    format!("kiln_{env}_v_{name}")
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// The labels of every object of an environment.
+pub(crate) fn owner_labels(env: &str, owner: &Owner, spec_hash: &str) -> HashMap<String, String> {
+    let mut l = HashMap::new();
+    l.insert(RUNNER_ID.to_owned(), owner.runner_id.clone());
+    l.insert(BOOT_ID.to_owned(), owner.boot_id.clone());
+    l.insert(JOB_ID.to_owned(), owner.job_id.clone());
+    l.insert(ENVIRONMENT_ID.to_owned(), env.to_owned());
+    l.insert(PARENT_ENVIRONMENT_ID.to_owned(), owner.parent_environment_id.clone());
+    l.insert(CREATED_AT.to_owned(), owner.created_at_unix_ms.to_string());
+    l.insert(EXPIRES_AT.to_owned(), owner.expires_at_unix_ms.to_string());
+    l.insert(SPEC_HASH.to_owned(), spec_hash.to_owned());
+    for (k, v) in &owner.labels {
+        l.insert(format!("{EXTRA}{k}"), v.clone());
+    }
+    l
+}
+
+/// The owner stored in an object's labels.
+pub(crate) fn owner_from(labels: &HashMap<String, String>) -> Owner {
+    let s = |k: &str| labels.get(k).cloned().unwrap_or_default();
+    let n = |k: &str| labels.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let extra: BTreeMap<String, String> = labels
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix(EXTRA).map(|k| (k.to_owned(), v.clone())))
+        .collect();
+    Owner {
+        runner_id: s(RUNNER_ID),
+        boot_id: s(BOOT_ID),
+        job_id: s(JOB_ID),
+        parent_environment_id: s(PARENT_ENVIRONMENT_ID),
+        created_at_unix_ms: n(CREATED_AT),
+        expires_at_unix_ms: n(EXPIRES_AT),
+        labels: extra,
+    }
+}
+
+/// The hash of everything a replayed environment create must repeat (rule 3).
+pub(crate) fn env_spec_hash(req: &EnvironmentRequest) -> String {
+    let o = &req.owner;
+    let spec = serde_json::json!({
+        "label": req.label,
+        "options": canonical(&serde_json::Value::Object(req.options.clone())),
+        "hints": [req.hints.job_container, req.hints.service_containers, req.hints.step_containers],
+        "owner": {
+            "runner_id": o.runner_id,
+            "boot_id": o.boot_id,
+            "job_id": o.job_id,
+            "parent_environment_id": o.parent_environment_id,
+            "expires_at_unix_ms": o.expires_at_unix_ms,
+            "labels": o.labels,
+        },
+    });
+    hash_json(&spec)
+}
+
+/// SHA-256 of a JSON value, hex.
+pub(crate) fn hash_json(v: &serde_json::Value) -> String {
+    let bytes = serde_json::to_vec(v).unwrap_or_default();
+    hex::encode(Sha256::digest(&bytes))
+}
+
+/// A JSON value with object keys sorted, so key order does not change a hash.
+fn canonical(v: &serde_json::Value) -> serde_json::Value {
+    match v {
+        serde_json::Value::Object(m) => {
+            let mut keys: Vec<_> = m.keys().collect();
+            keys.sort();
+            let mut out = serde_json::Map::new();
+            for k in keys {
+                out.insert(k.clone(), canonical(&m[k]));
+            }
+            serde_json::Value::Object(out)
+        }
+        serde_json::Value::Array(a) => serde_json::Value::Array(a.iter().map(canonical).collect()),
+        other => other.clone(),
+    }
+}
+
+/// A label filter for the engine's list calls: `dev.kiln.environment-id` (any value) or a
+/// given `key=value`.
+pub(crate) fn filter(pairs: &[String]) -> HashMap<String, Vec<String>> {
+    HashMap::from([("label".to_owned(), pairs.to_vec())])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_round_trips_through_labels() {
+        let owner = Owner {
+            runner_id: "r".into(),
+            boot_id: "b".into(),
+            job_id: "j".into(),
+            parent_environment_id: "p".into(),
+            created_at_unix_ms: 5,
+            expires_at_unix_ms: 9,
+            labels: BTreeMap::from([("kiln.conformance".into(), "x".into())]),
+        };
+        let l = owner_labels("e", &owner, "h");
+        assert_eq!(l[ENVIRONMENT_ID], "e");
+        assert_eq!(l["dev.kiln.label.kiln.conformance"], "x");
+        assert_eq!(owner_from(&l), owner);
+        assert_eq!(container_name("a-b", "c"), "kiln_a-b_c");
+        assert_ne!(container_name("a-b", "c"), container_name("a", "b-c"));
+    }
+}

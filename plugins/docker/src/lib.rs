@@ -1,0 +1,206 @@
+//! The kiln Docker backend: every job on a Docker engine, with the four layers of a workflow
+//! native (the `runs-on` environment, `container:`, `services:` and docker steps).
+//!
+//! # What an environment is
+//!
+//! For `CreateExecutionEnvironment` with options `{"image": "IMAGE"}` the plugin creates, all
+//! named after the environment id `E` and labelled (see below):
+//!
+//! - a bridge network `kiln_E` — it is also the environment's record: the owner, the spec hash
+//!   and the label live in its labels, so a restarted plugin lists, replays and removes
+//!   environments from the engine alone;
+//! - a volume `kiln_E_workspace`, mounted at `/github/workspace` (`paths.workspace`);
+//! - a host directory `STATE/E/` (`--state-dir`, default `$XDG_STATE_HOME/kiln/docker`)
+//!   bind-mounted at `/__kiln`, holding `runner/` (`paths.runner_files`, `/__kiln/runner`),
+//!   `temp/` (`paths.temp`, `/__kiln/temp`), `tool-cache/` (`paths.tool_cache`) and `execs/`
+//!   (one pid file per exec);
+//! - unless `hints.job_container`, the primary container `kiln_E_primary` (its protocol id is
+//!   `primary`) from the image, entrypoint overridden by a shell sleep loop, with
+//!   `docker-init` as PID 1 so orphans are reaped, on the network.
+//!
+//! The image is pulled only when missing (or with `force_pull`); when it is missing and no
+//! registry answers, the error names the image and says how to provide it.
+//!
+//! # Labels (rule 9)
+//!
+//! Every container, network and volume carries `dev.kiln.runner-id`, `dev.kiln.boot-id`,
+//! `dev.kiln.job-id`, `dev.kiln.environment-id`, `dev.kiln.parent-environment-id`,
+//! `dev.kiln.created-at` and `dev.kiln.expires-at` (milliseconds since the epoch),
+//! `dev.kiln.spec-hash`, and each extra owner label `K=V` as `dev.kiln.label.K=V`. Containers
+//! also carry `dev.kiln.container-id` and `dev.kiln.kind` (`primary`, `job`, `service`,
+//! `step`). `ListEnvironments` reads networks (and, for an interrupted create, containers and
+//! volumes) by these labels; `Remove` deletes whatever carries `dev.kiln.environment-id=E`.
+//!
+//! # Exec
+//!
+//! Each exec is one Docker exec whose command is a small `sh` wrapper:
+//! `/bin/sh -c WRAPPER kiln PIDFILE WORKDIR -- NAME=VALUE… -- ARGV…`. The wrapper writes its
+//! PID to `/__kiln/execs/<exec_id>.pid`, changes to the working directory (127 with a message
+//! when it is missing), and `exec`s `env -i NAME=VALUE… ARGV…`, so the process sees exactly the
+//! requested environment (Docker adds the container's environment to every exec; `env -i`
+//! neutralises it) and `argv[0]` is searched in the requested `PATH`. The image therefore
+//! needs `/bin/sh` and `env` (busybox, Debian, Alpine, … all have them).
+//!
+//! Docker starts every exec as a session and process-group leader (runc calls `setsid`), so
+//! the PID recorded by the wrapper is the exec's process group. **Signals**: the Docker API
+//! cannot signal an exec, so `SignalExec`, a timeout and a dropped stream run a second exec,
+//! `sh -c 'kill -SIG -PGID'`, in the same container; the kill sequence (SIGTERM, grace,
+//! SIGKILL to the group) is the plugin's, independent of the caller. The pid file lives in
+//! the environment's own container, so a recorded group can only ever name processes of that
+//! container (never a process of the host, §6.3); the container survives a cancelled step.
+//!
+//! The exec is finished when its main process exits (Docker's exec inspect says so): the
+//! output stream is drained for at most 500 ms, then `Exited` is sent; output of background
+//! processes is read and discarded until they end. A process killed by a signal the plugin
+//! sent is reported as that signal; otherwise Docker's exit code (128+n for signals) is
+//! reported as is.
+//!
+//! **Staged and collected files** (feature `exec_files`) inside `/__kiln` are written and read
+//! directly in the host directory: a step costs one Docker exec and no archive calls. Paths
+//! elsewhere go through the archive API. A remote daemon (no shared filesystem) would use the
+//! archive API for all of them; that mode is not implemented yet: the plugin requires the
+//! daemon to see its state directory (a local unix socket, or a tcp daemon on the same host).
+//!
+//! # Copies
+//!
+//! `CopyIn` reads the tar stream, checks every entry with the SDK's rules
+//! (`kiln_plugin_sdk::archive::safe_relative`, hard-link targets inside, no writes through
+//! symlinks created by earlier entries or already in the destination — checked with one exec
+//! listing the symlinks under the destination), re-streams the checked entries, and uploads
+//! them with the archive API. `CopyOut` streams the archive API's tar (which holds the path
+//! under its base name, links kept).
+//!
+//! # Containers
+//!
+//! Job, service and step containers are created on the environment's network, with the
+//! network aliases asked for, published ports, env, volumes and a subset of `docker run`
+//! options. Host-path volumes must match a `--valid-volume` glob; named volumes are scoped
+//! to the environment (`kiln_E_v_NAME`) and removed with it; options outside the default set
+//! must be allowed with `--allow-option NAME`. A refusal is PERMISSION_DENIED before anything
+//! is created. `Inspect` reports Docker's health check state. A step container's main process
+//! runs through an `Exec` with empty `argv` (attach, start, wait).
+//!
+//! When the plugin runs as a user other than root, files written by root in a container
+//! into `/__kiln` cannot be deleted by the plugin; `Remove` then empties the directory from
+//! inside the primary container first.
+
+mod backend;
+mod copy;
+mod exec;
+mod labels;
+mod spec;
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+pub use backend::DockerBackend;
+
+/// Configuration of a [`DockerBackend`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DockerConfig {
+    /// The daemon: `unix:///var/run/docker.sock`, `tcp://host:2376` (TLS with `tls_dir`),
+    /// `http://host:2375`; `None` = `DOCKER_HOST` or the local default.
+    pub docker_host: Option<String>,
+    /// Directory with `ca.pem`, `cert.pem`, `key.pem` for a TLS daemon.
+    pub tls_dir: Option<PathBuf>,
+    /// Where per-environment host directories live (bind-mounted into containers).
+    pub state_dir: PathBuf,
+    /// Globs of host paths job and service containers may mount.
+    pub valid_volumes: Vec<String>,
+    /// `docker run` options allowed beyond the default set.
+    pub allowed_options: Vec<String>,
+}
+
+impl DockerConfig {
+    /// A configuration with the local daemon and state under `state_dir`.
+    pub fn new(state_dir: impl Into<PathBuf>) -> DockerConfig {
+        DockerConfig {
+            docker_host: None,
+            tls_dir: None,
+            state_dir: state_dir.into(),
+            valid_volumes: Vec::new(),
+            allowed_options: Vec::new(),
+        }
+    }
+
+    /// `$XDG_STATE_HOME/kiln/docker`, else `~/.local/state/kiln/docker`, else
+    /// `/tmp/kiln-docker-<uid>`.
+    pub fn default_state_dir() -> PathBuf {
+        let abs = |v: std::ffi::OsString| Some(PathBuf::from(v)).filter(|p| p.is_absolute());
+        if let Some(state) = std::env::var_os("XDG_STATE_HOME").and_then(abs) {
+            return state.join("kiln/docker");
+        }
+        if let Some(home) = std::env::var_os("HOME").and_then(abs) {
+            return home.join(".local/state/kiln/docker");
+        }
+        PathBuf::from(format!("/tmp/kiln-docker-{}", nix::unistd::getuid()))
+    }
+}
+
+/// The Docker backend's own flags.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct DockerArgs {
+    /// Docker daemon endpoint: unix:///path, tcp://host:port (TLS with --docker-tls-dir) or
+    /// http://host:port [default: $DOCKER_HOST, else the local socket].
+    #[arg(long)]
+    pub docker_host: Option<String>,
+    /// Directory holding ca.pem, cert.pem and key.pem for a TLS daemon.
+    #[arg(long)]
+    pub docker_tls_dir: Option<PathBuf>,
+    /// Directory of the per-environment files bind-mounted into containers; the daemon must
+    /// see it at the same path [default: $XDG_STATE_HOME/kiln/docker].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// A glob of host paths containers may mount (repeatable), like Forgejo Runner's
+    /// valid_volumes. Without any, host-path volumes are refused.
+    #[arg(long = "valid-volume")]
+    pub valid_volumes: Vec<String>,
+    /// A `docker run` option allowed beyond the default set (repeatable), e.g. privileged,
+    /// cap-add.
+    #[arg(long = "allow-option")]
+    pub allowed_options: Vec<String>,
+}
+
+impl DockerArgs {
+    /// The configuration these flags describe.
+    pub fn config(&self) -> DockerConfig {
+        DockerConfig {
+            docker_host: self.docker_host.clone(),
+            tls_dir: self.docker_tls_dir.clone(),
+            state_dir: self.state_dir.clone().unwrap_or_else(DockerConfig::default_state_dir),
+            valid_volumes: self.valid_volumes.clone(),
+            allowed_options: self.allowed_options.clone(),
+        }
+    }
+}
+
+/// The command line of `kiln-plugin-docker` (also `kiln plugin docker`).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "kiln-plugin-docker", version, about = "kiln Docker backend plugin")]
+pub struct Args {
+    /// Standard plugin flags.
+    #[command(flatten)]
+    pub serve: kiln_plugin_sdk::server::ServeArgs,
+    /// Docker backend flags.
+    #[command(flatten)]
+    pub docker: DockerArgs,
+}
+
+/// Serves the Docker backend with the given flags until a signal (or stdin EOF when asked).
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let backend = DockerBackend::connect(args.docker.config()).await?;
+    tracing::info!(state = %backend.state_dir().display(), "docker backend ready");
+    kiln_plugin_sdk::server::run(backend, &args.serve).await
+}
+
+/// The binary's entry point: logging, flags from the command line, [`run`].
+pub async fn main() -> anyhow::Result<()> {
+    kiln_plugin_sdk::server::init_logging();
+    run(Args::parse()).await
+}
+
+/// Locks a mutex, ignoring poisoning.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -1,0 +1,387 @@
+//! The daemon's configuration file: raw serde structs that mirror the YAML (unknown keys are
+//! errors), parsed in [`parse`], then validated into [`Config`] with errors that name the file
+//! and the key. Forgejo Runner's keys are kept where they mean the same thing; `plugins:` and
+//! structured labels are kiln's own.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use indexmap::IndexMap;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::backends::PluginSpec;
+use crate::labels::{self, LabelConfig};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
+    runner: RawRunner,
+    #[serde(default)]
+    plugins: IndexMap<String, RawPlugin>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    level: Option<String>,
+    job_level: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRunner {
+    file: Option<PathBuf>,
+    capacity: Option<i64>,
+    #[serde(default)]
+    envs: IndexMap<String, String>,
+    env_file: Option<PathBuf>,
+    timeout: Option<Value>,
+    shutdown_timeout: Option<Value>,
+    fetch_timeout: Option<Value>,
+    fetch_interval: Option<Value>,
+    report_interval: Option<Value>,
+    labels: Option<Vec<Value>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlugin {
+    command: Option<Value>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    endpoint: Option<String>,
+    tls: Option<RawTls>,
+    #[serde(default)]
+    insecure: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `log.level`: a tracing filter (`info`, `debug`, …).
+    pub log_level: String,
+    /// `runner.*`.
+    pub runner: RunnerConfig,
+    /// `plugins.*`; `host` is the embedded host plugin unless configured.
+    pub plugins: BTreeMap<String, PluginSpec>,
+}
+
+/// `runner.*`.
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    /// The `.runner` file (relative paths are relative to the working directory, as in Forgejo
+    /// Runner).
+    pub file: PathBuf,
+    /// Jobs at once.
+    pub capacity: usize,
+    /// `envs` and the contents of `env_file`, added to every step.
+    pub envs: IndexMap<String, String>,
+    /// The longest a job may run.
+    pub timeout: Duration,
+    /// How long a stop waits for running jobs.
+    pub shutdown_timeout: Duration,
+    /// The limit of one fetch.
+    pub fetch_timeout: Duration,
+    /// Time between fetches.
+    pub fetch_interval: Duration,
+    /// Time between reports of a running job.
+    pub report_interval: Duration,
+    /// Label configurations; `None` = take them from the `.runner` file.
+    pub labels: Option<Vec<LabelConfig>>,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            log_level: "info".into(),
+            runner: RunnerConfig {
+                file: PathBuf::from(".runner"),
+                capacity: 1,
+                envs: IndexMap::new(),
+                timeout: Duration::from_secs(3 * 3600),
+                shutdown_timeout: Duration::from_secs(3 * 3600),
+                fetch_timeout: Duration::from_secs(5),
+                fetch_interval: Duration::from_secs(2),
+                report_interval: Duration::from_secs(1),
+                labels: None,
+            },
+            plugins: BTreeMap::new(),
+        }
+    }
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> anyhow::Result<Config> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the config file {}", path.display()))?;
+    parse(&text, path)
+}
+
+/// Parses and validates config text; `path` names the file in errors and anchors `env_file`.
+pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
+    let file = path.display();
+    let raw: RawConfig = if text.trim().is_empty() {
+        RawConfig::default()
+    } else {
+        serde_saphyr::from_str(text).map_err(|e| anyhow::anyhow!("{file}: {e}"))?
+    };
+    let mut config = Config::default();
+    if let Some(level) = raw.log.level {
+        config.log_level = level;
+    }
+    let _ = raw.log.job_level;
+    let r = raw.runner;
+    let c = &mut config.runner;
+    if let Some(f) = r.file {
+        c.file = f;
+    }
+    if let Some(n) = r.capacity {
+        if n < 1 {
+            bail!("{file}: runner.capacity: must be at least 1, got {n}");
+        }
+        c.capacity = usize::try_from(n).unwrap_or(usize::MAX);
+    }
+    let durations = [
+        ("timeout", r.timeout, &mut c.timeout),
+        ("shutdown_timeout", r.shutdown_timeout, &mut c.shutdown_timeout),
+        ("fetch_timeout", r.fetch_timeout, &mut c.fetch_timeout),
+        ("fetch_interval", r.fetch_interval, &mut c.fetch_interval),
+        ("report_interval", r.report_interval, &mut c.report_interval),
+    ];
+    for (key, value, slot) in durations {
+        if let Some(v) = value {
+            *slot = duration_value(&v)
+                .with_context(|| format!("{file}: runner.{key}: expected a duration like 2s, 3h or 1m30s"))?;
+        }
+    }
+    if c.report_interval.is_zero() || c.fetch_interval.is_zero() {
+        bail!("{file}: runner.fetch_interval and runner.report_interval must be above 0s");
+    }
+    if let Some(env_file) = r.env_file {
+        let full = if env_file.is_absolute() {
+            env_file.clone()
+        } else {
+            path.parent().unwrap_or(Path::new(".")).join(&env_file)
+        };
+        // Forgejo Runner ignores a missing env_file.
+        if let Ok(text) = std::fs::read_to_string(&full) {
+            for (i, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let Some((k, v)) = line.split_once('=') else {
+                    bail!("{}:{}: runner.env_file: expected NAME=VALUE", full.display(), i + 1);
+                };
+                c.envs.insert(k.trim().to_owned(), v.trim().to_owned());
+            }
+        }
+    }
+    c.envs.extend(r.envs);
+
+    for (name, p) in raw.plugins {
+        let key = format!("plugins.{name}");
+        let spec = match (p.command, p.endpoint) {
+            (Some(_), Some(_)) => {
+                bail!("{file}: {key}: give either command (kiln starts it) or endpoint (it runs on its own), not both")
+            }
+            (None, None) => bail!("{file}: {key}: needs command: [program, args…] or endpoint: unix:///path.sock"),
+            (Some(command), None) => {
+                let command: Vec<String> = match command {
+                    Value::String(s) => s.split_whitespace().map(str::to_owned).collect(),
+                    Value::Array(items) => items
+                        .iter()
+                        .map(|v| match v {
+                            Value::String(s) => Ok(s.clone()),
+                            other => Ok(other.to_string()),
+                        })
+                        .collect::<anyhow::Result<_>>()?,
+                    _ => bail!("{file}: {key}.command: expected a list of strings"),
+                };
+                if command.is_empty() {
+                    bail!("{file}: {key}.command: is empty");
+                }
+                PluginSpec::Managed { command, env: p.env }
+            }
+            (None, Some(endpoint)) => {
+                let tls = p.tls.map(|t| kiln_plugin_sdk::server::TlsFiles {
+                    ca: t.ca,
+                    cert: t.cert,
+                    key: t.key,
+                });
+                let endpoint = kiln_plugin_sdk::client::Endpoint::parse(&endpoint, tls, p.insecure)
+                    .map_err(|e| anyhow::anyhow!("{file}: {key}.endpoint: {e}"))?;
+                PluginSpec::Standalone { endpoint }
+            }
+        };
+        config.plugins.insert(name, spec);
+    }
+
+    if let Some(items) = r.labels {
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let key = format!("runner.labels[{i}]");
+            let label = label_value(item).map_err(|e| anyhow::anyhow!("{file}: {key}: {e:#}"))?;
+            out.push(label);
+        }
+        config.runner.labels = Some(out);
+    }
+    if let Some(labels) = &config.runner.labels {
+        check_labels(labels, &config.plugins).map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
+    }
+    Ok(config)
+}
+
+/// Checks that every label's backend is configured (`host` always is).
+pub fn check_labels(labels: &[LabelConfig], plugins: &BTreeMap<String, PluginSpec>) -> anyhow::Result<()> {
+    for l in labels {
+        let b = l.backend.as_str();
+        if b.is_empty() || b == "host" || b == labels::SKIP || plugins.contains_key(b) {
+            continue;
+        }
+        bail!(
+            "runner.labels: label {:?} uses backend {b:?}, which is not configured; add plugins.{b} \
+             with command: or endpoint:",
+            l.name
+        );
+    }
+    Ok(())
+}
+
+fn label_value(v: &Value) -> anyhow::Result<LabelConfig> {
+    match v {
+        Value::String(s) => labels::parse_label(s),
+        Value::Object(m) => {
+            for k in m.keys() {
+                if !matches!(k.as_str(), "name" | "backend" | "options") {
+                    bail!("unknown key {k:?}; a label has name, backend and options");
+                }
+            }
+            let name = m.get("name").and_then(Value::as_str).context("name: missing")?;
+            let backend = m.get("backend").and_then(Value::as_str).context("backend: missing")?;
+            let mut label = labels::parse_label(&format!("{name}:{backend}"))?;
+            match m.get("options") {
+                None | Some(Value::Null) => {}
+                Some(Value::Object(o)) => label.options.extend(o.clone()),
+                Some(_) => bail!("options: expected a mapping"),
+            }
+            Ok(label)
+        }
+        _ => bail!("expected \"name:backend\" or {{name, backend, options}}"),
+    }
+}
+
+fn duration_value(v: &Value) -> anyhow::Result<Duration> {
+    match v {
+        Value::Number(n) => {
+            let secs = n.as_f64().filter(|s| *s >= 0.0).context("a negative number")?;
+            Ok(Duration::from_secs_f64(secs))
+        }
+        Value::String(s) => parse_duration(s),
+        _ => bail!("not a duration"),
+    }
+}
+
+/// Parses a Go duration: `300ms`, `2s`, `1m30s`, `3h`, `0`.
+pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut total = 0.0f64;
+    let mut rest = s;
+    if rest.is_empty() {
+        bail!("empty duration");
+    }
+    while !rest.is_empty() {
+        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        let (num, tail) = rest.split_at(num_end);
+        let Ok(value) = num.parse::<f64>() else {
+            bail!("{s:?} is not a number followed by a unit");
+        };
+        let unit_end = tail.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_end);
+        let scale = match unit {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => bail!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)"),
+        };
+        total += value * scale;
+        rest = tail;
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
+/// The commented example printed by `kiln generate-config`.
+pub const EXAMPLE: &str = include_str!("../../../examples/config.yaml");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        format!("{:#}", parse(text, Path::new("c.yaml")).unwrap_err())
+    }
+
+    #[test]
+    fn the_example_is_valid() {
+        let c = parse(EXAMPLE, Path::new("examples/config.yaml")).unwrap();
+        assert_eq!(c.runner.capacity, 2);
+        assert!(c.runner.labels.is_some());
+    }
+
+    #[test]
+    fn keys_and_values() {
+        let c = parse(
+            "log: {level: debug}\nrunner:\n  capacity: 4\n  timeout: 1h30m\n  fetch_interval: 500ms\n  envs: {A: b}\n  labels:\n    - linux:host\n    - name: vm\n      backend: qemu\n      options: {memory: 4G}\nplugins:\n  qemu: {endpoint: unix:///run/q.sock}\n",
+            Path::new("c.yaml"),
+        )
+        .unwrap();
+        assert_eq!(c.log_level, "debug");
+        assert_eq!(c.runner.capacity, 4);
+        assert_eq!(c.runner.timeout, Duration::from_secs(5400));
+        assert_eq!(c.runner.fetch_interval, Duration::from_millis(500));
+        let labels = c.runner.labels.unwrap();
+        assert_eq!(labels[0].backend, "host");
+        assert_eq!((labels[1].backend.as_str(), labels[1].options["memory"].as_str()), ("qemu", Some("4G")));
+        assert_eq!(c.runner.envs["A"], "b");
+    }
+
+    #[test]
+    fn errors_name_the_file_and_key() {
+        assert!(err("runner:\n  capcity: 2\n").contains("unknown field `capcity`"), "{}", err("runner:\n  capcity: 2\n"));
+        assert!(err("runner:\n  capcity: 2\n").starts_with("c.yaml: "));
+        assert_eq!(err("runner:\n  timeout: soon\n"), "c.yaml: runner.timeout: expected a duration like 2s, 3h or 1m30s: \"soon\" is not a number followed by a unit");
+        assert_eq!(err("runner:\n  capacity: 0\n"), "c.yaml: runner.capacity: must be at least 1, got 0");
+        assert_eq!(
+            err("runner:\n  labels: [a:qemu]\n"),
+            "c.yaml: runner.labels: label \"a\" uses backend \"qemu\", which is not configured; add plugins.qemu with command: or endpoint:"
+        );
+        assert_eq!(
+            err("runner:\n  labels: [{name: a, backend: host, color: red}]\n"),
+            "c.yaml: runner.labels[0]: unknown key \"color\"; a label has name, backend and options"
+        );
+        assert_eq!(
+            err("plugins:\n  d: {}\n"),
+            "c.yaml: plugins.d: needs command: [program, args…] or endpoint: unix:///path.sock"
+        );
+    }
+}

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Ensures a Docker engine for the docker plugin's tests: installs Debian's docker.io when dockerd
+# is missing, starts dockerd when `docker info` fails, waits (bounded) for the socket, and builds
+# the local test images (no registry is reachable). Idempotent; cheap when all is there.
+#
+# Images:
+#   kiln-test/busybox:1  FROM scratch + Debian's busybox-static (sh, env, sleep, kill, find…)
+set -euo pipefail
+
+log() { printf 'docker-setup: %s\n' "$*"; }
+
+apt_updated=
+apt_install() {
+    if [ -z "$apt_updated" ]; then
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        apt_updated=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+if ! command -v dockerd >/dev/null 2>&1; then
+    log "dockerd is missing: installing docker.io"
+    apt_install docker.io
+fi
+if ! command -v docker >/dev/null 2>&1; then
+    log "the docker client is missing: installing docker.io"
+    apt_install docker.io
+fi
+
+if ! docker info >/dev/null 2>&1; then
+    log "starting dockerd"
+    nohup dockerd >/tmp/kiln-dockerd.log 2>&1 &
+    for _ in $(seq 1 60); do
+        if [ -S /var/run/docker.sock ] && docker info >/dev/null 2>&1; then
+            break
+        fi
+        sleep 1
+    done
+    if ! docker info >/dev/null 2>&1; then
+        log "dockerd did not come up within 60 s; its log:"
+        tail -n 50 /tmp/kiln-dockerd.log || true
+        exit 1
+    fi
+fi
+log "engine: $(docker version --format '{{.Server.Version}} (API {{.Server.APIVersion}})')"
+
+if ! docker image inspect kiln-test/busybox:1 >/dev/null 2>&1; then
+    if [ ! -x /bin/busybox ] || ! /bin/busybox --list | grep -qx setsid; then
+        log "installing busybox-static"
+        apt_install busybox-static
+    fi
+    ctx=$(mktemp -d)
+    trap 'rm -rf "$ctx"' EXIT
+    cp /bin/busybox "$ctx/busybox"
+    cat >"$ctx/Dockerfile" <<'DOCKERFILE'
+FROM scratch
+COPY busybox /bin/busybox
+RUN ["/bin/busybox", "--install", "-s", "/bin"]
+ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+CMD ["sh"]
+DOCKERFILE
+    log "building kiln-test/busybox:1"
+    DOCKER_BUILDKIT=0 docker build -q -t kiln-test/busybox:1 "$ctx" >/dev/null
+fi
+log "ready"
