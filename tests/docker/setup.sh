@@ -45,7 +45,7 @@ fi
 log "engine: $(docker version --format '{{.Server.Version}} (API {{.Server.APIVersion}})')"
 
 if ! docker image inspect kiln-test/busybox:1 >/dev/null 2>&1; then
-    if [ ! -x /bin/busybox ] || ! /bin/busybox --list | grep -qx setsid; then
+    if ! dpkg -s busybox-static >/dev/null 2>&1; then
         log "installing busybox-static"
         apt_install busybox-static
     fi

@@ -36,3 +36,41 @@ fn host_plugin_passes_conformance() {
 fn test_plugin_passes_conformance() {
     run_suite("test");
 }
+
+#[test]
+fn docker_plugin_passes_conformance() {
+    use crate::docker::{IMAGE, assert_nothing_left, docker_ready};
+    if !docker_ready("docker_plugin_passes_conformance") {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let junit = root.path().join("junit.xml");
+    let namespace = format!("conformance-e2e-{}", std::process::id());
+    let command =
+        format!("{} plugin docker --state-dir {}/state", kiln_bin(), root.path().display());
+    let out = std::process::Command::new(conformance_bin())
+        .args(["--command", &command, "--namespace", &namespace])
+        .args(["--option", &format!("image={IMAGE}"), "--container-image", IMAGE, "--junit"])
+        .arg(&junit)
+        .env("KILN_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "conformance failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = stdout.lines().last().unwrap_or_default();
+    assert!(summary.contains(" passed, 0 failed"), "{summary}");
+    for case in
+        ["semantics/containers/job", "semantics/containers/service", "semantics/containers/step"]
+    {
+        assert!(
+            stdout.lines().any(|l| l.starts_with("PASS") && l.contains(case)),
+            "{case} did not pass:\n{stdout}"
+        );
+    }
+    assert_nothing_left(&namespace);
+}

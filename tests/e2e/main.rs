@@ -3,6 +3,9 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod conformance;
+mod docker;
+mod daemon;
 mod exec;
+mod fake_forgejo;
 mod lifecycle;
 mod support;

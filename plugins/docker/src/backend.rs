@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::Context;
 use bollard::Docker;
 use bollard::models::{
-    ContainerCreateBody, ContainerStateStatusEnum, EndpointSettings, HealthStatusEnum,
-    HostConfig, NetworkCreateRequest, NetworkingConfig, VolumeCreateRequest,
+    ContainerCreateBody, ContainerStateStatusEnum, EndpointSettings, HealthStatusEnum, HostConfig,
+    NetworkCreateRequest, NetworkingConfig, VolumeCreateRequest,
 };
 use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, InspectContainerOptions, InspectNetworkOptions,
@@ -21,10 +21,10 @@ use futures::StreamExt;
 use kiln_plugin_sdk::ids::validate_id;
 use kiln_plugin_sdk::{
     Backend, Capabilities, CapabilitiesRequest, Container, ContainerKind, ContainerRef,
-    ContainerRequest, ContainerSpec, ContainerState, ContainerStatus, CopyInTarget,
-    CopyOutSource, CopyStats, Environment, EnvironmentRequest, EnvironmentSummary, Error,
-    ExecRequest, ExecStream, Fault, Features, Health, LayerSupport, Owner, PROTOCOL_VERSION,
-    Paths, PortBinding, RemoveRequest, Result, Selector, SignalRequest,
+    ContainerRequest, ContainerSpec, ContainerState, ContainerStatus, CopyInTarget, CopyOutSource,
+    CopyStats, Environment, EnvironmentRequest, EnvironmentSummary, Error, ExecRequest, ExecStream,
+    Fault, Features, Health, LayerSupport, Owner, PROTOCOL_VERSION, Paths, PortBinding,
+    RemoveRequest, Result, Selector, SignalRequest,
 };
 
 use crate::exec::ExecHandle;
@@ -304,7 +304,12 @@ impl DockerBackend {
         let present = match docker.inspect_image(image).await {
             Ok(_) => true,
             Err(e) if is_not_found(&e) => false,
-            Err(e) if matches!(e, bollard::errors::Error::DockerResponseServerError { status_code: 400, .. }) => {
+            Err(e)
+                if matches!(
+                    e,
+                    bollard::errors::Error::DockerResponseServerError { status_code: 400, .. }
+                ) =>
+            {
                 return Err(Error::invalid_argument(format!(
                     "image {image:?} is not a valid image reference: {e}"
                 ))
@@ -321,7 +326,8 @@ impl DockerBackend {
             password: Some(c.password.clone()),
             ..Default::default()
         });
-        let options = CreateImageOptions { from_image: Some(image.to_owned()), ..Default::default() };
+        let options =
+            CreateImageOptions { from_image: Some(image.to_owned()), ..Default::default() };
         let mut pull = docker.create_image(Some(options), None, auth);
         let mut failure = None;
         while let Some(item) = pull.next().await {
@@ -333,7 +339,9 @@ impl DockerBackend {
                 }
                 Err(e) => {
                     failure = Some(match e {
-                        bollard::errors::Error::DockerResponseServerError { message, .. } => message,
+                        bollard::errors::Error::DockerResponseServerError { message, .. } => {
+                            message
+                        }
                         other => other.to_string(),
                     });
                     break;
@@ -723,7 +731,8 @@ fn connect_docker(config: &DockerConfig) -> anyhow::Result<Docker> {
 
 /// The hash of a container spec, for idempotent creates (the password is left out).
 fn container_spec_hash(kind: ContainerKind, s: &ContainerSpec) -> String {
-    let env: Vec<(String, String)> = s.env.iter().map(|v| (v.name.clone(), v.value.clone())).collect();
+    let env: Vec<(String, String)> =
+        s.env.iter().map(|v| (v.name.clone(), v.value.clone())).collect();
     labels::hash_json(&serde_json::json!({
         "kind": kind.to_string(),
         "image": s.image,
@@ -907,7 +916,10 @@ impl Backend for DockerBackend {
                     "container {:?} has exited (code {}{}); it is not restarted",
                     target.container_id,
                     st.exit_code.unwrap_or(0),
-                    st.error.filter(|e| !e.is_empty()).map(|e| format!(": {e}")).unwrap_or_default()
+                    st.error
+                        .filter(|e| !e.is_empty())
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
                 ))
                 .fault(Fault::User));
             }
@@ -987,7 +999,11 @@ impl Backend for DockerBackend {
         crate::exec::signal(self, request).await
     }
 
-    async fn copy_in(&self, target: CopyInTarget, data: kiln_plugin_sdk::ByteStream) -> Result<CopyStats> {
+    async fn copy_in(
+        &self,
+        target: CopyInTarget,
+        data: kiln_plugin_sdk::ByteStream,
+    ) -> Result<CopyStats> {
         crate::copy::copy_in(self, target, data).await
     }
 
@@ -1019,11 +1035,15 @@ impl Backend for DockerBackend {
             }
             if c.state.and_then(|s| s.running).unwrap_or(false) {
                 let secs = i32::try_from(grace.as_secs().max(1)).unwrap_or(i32::MAX);
-                let stop = bollard::query_parameters::StopContainerOptions { t: Some(secs), signal: None };
+                let stop =
+                    bollard::query_parameters::StopContainerOptions { t: Some(secs), signal: None };
                 let _ = docker.stop_container(&name, Some(stop)).await;
             }
             return match docker
-                .remove_container(&name, Some(RemoveContainerOptions { force: true, v: true, ..Default::default() }))
+                .remove_container(
+                    &name,
+                    Some(RemoveContainerOptions { force: true, v: true, ..Default::default() }),
+                )
                 .await
             {
                 Ok(()) => Ok(true),
@@ -1047,7 +1067,11 @@ impl Backend for DockerBackend {
             pairs.push(format!("{}={}", labels::RUNNER_ID, selector.runner_id));
         }
         for (k, v) in &selector.labels {
-            if k.is_empty() || !k.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-".contains(c)) {
+            if k.is_empty()
+                || !k
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-".contains(c))
+            {
                 return Err(Error::invalid_argument(format!("label key {k:?} is not [a-z0-9.-]"))
                     .field("labels"));
             }
@@ -1069,7 +1093,9 @@ impl Backend for DockerBackend {
         let mut by_env: HashMap<String, Vec<String>> = HashMap::new();
         for c in containers {
             let l = c.labels.unwrap_or_default();
-            if let (Some(e), Some(id)) = (l.get(labels::ENVIRONMENT_ID), l.get(labels::CONTAINER_ID)) {
+            if let (Some(e), Some(id)) =
+                (l.get(labels::ENVIRONMENT_ID), l.get(labels::CONTAINER_ID))
+            {
                 by_env.entry(e.clone()).or_default().push(id.clone());
             }
         }

@@ -78,9 +78,8 @@ pub(crate) async fn copy_in(
         }
         result
     });
-    let body = tokio_stream::wrappers::ReceiverStream::new(out_rx).map(|r| {
-        r.map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.message))
-    });
+    let body = tokio_stream::wrappers::ReceiverStream::new(out_rx)
+        .map(|r| r.map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.message)));
     let upload = docker.upload_to_container(
         &container,
         Some(UploadToContainerOptions { path: dest.clone(), ..Default::default() }),
@@ -96,9 +95,8 @@ pub(crate) async fn copy_in(
         Ok::<(), Error>(())
     };
     let (uploaded, fed) = tokio::join!(upload, feed);
-    let checked = checker
-        .await
-        .map_err(|e| Error::internal(format!("the archive check failed: {e}")))?;
+    let checked =
+        checker.await.map_err(|e| Error::internal(format!("the archive check failed: {e}")))?;
     let stats = checked?;
     fed?;
     uploaded.map_err(|e| docker_err(format!("extracting into {dest}"), e))?;
@@ -127,17 +125,14 @@ impl Read for BlockingReader {
 }
 
 /// Reads a tar stream, checks every entry and writes the accepted ones to `out`.
-fn recheck(
-    input: impl Read,
-    out: ChunkWriter,
-    mut links: HashSet<PathBuf>,
-) -> Result<CopyStats> {
+fn recheck(input: impl Read, out: ChunkWriter, mut links: HashSet<PathBuf>) -> Result<CopyStats> {
     let mut archive = tar::Archive::new(input);
     let mut builder = tar::Builder::new(out);
     builder.mode(tar::HeaderMode::Complete);
     let mut stats = CopyStats::default();
-    let entries =
-        archive.entries().map_err(|e| Error::invalid_argument(format!("reading tar stream: {e}")))?;
+    let entries = archive
+        .entries()
+        .map_err(|e| Error::invalid_argument(format!("reading tar stream: {e}")))?;
     for entry in entries {
         let mut entry =
             entry.map_err(|e| Error::invalid_argument(format!("reading tar entry: {e}")))?;
@@ -222,7 +217,10 @@ pub(crate) async fn copy_out(backend: &DockerBackend, source: CopyOutSource) -> 
     let path = source.path.clone();
     let mut stream = backend
         .docker()
-        .download_from_container(&container, Some(DownloadFromContainerOptions { path: path.clone() }))
+        .download_from_container(
+            &container,
+            Some(DownloadFromContainerOptions { path: path.clone() }),
+        )
         .peekable();
     // Surface a missing path as the call's error rather than mid-stream.
     if let Some(Err(_)) = std::pin::Pin::new(&mut stream).peek().await

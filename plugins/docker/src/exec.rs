@@ -21,8 +21,8 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use kiln_plugin_sdk::ids::validate_id;
 use kiln_plugin_sdk::{
-    CollectedFile, Error, ExecEvent, ExecRequest, ExecStream, ExitStatus, Exited,
-    OutputStream, Result, SignalRequest, StagedFile,
+    CollectedFile, Error, ExecEvent, ExecRequest, ExecStream, ExitStatus, Exited, OutputStream,
+    Result, SignalRequest, StagedFile,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -103,7 +103,9 @@ impl ExecHandle {
         match &self.target {
             Target::Exec { container, pidfile } => {
                 let Some(pgid) = self.pgid(pidfile).await else { return };
-                let script = format!("kill -{sig} -{pgid} 2>/dev/null || kill -{sig} {pgid} 2>/dev/null; true");
+                let script = format!(
+                    "kill -{sig} -{pgid} 2>/dev/null || kill -{sig} {pgid} 2>/dev/null; true"
+                );
                 if let Err(e) = run_detached(&self.docker, container, &script).await {
                     tracing::warn!(env = %self.env_id, error = %e, "signalling an exec failed");
                 }
@@ -200,7 +202,8 @@ pub(crate) async fn run_simple(
 /// The exit code of a finished Docker exec (waits briefly for the engine to record it).
 async fn exit_code(docker: &Docker, exec_id: &str) -> Result<i64> {
     for _ in 0..200 {
-        let i = docker.inspect_exec(exec_id).await.map_err(|e| docker_err("inspecting an exec", e))?;
+        let i =
+            docker.inspect_exec(exec_id).await.map_err(|e| docker_err("inspecting an exec", e))?;
         if !i.running.unwrap_or(false) {
             return Ok(i.exit_code.unwrap_or(-1));
         }
@@ -241,7 +244,13 @@ pub(crate) fn host_path(env: &EnvInfo, path: &str) -> Option<PathBuf> {
 
 /// Writes a staged file: directly in the host directory under `/__kiln`, else through the
 /// archive API.
-async fn stage(backend: &DockerBackend, env: &EnvInfo, container: &str, f: &StagedFile, i: usize) -> Result<()> {
+async fn stage(
+    backend: &DockerBackend,
+    env: &EnvInfo,
+    container: &str,
+    f: &StagedFile,
+    i: usize,
+) -> Result<()> {
     let field = format!("files[{i}].path");
     check_path(&f.path, &field)?;
     let mode = if f.mode == 0 { 0o644 } else { f.mode & 0o7777 };
@@ -251,7 +260,9 @@ async fn stage(backend: &DockerBackend, env: &EnvInfo, container: &str, f: &Stag
         return tokio::task::spawn_blocking(move || write_file(&h, &content, mode))
             .await
             .map_err(|e| Error::internal(format!("the staging task failed: {e}")))?
-            .map_err(|e| Error::io(format!("staging {}", f.path), &e).field(format!("files[{i}]")));
+            .map_err(|e| {
+                Error::io(format!("staging {}", f.path), &e).field(format!("files[{i}]"))
+            });
     }
     let rel = f.path.trim_start_matches('/');
     let mut b = tar::Builder::new(Vec::new());
@@ -315,9 +326,9 @@ async fn collect(
         let limit = limit.min(budget);
         let mut file = CollectedFile { path: path.clone(), ..CollectedFile::default() };
         let read = match host_path(env, path) {
-            Some(host) => tokio::task::spawn_blocking(move || read_host(&host, limit))
-                .await
-                .unwrap_or(None),
+            Some(host) => {
+                tokio::task::spawn_blocking(move || read_host(&host, limit)).await.unwrap_or(None)
+            }
             None => read_engine(backend.docker(), container, path, limit).await,
         };
         match read {
@@ -351,7 +362,12 @@ fn read_host(path: &Path, limit: u64) -> Option<(Vec<u8>, bool)> {
 }
 
 /// Reads one file through the archive API.
-async fn read_engine(docker: &Docker, container: &str, path: &str, limit: u64) -> Option<(Vec<u8>, bool)> {
+async fn read_engine(
+    docker: &Docker,
+    container: &str,
+    path: &str,
+    limit: u64,
+) -> Option<(Vec<u8>, bool)> {
     let mut stream = docker.download_from_container(
         container,
         Some(DownloadFromContainerOptions { path: path.to_owned() }),
@@ -420,7 +436,11 @@ pub(crate) async fn start(backend: &DockerBackend, req: ExecRequest) -> Result<E
     let running = inspect.state.as_ref().and_then(|s| s.running).unwrap_or(false);
     let plan = Plan {
         collect: req.collect.clone(),
-        collect_limit: if req.collect_limit_bytes == 0 { DEFAULT_COLLECT_LIMIT } else { req.collect_limit_bytes },
+        collect_limit: if req.collect_limit_bytes == 0 {
+            DEFAULT_COLLECT_LIMIT
+        } else {
+            req.collect_limit_bytes
+        },
         timeout: req.timeout.filter(|t| !t.is_zero()),
         grace: if req.grace.is_zero() { DEFAULT_GRACE } else { req.grace },
         started: Instant::now(),
@@ -463,8 +483,11 @@ pub(crate) async fn start(backend: &DockerBackend, req: ExecRequest) -> Result<E
     if !path_seen && !req.path_prepend.is_empty() {
         vars.push(format!("PATH={}", prepend(&req.path_prepend, "")));
     }
-    let workdir =
-        if req.working_dir.is_empty() { crate::backend::WORKSPACE.to_owned() } else { req.working_dir.clone() };
+    let workdir = if req.working_dir.is_empty() {
+        crate::backend::WORKSPACE.to_owned()
+    } else {
+        req.working_dir.clone()
+    };
     let mut cmd = vec![
         "/bin/sh".to_owned(),
         "-c".to_owned(),
@@ -489,12 +512,18 @@ pub(crate) async fn start(backend: &DockerBackend, req: ExecRequest) -> Result<E
         .await
         .map_err(|e| match e {
             bollard::errors::Error::DockerResponseServerError { status_code: 409, message } => {
-                Error::failed_precondition(format!("container {:?} is not running: {message}", req.container_id))
+                Error::failed_precondition(format!(
+                    "container {:?} is not running: {message}",
+                    req.container_id
+                ))
             }
             other => docker_err("creating the exec", other),
         })?;
     let started = docker
-        .start_exec(&exec.id, Some(StartExecOptions { output_capacity: Some(64 * 1024), ..Default::default() }))
+        .start_exec(
+            &exec.id,
+            Some(StartExecOptions { output_capacity: Some(64 * 1024), ..Default::default() }),
+        )
         .await
         .map_err(|e| docker_err("starting the exec", e))?;
     let StartExecResults::Attached { output, .. } = started else {
@@ -564,7 +593,13 @@ async fn start_step(
     let attached = docker
         .attach_container(
             &container,
-            Some(AttachContainerOptions { stream: true, stdout: true, stderr: true, logs: true, ..Default::default() }),
+            Some(AttachContainerOptions {
+                stream: true,
+                stdout: true,
+                stderr: true,
+                logs: true,
+                ..Default::default()
+            }),
         )
         .await
         .map_err(|e| docker_err("attaching to the step container", e))?;
@@ -651,7 +686,10 @@ async fn recreate_with_env(
         .map_err(|e| docker_err("replacing the step container", e))?;
     docker
         .create_container(
-            Some(bollard::query_parameters::CreateContainerOptions { name: Some(name.to_owned()), ..Default::default() }),
+            Some(bollard::query_parameters::CreateContainerOptions {
+                name: Some(name.to_owned()),
+                ..Default::default()
+            }),
             body,
         )
         .await
@@ -672,7 +710,10 @@ async fn drive<S, P, F>(
     handle: Arc<ExecHandle>,
     plan: Plan,
 ) where
-    S: Stream<Item = std::result::Result<LogOutput, bollard::errors::Error>> + Unpin + Send + 'static,
+    S: Stream<Item = std::result::Result<LogOutput, bollard::errors::Error>>
+        + Unpin
+        + Send
+        + 'static,
     P: Fn() -> F + Send,
     F: std::future::Future<Output = Result<Option<(i64, bool)>>> + Send,
 {
@@ -785,7 +826,8 @@ async fn drive<S, P, F>(
                     Some(sig) => ExitStatus::Signal(*sig),
                     None => ExitStatus::Code(code),
                 };
-                let files = collect(&backend, &env, &container, &plan.collect, plan.collect_limit).await;
+                let files =
+                    collect(&backend, &env, &container, &plan.collect, plan.collect_limit).await;
                 Ok(ExecEvent::Exited(Exited {
                     status,
                     oom_killed: oom,
@@ -819,8 +861,9 @@ pub(crate) async fn signal(backend: &DockerBackend, req: SignalRequest) -> Resul
         if lock(&backend.inner.exec_ids).contains(&req.exec_id) {
             return Ok(false);
         }
-        return Err(Error::not_found(format!("exec {:?} does not exist", req.exec_id))
-            .field("exec_id"));
+        return Err(
+            Error::not_found(format!("exec {:?} does not exist", req.exec_id)).field("exec_id")
+        );
     };
     if handle.is_done() {
         return Ok(false);

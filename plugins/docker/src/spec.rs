@@ -33,16 +33,8 @@ const DEFAULT_OPTIONS: &[&str] = &[
 ];
 
 /// Options the plugin understands at all (the rest are INVALID_ARGUMENT).
-const KNOWN_OPTIONS: &[&str] = &[
-    "privileged",
-    "cap-add",
-    "security-opt",
-    "device",
-    "pid",
-    "ipc",
-    "volume",
-    "entrypoint",
-];
+const KNOWN_OPTIONS: &[&str] =
+    &["privileged", "cap-add", "security-opt", "device", "pid", "ipc", "volume", "entrypoint"];
 
 /// What the policy and parser produce for one container.
 #[derive(Debug, Default)]
@@ -95,13 +87,17 @@ pub(crate) fn parse(env_id: &str, spec: &ContainerSpec, policy: &Policy<'_>) -> 
         let (container_port, binding) = parse_port(port)
             .map_err(|m| Error::invalid_argument(m).field(format!("spec.ports[{i}]")))?;
         p.exposed.push(container_port.clone());
-        bindings.entry(container_port).or_insert_with(|| Some(Vec::new())).get_or_insert_default().push(binding);
+        bindings
+            .entry(container_port)
+            .or_insert_with(|| Some(Vec::new()))
+            .get_or_insert_default()
+            .push(binding);
     }
     if !bindings.is_empty() {
         p.host.port_bindings = Some(bindings);
     }
-    let words = split_words(&spec.options)
-        .map_err(|m| Error::invalid_argument(m).field("spec.options"))?;
+    let words =
+        split_words(&spec.options).map_err(|m| Error::invalid_argument(m).field("spec.options"))?;
     let mut it = words.into_iter().peekable();
     let mut health = HealthConfig::default();
     let mut has_health = false;
@@ -164,7 +160,8 @@ pub(crate) fn parse(env_id: &str, spec: &ContainerSpec, policy: &Policy<'_>) -> 
             }
         };
         let bad = |what: &str| {
-            Error::invalid_argument(format!("option --{name} {value:?}: {what}")).field(field.clone())
+            Error::invalid_argument(format!("option --{name} {value:?}: {what}"))
+                .field(field.clone())
         };
         let h = &mut p.host;
         match name.as_str() {
@@ -172,7 +169,10 @@ pub(crate) fn parse(env_id: &str, spec: &ContainerSpec, policy: &Policy<'_>) -> 
                 let cpus: f64 = value.parse().map_err(|_| bad("expected a number of CPUs"))?;
                 h.nano_cpus = Some((cpus * 1e9) as i64);
             }
-            "memory" => h.memory = Some(parse_bytes(&value).ok_or_else(|| bad("expected a size like 512m"))?),
+            "memory" => {
+                h.memory =
+                    Some(parse_bytes(&value).ok_or_else(|| bad("expected a size like 512m"))?)
+            }
             "memory-swap" => {
                 h.memory_swap = Some(if value == "-1" {
                     -1
@@ -181,25 +181,35 @@ pub(crate) fn parse(env_id: &str, spec: &ContainerSpec, policy: &Policy<'_>) -> 
                 })
             }
             "memory-reservation" => {
-                h.memory_reservation = Some(parse_bytes(&value).ok_or_else(|| bad("expected a size"))?)
+                h.memory_reservation =
+                    Some(parse_bytes(&value).ok_or_else(|| bad("expected a size"))?)
             }
-            "shm-size" => h.shm_size = Some(parse_bytes(&value).ok_or_else(|| bad("expected a size"))?),
-            "pids-limit" => h.pids_limit = Some(value.parse().map_err(|_| bad("expected a number"))?),
+            "shm-size" => {
+                h.shm_size = Some(parse_bytes(&value).ok_or_else(|| bad("expected a size"))?)
+            }
+            "pids-limit" => {
+                h.pids_limit = Some(value.parse().map_err(|_| bad("expected a number"))?)
+            }
             "health-cmd" => {
                 has_health = true;
                 health.test = Some(vec!["CMD-SHELL".to_owned(), value]);
             }
             "health-interval" => {
                 has_health = true;
-                health.interval = Some(parse_duration_ns(&value).ok_or_else(|| bad("expected a duration like 10s"))?);
+                health.interval = Some(
+                    parse_duration_ns(&value).ok_or_else(|| bad("expected a duration like 10s"))?,
+                );
             }
             "health-timeout" => {
                 has_health = true;
-                health.timeout = Some(parse_duration_ns(&value).ok_or_else(|| bad("expected a duration like 5s"))?);
+                health.timeout = Some(
+                    parse_duration_ns(&value).ok_or_else(|| bad("expected a duration like 5s"))?,
+                );
             }
             "health-start-period" => {
                 has_health = true;
-                health.start_period = Some(parse_duration_ns(&value).ok_or_else(|| bad("expected a duration"))?);
+                health.start_period =
+                    Some(parse_duration_ns(&value).ok_or_else(|| bad("expected a duration"))?);
             }
             "health-retries" => {
                 has_health = true;
@@ -219,7 +229,8 @@ pub(crate) fn parse(env_id: &str, spec: &ContainerSpec, policy: &Policy<'_>) -> 
                 h.tmpfs.get_or_insert_default().insert(path.to_owned(), opts.to_owned());
             }
             "ulimit" => {
-                let (n, lim) = value.split_once('=').ok_or_else(|| bad("expected NAME=SOFT[:HARD]"))?;
+                let (n, lim) =
+                    value.split_once('=').ok_or_else(|| bad("expected NAME=SOFT[:HARD]"))?;
                 let (soft, hard) = lim.split_once(':').unwrap_or((lim, lim));
                 h.ulimits.get_or_insert_default().push(bollard::models::ResourcesUlimits {
                     name: Some(n.to_owned()),
@@ -234,7 +245,13 @@ pub(crate) fn parse(env_id: &str, spec: &ContainerSpec, policy: &Policy<'_>) -> 
             "security-opt" => h.security_opt.get_or_insert_default().push(value),
             "device" => h.devices.get_or_insert_default().push(bollard::models::DeviceMapping {
                 path_on_host: Some(value.split(':').next().unwrap_or_default().to_owned()),
-                path_in_container: Some(value.split(':').nth(1).unwrap_or(value.split(':').next().unwrap_or_default()).to_owned()),
+                path_in_container: Some(
+                    value
+                        .split(':')
+                        .nth(1)
+                        .unwrap_or(value.split(':').next().unwrap_or_default())
+                        .to_owned(),
+                ),
                 cgroup_permissions: Some("rwm".to_owned()),
             }),
             "pid" => h.pid_mode = Some(value),
@@ -270,11 +287,12 @@ fn volume(
     p: &mut Parsed,
 ) -> Result<()> {
     let parts: Vec<&str> = v.split(':').collect();
-    let bad = |m: &str| Error::invalid_argument(format!("volume {v:?}: {m}")).field(field.to_owned());
+    let bad =
+        |m: &str| Error::invalid_argument(format!("volume {v:?}: {m}")).field(field.to_owned());
     match parts.as_slice() {
         [path] if path.starts_with('/') => {
             // An anonymous volume: removed with its container.
-            binds.push(format!("{path}"));
+            binds.push((*path).to_owned());
             Ok(())
         }
         [src, dst] | [src, dst, _] => {
@@ -477,7 +495,8 @@ mod tests {
         let err = parse("e", &spec, &policy(&[], &[])).unwrap_err();
         assert_eq!(err.code, kiln_plugin_sdk::Code::PermissionDenied);
         assert_eq!(err.field.as_deref(), Some("spec.volumes[1]"));
-        let priv_spec = ContainerSpec { options: "--privileged".into(), ..ContainerSpec::default() };
+        let priv_spec =
+            ContainerSpec { options: "--privileged".into(), ..ContainerSpec::default() };
         let err = parse("e", &priv_spec, &policy(&[], &[])).unwrap_err();
         assert_eq!(err.code, kiln_plugin_sdk::Code::PermissionDenied);
         assert!(err.message.contains("--allow-option privileged"), "{err}");

@@ -21,6 +21,16 @@ pub(crate) enum Command {
     Exec(ExecArgs),
     /// Check workflow files without running them.
     Validate(ValidateArgs),
+    /// Register this runner with a Forgejo/Gitea instance (writes the .runner file).
+    Register(RegisterArgs),
+    /// Write the .runner file from a shared secret (forgejo-cli actions register --secret).
+    CreateRunnerFile(CreateRunnerFileArgs),
+    /// Poll the instance for jobs and run them.
+    Daemon(DaemonArgs),
+    /// Fetch one job, run it and exit (ephemeral or autoscaled runners).
+    OneJob(OneJobArgs),
+    /// Print a commented example configuration file.
+    GenerateConfig,
     /// Serve a first-party plugin (used by kiln itself for managed plugins).
     #[command(subcommand)]
     Plugin(PluginCommand),
@@ -102,4 +112,65 @@ pub(crate) struct ValidateArgs {
     /// Workflow files or directories.
     #[arg(required = true)]
     pub(crate) paths: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RegisterArgs {
+    /// The config file (for runner.file, where the .runner file goes).
+    #[arg(short, long)]
+    pub(crate) config: Option<PathBuf>,
+    /// The instance URL, e.g. https://forgejo.example.
+    #[arg(long)]
+    pub(crate) instance: Option<String>,
+    /// The registration token (Site, organisation or repository settings → Actions → Runners).
+    #[arg(long, env = "KILN_REGISTRATION_TOKEN", hide_env_values = true)]
+    pub(crate) token: Option<String>,
+    /// The runner's name (default: the host name).
+    #[arg(long)]
+    pub(crate) name: Option<String>,
+    /// Labels, comma-separated: linux:host, ubuntu-latest:docker://IMAGE, vm:PLUGIN.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) labels: Vec<String>,
+    /// Never prompt (kiln never prompts; kept for Forgejo Runner's command lines).
+    #[arg(long)]
+    pub(crate) no_interactive: bool,
+    /// Register an ephemeral runner (one job, then the server deletes it).
+    #[arg(long)]
+    pub(crate) ephemeral: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CreateRunnerFileArgs {
+    /// The config file (for runner.file).
+    #[arg(short, long)]
+    pub(crate) config: Option<PathBuf>,
+    /// The instance URL.
+    #[arg(long)]
+    pub(crate) instance: String,
+    /// The 40-hex shared secret given to forgejo-cli actions register --secret.
+    #[arg(long, env = "KILN_RUNNER_SECRET", hide_env_values = true)]
+    pub(crate) secret: String,
+    /// The runner's name.
+    #[arg(long, default_value = "kiln")]
+    pub(crate) name: String,
+    /// Labels, comma-separated (stored in the file; the config's runner.labels win).
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) labels: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DaemonArgs {
+    /// The config file (see kiln generate-config); without one, the defaults.
+    #[arg(short, long)]
+    pub(crate) config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct OneJobArgs {
+    /// The config file.
+    #[arg(short, long)]
+    pub(crate) config: Option<PathBuf>,
+    /// The handle of the job to run (Forgejo >= 15); without it, any job for this runner.
+    #[arg(long)]
+    pub(crate) handle: Option<String>,
 }

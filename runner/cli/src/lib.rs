@@ -1,7 +1,9 @@
 //! The `kiln` command line: `exec` (run a workflow locally), `plugin host|test` (serve a
-//! first-party plugin), `validate`, and the daemon-mode commands as they land.
+//! first-party plugin), `validate`, and the daemon-mode commands (`register`,
+//! `create-runner-file`, `daemon`, `one-job`, `generate-config`; see `daemon.rs`).
 
 mod cli;
+mod daemon;
 mod exec;
 mod logging;
 
@@ -14,7 +16,12 @@ pub use cli::Cli;
 /// Entry point of the `kiln` binary (and of the e2e shims).
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.verbose);
+    let config_level = match &cli.command {
+        cli::Command::Daemon(a) => daemon::log_level_of(a.config.as_deref()),
+        cli::Command::OneJob(a) => daemon::log_level_of(a.config.as_deref()),
+        _ => None,
+    };
+    logging::init(cli.verbose, config_level.as_deref());
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -40,6 +47,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         cli::Command::Exec(args) => exec::exec(args).await,
         cli::Command::Validate(args) => exec::validate(args),
+        cli::Command::Register(args) => daemon::register(args).await,
+        cli::Command::CreateRunnerFile(args) => daemon::create_runner_file(args),
+        cli::Command::Daemon(args) => daemon::daemon(args).await,
+        cli::Command::OneJob(args) => daemon::one_job(args).await,
+        cli::Command::GenerateConfig => daemon::generate_config(),
         cli::Command::Plugin(p) => match p {
             cli::PluginCommand::Host(args) => {
                 kiln_plugin_host::run(args).await?;

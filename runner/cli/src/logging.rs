@@ -1,9 +1,10 @@
 //! Logging of the `kiln` binary: tracing to stderr, filtered by `KILN_LOG` / `RUST_LOG`; stdout
 //! stays for the run's output.
 
-pub(crate) fn init(verbose: u8) {
+/// `config_level` is the config file's `log.level`, used when `-v` is not given.
+pub(crate) fn init(verbose: u8, config_level: Option<&str>) {
     let default = match verbose {
-        0 => "warn",
+        0 => config_level.unwrap_or("warn"),
         1 => "info",
         2 => "debug",
         _ => "trace",

@@ -164,8 +164,9 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
     ];
     for (key, value, slot) in durations {
         if let Some(v) = value {
-            *slot = duration_value(&v)
-                .with_context(|| format!("{file}: runner.{key}: expected a duration like 2s, 3h or 1m30s"))?;
+            *slot = duration_value(&v).with_context(|| {
+                format!("{file}: runner.{key}: expected a duration like 2s, 3h or 1m30s")
+            })?;
         }
     }
     if c.report_interval.is_zero() || c.fetch_interval.is_zero() {
@@ -197,9 +198,13 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
         let key = format!("plugins.{name}");
         let spec = match (p.command, p.endpoint) {
             (Some(_), Some(_)) => {
-                bail!("{file}: {key}: give either command (kiln starts it) or endpoint (it runs on its own), not both")
+                bail!(
+                    "{file}: {key}: give either command (kiln starts it) or endpoint (it runs on its own), not both"
+                )
             }
-            (None, None) => bail!("{file}: {key}: needs command: [program, args…] or endpoint: unix:///path.sock"),
+            (None, None) => bail!(
+                "{file}: {key}: needs command: [program, args…] or endpoint: unix:///path.sock"
+            ),
             (Some(command), None) => {
                 let command: Vec<String> = match command {
                     Value::String(s) => s.split_whitespace().map(str::to_owned).collect(),
@@ -247,7 +252,10 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
 }
 
 /// Checks that every label's backend is configured (`host` always is).
-pub fn check_labels(labels: &[LabelConfig], plugins: &BTreeMap<String, PluginSpec>) -> anyhow::Result<()> {
+pub fn check_labels(
+    labels: &[LabelConfig],
+    plugins: &BTreeMap<String, PluginSpec>,
+) -> anyhow::Result<()> {
     for l in labels {
         let b = l.backend.as_str();
         if b.is_empty() || b == "host" || b == labels::SKIP || plugins.contains_key(b) {
@@ -361,16 +369,29 @@ mod tests {
         assert_eq!(c.runner.fetch_interval, Duration::from_millis(500));
         let labels = c.runner.labels.unwrap();
         assert_eq!(labels[0].backend, "host");
-        assert_eq!((labels[1].backend.as_str(), labels[1].options["memory"].as_str()), ("qemu", Some("4G")));
+        assert_eq!(
+            (labels[1].backend.as_str(), labels[1].options["memory"].as_str()),
+            ("qemu", Some("4G"))
+        );
         assert_eq!(c.runner.envs["A"], "b");
     }
 
     #[test]
     fn errors_name_the_file_and_key() {
-        assert!(err("runner:\n  capcity: 2\n").contains("unknown field `capcity`"), "{}", err("runner:\n  capcity: 2\n"));
+        assert!(
+            err("runner:\n  capcity: 2\n").contains("unknown field `capcity`"),
+            "{}",
+            err("runner:\n  capcity: 2\n")
+        );
         assert!(err("runner:\n  capcity: 2\n").starts_with("c.yaml: "));
-        assert_eq!(err("runner:\n  timeout: soon\n"), "c.yaml: runner.timeout: expected a duration like 2s, 3h or 1m30s: \"soon\" is not a number followed by a unit");
-        assert_eq!(err("runner:\n  capacity: 0\n"), "c.yaml: runner.capacity: must be at least 1, got 0");
+        assert_eq!(
+            err("runner:\n  timeout: soon\n"),
+            "c.yaml: runner.timeout: expected a duration like 2s, 3h or 1m30s: \"soon\" is not a number followed by a unit"
+        );
+        assert_eq!(
+            err("runner:\n  capacity: 0\n"),
+            "c.yaml: runner.capacity: must be at least 1, got 0"
+        );
         assert_eq!(
             err("runner:\n  labels: [a:qemu]\n"),
             "c.yaml: runner.labels: label \"a\" uses backend \"qemu\", which is not configured; add plugins.qemu with command: or endpoint:"

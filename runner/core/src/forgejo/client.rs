@@ -260,7 +260,11 @@ impl Client {
             let bytes = body
                 .collect()
                 .await
-                .map_err(|e| Error::Transport { method, url: url.clone(), detail: error_chain(&e) })?
+                .map_err(|e| Error::Transport {
+                    method,
+                    url: url.clone(),
+                    detail: error_chain(&e),
+                })?
                 .to_bytes();
             Ok::<_, Error>((parts, bytes))
         };
@@ -281,7 +285,10 @@ impl Client {
         if parts.status == hyper::StatusCode::OK {
             return serde_json::from_slice(&bytes).map_err(|e| Error::Decode {
                 method,
-                detail: format!("{e} in {}", String::from_utf8_lossy(&bytes[..bytes.len().min(200)])),
+                detail: format!(
+                    "{e} in {}",
+                    String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
+                ),
             });
         }
         #[derive(serde::Deserialize)]
@@ -351,7 +358,12 @@ impl Backoff {
 
     /// Calls `f` until it succeeds, fails with a permanent error, `give_up_after` passes or
     /// `stop` is cancelled (then the last error is returned).
-    pub async fn retry<T, F, Fut>(self, what: &str, stop: &CancellationToken, mut f: F) -> Result<T, Error>
+    pub async fn retry<T, F, Fut>(
+        self,
+        what: &str,
+        stop: &CancellationToken,
+        mut f: F,
+    ) -> Result<T, Error>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, Error>>,

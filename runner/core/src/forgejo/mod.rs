@@ -5,8 +5,8 @@
 //! The wire protocol is described field by field in `shared/design/forgejo-protocol.md`.
 
 pub mod client;
-pub mod types;
-pub mod reporter;
-pub mod task;
 pub mod poller;
 pub mod registration;
+pub mod reporter;
+pub mod task;
+pub mod types;

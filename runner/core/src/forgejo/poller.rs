@@ -110,7 +110,11 @@ pub async fn run_daemon(
                         wait = Duration::ZERO;
                     }
                     if tasks.len() > free {
-                        tracing::warn!(got = tasks.len(), free, "the server sent more tasks than asked for; running them all");
+                        tracing::warn!(
+                            got = tasks.len(),
+                            free,
+                            "the server sent more tasks than asked for; running them all"
+                        );
                     }
                     for task in tasks {
                         running.spawn(run_task(
@@ -244,7 +248,9 @@ pub async fn run_one(
         None => {
             let req = FetchTaskRequest { tasks_version: 0, task_capacity: Some(1) };
             patient
-                .retry("fetching a task", &stop, || client.fetch_task(&req, &key, poll.fetch_timeout))
+                .retry("fetching a task", &stop, || {
+                    client.fetch_task(&req, &key, poll.fetch_timeout)
+                })
                 .await?
                 .task
         }

@@ -55,7 +55,10 @@ impl RunnerFile {
         let file: RunnerFile = serde_json::from_str(&text)
             .with_context(|| format!("{}: not a valid .runner file", path.display()))?;
         if file.uuid.is_empty() || file.token.is_empty() || file.address.is_empty() {
-            bail!("{}: uuid, token and address must be set; register the runner again", path.display());
+            bail!(
+                "{}: uuid, token and address must be set; register the runner again",
+                path.display()
+            );
         }
         Ok(file)
     }
@@ -87,7 +90,12 @@ impl RunnerFile {
 
     /// The shared-secret flow: the uuid is the first 16 characters of the 40-hex secret taken as
     /// raw bytes (Go's `uuid.FromBytes([]byte(secret[:16]))`), the token the whole secret.
-    pub fn from_secret(instance: &str, secret: &str, name: &str, labels: Vec<String>) -> anyhow::Result<RunnerFile> {
+    pub fn from_secret(
+        instance: &str,
+        secret: &str,
+        name: &str,
+        labels: Vec<String>,
+    ) -> anyhow::Result<RunnerFile> {
         if secret.len() != 40 || !secret.bytes().all(|b| b.is_ascii_hexdigit()) {
             bail!(
                 "--secret: expected 40 hexadecimal characters (as given to forgejo-cli actions \
@@ -136,8 +144,10 @@ pub async fn register(
             }
         }
     }
-    let names: Vec<String> =
-        labels.iter().map(|l| l.split_once(':').map_or(l.as_str(), |(n, _)| n).to_owned()).collect();
+    let names: Vec<String> = labels
+        .iter()
+        .map(|l| l.split_once(':').map_or(l.as_str(), |(n, _)| n).to_owned())
+        .collect();
     let req = RegisterRequest {
         name: name.to_owned(),
         token: token.to_owned(),

@@ -19,7 +19,8 @@ use crate::output::{Event, EventSink, LineKind};
 use crate::workflow::AnnotationLevel;
 
 /// Forgejo Runner's last row for a job over `runner.timeout`.
-pub const TIMEOUT_LINE: &str = "The runner cancelled the job because it exceeds the maximum run time";
+pub const TIMEOUT_LINE: &str =
+    "The runner cancelled the job because it exceeds the maximum run time";
 
 /// Longest output key the server stores.
 const MAX_OUTPUT_KEY: usize = 255;
@@ -153,8 +154,8 @@ impl Reporter {
                 st.push_row(&format!("ignoring output {k:.40}…: the name is over 255 bytes"), None);
             } else if v.len() > MAX_OUTPUT_VALUE {
                 st.push_row(&format!("ignoring output {k}: the value is over 1 MiB"), None);
-            } else if !st.outputs.contains_key(&k) {
-                st.outputs.insert(k, v);
+            } else {
+                st.outputs.entry(k).or_insert(v);
             }
         }
     }
@@ -240,7 +241,11 @@ impl Reporter {
             && st.state.result == TaskResult::Unspecified
             && !self.cancel.is_cancelled()
         {
-            tracing::info!(task = self.task_id, result = server.name(), "the server stopped the task; cancelling it");
+            tracing::info!(
+                task = self.task_id,
+                result = server.name(),
+                "the server stopped the task; cancelling it"
+            );
             self.cancel.cancel();
         }
         let unsent = st.outputs.keys().filter(|k| !st.sent_outputs.contains(*k)).count();
@@ -259,6 +264,9 @@ impl Reporter {
     /// backoff until `force` is cancelled.
     pub async fn close(&self, ending: Ending, force: &CancellationToken) -> Result<(), Error> {
         self.closing.cancel();
+        // Hold the send lock from here: the final rows must go with `no_more` (a call without
+        // new rows does not archive the log), not with a periodic report.
+        let _guard = self.send.lock().await;
         {
             let mut st = self.state.lock().map_err(|_| poisoned("close"))?;
             let result = match &ending {
@@ -277,6 +285,14 @@ impl Reporter {
             st.current_step = None;
             if matches!(ending, Ending::DeadlineExceeded) {
                 st.push_row(TIMEOUT_LINE, None);
+            } else {
+                let word = match result {
+                    TaskResult::Success => "succeeded",
+                    TaskResult::Cancelled => "cancelled",
+                    TaskResult::Skipped => "skipped",
+                    _ => "failed",
+                };
+                st.push_row(&format!("Job {word}"), None);
             }
             if result != TaskResult::Success {
                 st.outputs.clear();
@@ -305,7 +321,6 @@ impl Reporter {
             st.state.result = result;
             st.state.stopped_at = Some(now);
         }
-        let _guard = self.send.lock().await;
         Backoff::REPORT.retry("sending the final logs", force, || self.report_log(true)).await?;
         Backoff::REPORT.retry("sending the final state", force, || self.report_state(true)).await
     }

@@ -223,7 +223,8 @@ pub async fn run_task(
     let ending = match prepared {
         Err(e) => Ending::Error(e),
         Ok(p) => {
-            let run = run_workflow(p.options, backends, reporter.clone(), cancel.clone(), force.clone());
+            let run =
+                run_workflow(p.options, backends, reporter.clone(), cancel.clone(), force.clone());
             tokio::pin!(run);
             let mut deadline = false;
             let result = tokio::select! {
@@ -246,11 +247,7 @@ pub async fn run_task(
                     (k.clone(), v)
                 }));
             }
-            if deadline {
-                Ending::DeadlineExceeded
-            } else {
-                Ending::Finished(result.result.into())
-            }
+            if deadline { Ending::DeadlineExceeded } else { Ending::Finished(result.result.into()) }
         }
     };
     let result = match &ending {

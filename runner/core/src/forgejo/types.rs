@@ -356,9 +356,9 @@ mod int64 {
             Value::Number(n) => {
                 n.as_i64().ok_or_else(|| serde::de::Error::custom(format!("{n} is not an int64")))
             }
-            Value::String(s) => s
-                .parse()
-                .map_err(|_| serde::de::Error::custom(format!("{s:?} is not an int64"))),
+            Value::String(s) => {
+                s.parse().map_err(|_| serde::de::Error::custom(format!("{s:?} is not an int64")))
+            }
             other => Err(serde::de::Error::custom(format!("expected an int64, got {other}"))),
         }
     }
@@ -449,11 +449,13 @@ mod tests {
         assert_eq!(task.workflow_payload, b"on: push");
         assert_eq!(task.needs["a"].result, TaskResult::Failure);
         assert_eq!(task.needs["b"].result, TaskResult::Success);
-        let req = serde_json::to_string(&FetchTaskRequest { tasks_version: 5, task_capacity: Some(2) })
-            .unwrap();
+        let req =
+            serde_json::to_string(&FetchTaskRequest { tasks_version: 5, task_capacity: Some(2) })
+                .unwrap();
         assert_eq!(req, r#"{"tasksVersion":"5","taskCapacity":"2"}"#);
-        let req = serde_json::to_string(&FetchTaskRequest { tasks_version: 0, task_capacity: None })
-            .unwrap();
+        let req =
+            serde_json::to_string(&FetchTaskRequest { tasks_version: 0, task_capacity: None })
+                .unwrap();
         assert_eq!(req, r#"{"tasksVersion":"0"}"#);
     }
 }

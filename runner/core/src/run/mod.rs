@@ -552,3 +552,69 @@ impl Timer {
         self.0.elapsed()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Always;
+
+    impl expr::Host for Always {
+        fn job_status(&self) -> JobStatus {
+            JobStatus::Success
+        }
+        fn hash_files(&self, _: &[String]) -> Result<String, String> {
+            Ok(String::new())
+        }
+    }
+
+    fn eval(matrix: Value) -> String {
+        let mut contexts = Map::new();
+        contexts.insert("inputs".into(), json!({ "n": 3 }));
+        let scope = Scope { contexts: &contexts, host: &Always };
+        match eval_matrix(&matrix, &scope, 0) {
+            Ok(v) => v.to_string(),
+            Err(e) => format!("error: {e}"),
+        }
+    }
+
+    #[test]
+    fn matrix_templates() {
+        let cases = [
+            (json!({ "a": [1, "${{ inputs.n }}"] }), r#"{"a":[1,3]}"#),
+            (json!({ "a": ["x", "${{ fromJSON('[1,2]') }}"] }), r#"{"a":["x",1,2]}"#),
+            (json!({ "a": [["${{ fromJSON('[1,2]') }}"]] }), r#"{"a":[[1,2]]}"#),
+            (json!({ "a": [{ "k": 1, "${{ insert }}": { "j": 2 } }] }), r#"{"a":[{"k":1,"j":2}]}"#),
+            (
+                json!({ "a": [{ "${{insert}}": "${{ fromJSON('{\"z\":1}') }}" }] }),
+                r#"{"a":[{"z":1}]}"#,
+            ),
+            (json!({ "${{ insert }}": "x" }), "error: ${{ insert }} needs an object, got x"),
+            (json!({ "a": "${{ fromJSON('[1]') }}" }), r#"{"a":[1]}"#),
+            (json!({ "a": ["${{ nope }}"] }), "error: unrecognized named-value"),
+        ];
+        for (input, want) in cases {
+            let got = eval(input.clone());
+            assert!(got.starts_with(want), "{input}: got {got}, want {want}");
+        }
+    }
+
+    #[test]
+    fn status_functions_are_detected() {
+        assert!(uses_status_function("${{ always() }}"));
+        assert!(uses_status_function("failure() && x"));
+        assert!(!uses_status_function("${{ github.ref == 'x' }}"));
+        assert!(!uses_status_function(""));
+    }
+
+    #[test]
+    fn selected_jobs_pull_in_their_needs() {
+        let wf = workflow::parse_workflow(
+            "on: push\njobs:\n  a:\n    runs-on: x\n    steps: [{run: a}]\n  b:\n    needs: a\n    runs-on: x\n    steps: [{run: b}]\n  c:\n    runs-on: x\n    steps: [{run: c}]\n",
+            "w.yml",
+        )
+        .unwrap();
+        assert_eq!(select_jobs(&wf, Some(&["b".to_owned()])), vec!["a", "b"]);
+        assert_eq!(select_jobs(&wf, None), vec!["a", "b", "c"]);
+    }
+}

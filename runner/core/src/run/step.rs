@@ -1091,10 +1091,7 @@ async fn run_uses(
                 Some(d) => match expr::interpolate(d, &scope) {
                     Ok(v) => v,
                     Err(e) => {
-                        return fail(
-                            state,
-                            format!("{}: inputs.{name}.default: {e}", manifest),
-                        );
+                        return fail(state, format!("{}: inputs.{name}.default: {e}", manifest));
                     }
                 },
                 None => String::new(),
@@ -1165,6 +1162,7 @@ async fn run_uses(
             let saved_status = state.status;
             state.status = JobStatus::Success;
             let saved_inputs = contexts.insert("inputs".into(), Value::Object(inputs));
+            let saved_action_path = set_github_key(contexts, "action_path", &action_path);
             for s in steps {
                 run_step(cx, state, contexts, index, s, job_cancel, &inner).await;
             }
@@ -1185,8 +1183,7 @@ async fn run_uses(
                             outputs.insert(name.clone(), Value::String(v));
                         }
                         Err(e) => {
-                            message =
-                                Some(format!("{}: outputs.{name}.value: {e}", manifest))
+                            message = Some(format!("{}: outputs.{name}.value: {e}", manifest))
                         }
                     }
                 }
@@ -1195,6 +1192,7 @@ async fn run_uses(
                 Some(v) => contexts.insert("inputs".into(), v),
                 None => contexts.remove("inputs"),
             };
+            set_github_key(contexts, "action_path", &saved_action_path);
             let outcome = match inner_status {
                 JobStatus::Success if message.is_none() => Outcome::Success,
                 JobStatus::Cancelled => Outcome::Cancelled,
@@ -1221,6 +1219,15 @@ async fn run_uses(
             ),
         ),
     }
+}
+
+/// Sets `github.<key>` to a string, returning the previous value ("" when unset).
+fn set_github_key(contexts: &mut Map<String, Value>, key: &str, value: &str) -> String {
+    let Some(Value::Object(github)) = contexts.get_mut("github") else { return String::new() };
+    github
+        .insert(key.to_owned(), Value::String(value.to_owned()))
+        .map(|v| expr::to_string(&v))
+        .unwrap_or_default()
 }
 
 /// Runs the post steps registered by actions, in reverse order, after the main steps.
