@@ -526,3 +526,38 @@ fn a_job_over_runner_timeout_is_cancelled_with_forgejo_runners_last_line() {
     assert_eq!(fake.violations(), Vec::<String>::new());
     daemon.stop();
 }
+
+#[test]
+fn one_job_runs_one_task_and_exits() {
+    let fake = FakeForgejo::start();
+    let runner = Runner::register(&fake, "");
+    let first = fake.enqueue(JobSpec::new(
+        "on: push\njobs:\n  j:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo one\n",
+        1,
+    ));
+    let second = fake.enqueue(JobSpec::new(
+        "on: push\njobs:\n  j:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo two\n",
+        1,
+    ));
+    // A server older than Declare: kiln carries on.
+    fake.set_old_server(true);
+    let out = runner.kiln().args(["one-job", "-c"]).arg(&runner.config).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "job success\n");
+    let task = fake.task_of(first).expect("the first job was taken");
+    assert!(task.finished() && task.rows.iter().any(|r| r == "one"), "{task:#?}");
+    assert!(fake.task_of(second).is_none(), "one-job took a second job");
+    assert!(!fake.runners()[0].declared && fake.calls("Declare") == 1);
+    // A server without FetchSingleTask: --handle fails with a clear message.
+    let out = runner
+        .kiln()
+        .args(["one-job", "--handle", "abc", "-c"])
+        .arg(&runner.config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("no FetchSingleTask"), "{stderr}");
+    assert_eq!(fake.violations(), Vec::<String>::new());
+}

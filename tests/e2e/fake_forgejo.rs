@@ -161,6 +161,8 @@ struct State {
     peak_running: usize,
     /// Every call, as `Method`.
     calls: Vec<String>,
+    /// Answer Declare with the router's 404, as servers before Gitea 1.20 do.
+    old_server: bool,
 }
 
 /// The fake server. Dropping it stops it.
@@ -271,6 +273,11 @@ impl FakeForgejo {
     /// Takes the server down (connections refused) or brings it back.
     pub(crate) fn set_down(&self, down: bool) {
         let _ = self.down.send(down);
+    }
+
+    /// Behave as a server older than Declare (its path is a 404).
+    pub(crate) fn set_old_server(&self, old: bool) {
+        self.lock().old_server = old;
     }
 
     /// Registered runners.
@@ -488,6 +495,7 @@ async fn handle(
                 );
             };
             match m {
+                "Declare" if st.old_server => not_found(),
                 "Declare" => declare(&mut st, &runner, &body),
                 "FetchTask" => fetch_task(&mut st, &runner, &body, &header("x-runner-request-key")),
                 "UpdateTask" => update_task(&mut st, &runner, &body),
@@ -842,4 +850,11 @@ fn update_log(st: &mut State, runner: &RunnerRec, body: &Value) -> Response<Full
     let len = task.rows.len();
     st.violations.extend(problems);
     ok(json!({ "ackIndex": len.to_string() }))
+}
+
+fn not_found() -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(404)
+        .body(Full::new(Bytes::from("404 page not found")))
+        .unwrap_or_default()
 }

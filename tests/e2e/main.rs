@@ -3,8 +3,8 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod conformance;
-mod docker;
 mod daemon;
+mod docker;
 mod exec;
 mod fake_forgejo;
 mod lifecycle;

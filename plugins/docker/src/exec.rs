@@ -199,17 +199,20 @@ pub(crate) async fn run_simple(
     Ok((code, out, err))
 }
 
-/// The exit code of a finished Docker exec (waits briefly for the engine to record it).
+/// The exit code of a finished Docker exec (waits, bounded, for the engine to record it).
 async fn exit_code(docker: &Docker, exec_id: &str) -> Result<i64> {
-    for _ in 0..200 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
         let i =
             docker.inspect_exec(exec_id).await.map_err(|e| docker_err("inspecting an exec", e))?;
         if !i.running.unwrap_or(false) {
             return Ok(i.exit_code.unwrap_or(-1));
         }
+        if Instant::now() >= deadline {
+            return Err(Error::internal("the engine did not record the exit of a helper exec"));
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    Err(Error::internal("the engine did not record the exit of an exec"))
 }
 
 /// Checks an absolute path without `..`.

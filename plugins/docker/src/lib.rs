@@ -80,6 +80,17 @@
 //! is created. `Inspect` reports Docker's health check state. A step container's main process
 //! runs through an `Exec` with empty `argv` (attach, start, wait).
 //!
+//! # Known limits
+//!
+//! - Removing an environment force-removes its containers (SIGKILL, no grace): every process
+//!   of the job dies with them. Removing a single container stops it with the grace first.
+//! - Host-side staging and collecting check that no component under `/__kiln` is a symlink
+//!   and open the file with `O_NOFOLLOW`; a step racing to swap a parent directory for a
+//!   symlink between the check and the open is not prevented (a later version should walk
+//!   the path with `openat`).
+//! - No stdin, tty, image builds (Dockerfile actions) or local-path copies yet; a daemon that
+//!   does not share the plugin's filesystem is not supported yet (see Exec above).
+//!
 //! When the plugin runs as a user other than root, files written by root in a container
 //! into `/__kiln` cannot be deleted by the plugin; `Remove` then empties the directory from
 //! inside the primary container first.

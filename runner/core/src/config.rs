@@ -30,7 +30,6 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawLog {
     level: Option<String>,
-    job_level: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -143,7 +142,6 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
     if let Some(level) = raw.log.level {
         config.log_level = level;
     }
-    let _ = raw.log.job_level;
     let r = raw.runner;
     let c = &mut config.runner;
     if let Some(f) = r.file {

@@ -396,3 +396,71 @@ impl EventSink for Reporter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::Outcome;
+
+    fn line(step: Option<usize>, text: &str, kind: LineKind) -> Event {
+        Event::Line { job: "j".into(), step, text: text.into(), kind }
+    }
+
+    #[test]
+    fn events_become_rows_and_step_ranges() {
+        let client = Arc::new(
+            Client::new("http://127.0.0.1:9", "u", "runner-token-xyz", Duration::from_secs(1))
+                .unwrap(),
+        );
+        let r = Reporter::new(client, 7, 3, &["task-token-abc"], false, CancellationToken::new());
+        r.log("received task 7");
+        r.event(Event::JobStarted { job: "j".into(), runs_on: "x:host".into() });
+        r.event(Event::StepStarted { job: "j".into(), index: 0, name: "a".into() });
+        r.event(line(Some(0), "out task-token-abc runner-token-xyz\r", LineKind::Output));
+        r.event(line(Some(0), "g", LineKind::Group));
+        r.event(line(None, "a runner note during the step", LineKind::Runner));
+        r.event(line(Some(0), "", LineKind::EndGroup));
+        r.event(line(Some(0), "hidden", LineKind::Debug));
+        let finished = |index, outcome| Event::StepFinished {
+            job: "j".into(),
+            index,
+            name: "s".into(),
+            outcome,
+            conclusion: outcome,
+            duration: Duration::ZERO,
+        };
+        r.event(finished(0, Outcome::Success));
+        r.event(finished(1, Outcome::Skipped));
+        r.event(line(None, "cleaning up", LineKind::Runner));
+        let (state, rows, offset) = r.snapshot().unwrap();
+        let contents: Vec<&str> = rows.iter().map(|r| r.content.as_str()).collect();
+        assert_eq!(
+            contents,
+            [
+                "received task 7",
+                "out *** ***",
+                "##[group]g",
+                "a runner note during the step",
+                "##[endgroup]",
+                "cleaning up"
+            ]
+        );
+        assert_eq!(offset, 0);
+        let ranges: Vec<(i64, i64, TaskResult)> =
+            state.steps.iter().map(|s| (s.log_index, s.log_length, s.result)).collect();
+        assert_eq!(
+            ranges,
+            [
+                (1, 4, TaskResult::Success),
+                (5, 0, TaskResult::Skipped),
+                (0, 0, TaskResult::Unspecified)
+            ]
+        );
+        assert!(state.started_at.is_some() && state.steps[0].stopped_at.is_some());
+        r.set_outputs([("k".to_owned(), "1".to_owned()), ("k".to_owned(), "2".to_owned())]);
+        r.set_outputs([("x".repeat(300), "v".to_owned())]);
+        let st = r.state.lock().unwrap();
+        assert_eq!(st.outputs.iter().collect::<Vec<_>>(), [(&"k".to_owned(), &"1".to_owned())]);
+        assert!(st.rows.last().unwrap().content.contains("over 255 bytes"));
+    }
+}
