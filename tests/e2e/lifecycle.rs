@@ -211,3 +211,107 @@ jobs:
     let after = run.stdout.lines().find_map(|l| l.strip_prefix("[j]   after=")).unwrap_or_default();
     assert_eq!(after.len(), 64, "{}", run.show());
 }
+
+#[test]
+fn a_crashed_managed_plugin_is_restarted_and_the_dead_job_leaves_nothing() {
+    let marker = format!("kiln-e2e-restart-{}", std::process::id());
+    let repo = Repo::with_workflow(
+        "restart.yml",
+        &format!(
+            r#"
+on: push
+jobs:
+  first:
+    runs-on: ubuntu-latest
+    steps:
+      - run: |
+          echo "first job running"
+          exec -a {marker} sleep 300
+  second:
+    needs: first
+    if: always()
+    runs-on: ubuntu-latest
+    steps:
+      - run: echo "second job on the restarted plugin"
+"#
+        ),
+    );
+    let root = tempfile::tempdir().unwrap();
+    // Exec 1 is the first job's setup probe, exec 2 its step: the plugin dies mid-step.
+    let plugin = format!(
+        "test={} plugin test --root {} --crash-on-exec 2",
+        kiln_bin(),
+        root.path().display()
+    );
+    let run = repo.exec(&["--plugin", &plugin, "-P", "ubuntu-latest=test"]);
+    run.assert_code(1).assert_stdout(&[
+        "first job running",
+        "backend \"test\" failed",
+        "second job on the restarted plugin",
+        "✓ second (success)",
+    ]);
+    let left: Vec<_> = std::fs::read_dir(root.path())
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "environments left behind: {left:?}\n{}", run.show());
+    assert!(
+        wait_for(5, || processes_with(&marker).is_empty()),
+        "left behind: {:?}",
+        processes_with(&marker)
+    );
+}
+
+#[test]
+fn a_killed_kiln_leaves_nothing_after_the_next_run() {
+    let marker = format!("kiln-e2e-sigkill-{}", std::process::id());
+    let repo = Repo::with_workflow(
+        "k.yml",
+        &format!(
+            r#"
+on: push
+jobs:
+  j:
+    runs-on: ubuntu-latest
+    steps:
+      - run: |
+          echo "step started"
+          exec -a {marker} sleep 300
+"#
+        ),
+    );
+    let root = tempfile::tempdir().unwrap();
+    let plugin = format!("test={} plugin test --root {}", kiln_bin(), root.path().display());
+    let mut child = repo
+        .kiln()
+        .args(["exec", "--plugin", &plugin, "-P", "ubuntu-latest=test"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let started = lines.by_ref().map_while(Result::ok).any(|l| l.contains("step started"));
+    assert!(started);
+    child.kill().unwrap();
+    let _ = child.wait();
+    // The managed plugin notices its stdin closing and exits; the environment stays on disk.
+    let envs = || -> Vec<std::ffi::OsString> {
+        std::fs::read_dir(root.path())
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default()
+    };
+    assert!(!envs().is_empty(), "the killed run's environment should still be there");
+    // The next run of the same runner removes what the dead one left.
+    let repo2 = Repo { dir: tempfile::tempdir().unwrap(), state: repo.state };
+    std::fs::create_dir_all(repo2.path().join(".github/workflows")).unwrap();
+    std::fs::write(
+        repo2.path().join(".github/workflows/ok.yml"),
+        "on: push\njobs:\n  ok:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo fine\n",
+    )
+    .unwrap();
+    repo2.exec(&["--plugin", &plugin, "-P", "ubuntu-latest=test"]).assert_code(0);
+    assert!(envs().is_empty(), "left behind: {:?}", envs());
+    assert!(
+        wait_for(5, || processes_with(&marker).is_empty()),
+        "left behind: {:?}",
+        processes_with(&marker)
+    );
+}

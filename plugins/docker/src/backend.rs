@@ -183,10 +183,10 @@ impl DockerBackend {
             service_containers: LayerSupport::Native,
             step_containers: LayerSupport::Native,
             features: Features {
-                stdin: false,
+                stdin: true,
                 tty: false,
                 local_copy: false,
-                image_build: false,
+                image_build: true,
                 exec_files: true,
                 exec_timeout: true,
                 health: true,
@@ -498,22 +498,33 @@ impl DockerBackend {
             .list_volumes(Some(ListVolumesOptions { filters: Some(filter.clone()) }))
             .await
             .map_err(|e| docker_err("listing the environment's volumes", e))?;
-        for v in volumes.volumes.unwrap_or_default() {
-            existed = true;
+        let volumes = volumes.volumes.unwrap_or_default();
+        existed |= !volumes.is_empty();
+        let volume_removals = volumes.into_iter().map(|v| async move {
             match docker.remove_volume(&v.name, Some(RemoveVolumeOptions { force: true })).await {
-                Ok(()) => {}
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(docker_err(format!("removing volume {}", v.name), e)),
+                Ok(()) => Ok(()),
+                Err(e) if is_not_found(&e) => Ok(()),
+                Err(e) => Err(docker_err(format!("removing volume {}", v.name), e)),
             }
-        }
-        if dir.exists() {
-            let d = dir.clone();
-            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&d))
+        });
+        let d = dir.clone();
+        let dir_removal = async move {
+            if !d.exists() {
+                return Ok(());
+            }
+            let path = d.clone();
+            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&path))
                 .await
                 .map_err(|e| Error::internal(format!("the removal task failed: {e}")))?
                 .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
-                .map_err(|e| Error::io(format!("removing {}", dir.display()), &e))?;
+                .map_err(|e| Error::io(format!("removing {}", d.display()), &e))
+        };
+        let (volumes_removed, dir_removed) =
+            tokio::join!(futures::future::join_all(volume_removals), dir_removal);
+        for r in volumes_removed {
+            r?;
         }
+        dir_removed?;
         match docker.remove_network(&labels::network_name(id)).await {
             Ok(()) => existed = true,
             Err(e) if is_not_found(&e) => {}
@@ -543,6 +554,27 @@ impl DockerBackend {
         execs.retain(|_, h| h.env_id != env_id);
     }
 
+    /// A running container of the environment that sees its workspace: the primary
+    /// container, else the job container.
+    async fn context_source(&self, env: &EnvInfo) -> Result<Option<String>> {
+        if env.has_primary {
+            return Ok(Some(labels::container_name(&env.id, PRIMARY)));
+        }
+        let jobs = self
+            .inner
+            .docker
+            .list_containers(Some(ListContainersOptions {
+                filters: Some(labels::filter(&[
+                    format!("{}={}", labels::ENVIRONMENT_ID, env.id),
+                    format!("{}=job", labels::KIND),
+                ])),
+                ..Default::default()
+            }))
+            .await
+            .map_err(|e| docker_err("listing job containers", e))?;
+        Ok(jobs.into_iter().find_map(|c| c.id))
+    }
+
     async fn create_container_inner(
         &self,
         kind: ContainerKind,
@@ -557,16 +589,11 @@ impl DockerBackend {
             .field("container_id"));
         }
         let spec = &request.spec;
-        if spec.build.is_some() {
-            return Err(Error::unimplemented(
-                "the docker plugin does not build images yet (feature image_build); build the \
-                 image beforehand and use `image`",
+        if spec.build.is_some() != spec.image.is_empty() {
+            return Err(Error::invalid_argument(
+                "exactly one of spec.image and spec.build must be set",
             )
-            .field("spec.build")
-            .fault(Fault::Config));
-        }
-        if spec.image.is_empty() {
-            return Err(Error::invalid_argument("spec.image is empty").field("spec.image"));
+            .field("spec.image"));
         }
         // Policy first: nothing is created or pulled for a refused spec.
         let policy = spec::Policy {
@@ -613,8 +640,22 @@ impl DockerBackend {
                 )));
             }
         }
-        self.ensure_image(&spec.image, spec.force_pull, spec.credentials.as_ref(), "spec.image")
-            .await?;
+        let image = match &spec.build {
+            Some(b) => {
+                let source = self.context_source(&env).await?;
+                crate::build::build(self, &env, source, b).await?
+            }
+            None => {
+                self.ensure_image(
+                    &spec.image,
+                    spec.force_pull,
+                    spec.credentials.as_ref(),
+                    "spec.image",
+                )
+                .await?;
+                spec.image.clone()
+            }
+        };
 
         let mut l = labels::owner_labels(&env.id, &env.owner, &env.spec_hash);
         l.extend(parsed.labels.clone());
@@ -647,7 +688,7 @@ impl DockerBackend {
             spec.env.iter().map(|v| format!("{}={}", v.name, v.value)).collect();
         env_vars.extend(parsed.env);
         let body = ContainerCreateBody {
-            image: Some(spec.image.clone()),
+            image: Some(image.clone()),
             entrypoint: parsed
                 .entrypoint
                 .or_else(|| (!spec.entrypoint.is_empty()).then(|| spec.entrypoint.clone())),
@@ -677,12 +718,12 @@ impl DockerBackend {
         };
         let options = CreateContainerOptions { name: Some(name.clone()), ..Default::default() };
         docker.create_container(Some(options), body).await.map_err(|e| {
-            docker_err(format!("creating {kind} container from image {:?}", spec.image), e)
+            docker_err(format!("creating {kind} container from image {image:?}"), e)
         })?;
         if kind == ContainerKind::Step {
             lock(&self.inner.step_specs).insert(name, spec.clone());
         }
-        tracing::info!(env = %env.id, container = %request.container_id, %kind, image = %spec.image, "container created");
+        tracing::info!(env = %env.id, container = %request.container_id, %kind, %image, "container created");
         Ok(Container {
             id: request.container_id,
             environment_id: env.id.clone(),
@@ -736,6 +777,7 @@ fn container_spec_hash(kind: ContainerKind, s: &ContainerSpec) -> String {
     labels::hash_json(&serde_json::json!({
         "kind": kind.to_string(),
         "image": s.image,
+        "build": s.build.as_ref().map(|b| (b.context_dir.clone(), b.dockerfile.clone())),
         "entrypoint": s.entrypoint,
         "cmd": s.cmd,
         "env": env,
@@ -864,7 +906,14 @@ impl Backend for DockerBackend {
             labels: Some(net_labels),
             ..Default::default()
         };
-        match docker.create_network(create).await {
+        // Network, workspace volume and host directory are independent: create them at once.
+        let volume = VolumeCreateRequest {
+            name: Some(labels::workspace_volume(&id)),
+            labels: Some(base.clone()),
+            ..Default::default()
+        };
+        let (net, vol) = tokio::join!(docker.create_network(create), docker.create_volume(volume));
+        match net {
             Ok(_) => {}
             Err(e) if is_conflict(&e) => {
                 return Err(Error::unavailable(format!(
@@ -873,6 +922,7 @@ impl Backend for DockerBackend {
             }
             Err(e) => return Err(docker_err(format!("creating the network of {id:?}"), e)),
         }
+        vol.map_err(|e| docker_err("creating the workspace volume", e))?;
         let info = Arc::new(EnvInfo {
             id: id.clone(),
             owner,
@@ -881,14 +931,6 @@ impl Backend for DockerBackend {
             dir: dir.clone(),
         });
         Self::make_host_dir(&dir)?;
-        docker
-            .create_volume(VolumeCreateRequest {
-                name: Some(labels::workspace_volume(&id)),
-                labels: Some(base.clone()),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| docker_err("creating the workspace volume", e))?;
         if let (true, Some(image)) = (with_primary, &image) {
             self.ensure_primary(&info, image, &base).await?;
         }
@@ -997,6 +1039,10 @@ impl Backend for DockerBackend {
 
     async fn signal_exec(&self, request: SignalRequest) -> Result<bool> {
         crate::exec::signal(self, request).await
+    }
+
+    async fn write_stdin(&self, exec_id: String, data: kiln_plugin_sdk::ByteStream) -> Result<u64> {
+        crate::exec::write_stdin(self, exec_id, data).await
     }
 
     async fn copy_in(

@@ -68,7 +68,12 @@ pub(crate) struct ExecHandle {
     done: watch::Sender<bool>,
     /// Signals the plugin sent, to report a death by them as a signal.
     sent: Mutex<Vec<i32>>,
+    /// The write half of the exec's attached stdin, with `ExecRequest::stdin`.
+    stdin: Option<tokio::sync::Mutex<Option<Stdin>>>,
 }
+
+/// The write end of an exec's standard input.
+type Stdin = std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>;
 
 impl ExecHandle {
     fn is_done(&self) -> bool {
@@ -407,9 +412,6 @@ struct Plan {
 /// Validates, stages, starts the exec and the task that streams it.
 pub(crate) async fn start(backend: &DockerBackend, req: ExecRequest) -> Result<ExecStream> {
     validate_id(&req.exec_id, "exec_id")?;
-    if req.stdin {
-        return Err(Error::unimplemented("the docker plugin does not support stdin").field("stdin"));
-    }
     if req.tty {
         return Err(Error::unimplemented("the docker plugin does not support tty").field("tty"));
     }
@@ -461,6 +463,12 @@ pub(crate) async fn start(backend: &DockerBackend, req: ExecRequest) -> Result<E
             )
             .field("argv"));
         }
+        if req.stdin {
+            return Err(Error::invalid_argument(
+                "stdin is not supported for a step container's main process",
+            )
+            .field("stdin"));
+        }
         return start_step(backend, env, container, inspect, req, plan).await;
     }
     if !running {
@@ -507,6 +515,7 @@ pub(crate) async fn start(backend: &DockerBackend, req: ExecRequest) -> Result<E
             &container,
             CreateExecOptions::<String> {
                 cmd: Some(cmd),
+                attach_stdin: Some(req.stdin),
                 attach_stdout: Some(true),
                 attach_stderr: Some(true),
                 ..Default::default()
@@ -529,7 +538,7 @@ pub(crate) async fn start(backend: &DockerBackend, req: ExecRequest) -> Result<E
         )
         .await
         .map_err(|e| docker_err("starting the exec", e))?;
-    let StartExecResults::Attached { output, .. } = started else {
+    let StartExecResults::Attached { output, input } = started else {
         return Err(Error::internal("the engine started the exec detached"));
     };
     let handle = Arc::new(ExecHandle {
@@ -538,6 +547,7 @@ pub(crate) async fn start(backend: &DockerBackend, req: ExecRequest) -> Result<E
         docker: docker.clone(),
         done: watch::Sender::new(false),
         sent: Mutex::new(Vec::new()),
+        stdin: req.stdin.then(|| tokio::sync::Mutex::new(Some(input))),
     });
     lock(&backend.inner.execs).insert(req.exec_id.clone(), Arc::clone(&handle));
     let (tx, rx) = mpsc::channel(CHANNEL);
@@ -616,6 +626,7 @@ async fn start_step(
         docker: docker.clone(),
         done: watch::Sender::new(false),
         sent: Mutex::new(Vec::new()),
+        stdin: None,
     });
     lock(&backend.inner.execs).insert(req.exec_id.clone(), Arc::clone(&handle));
     let (tx, rx) = mpsc::channel(CHANNEL);
@@ -845,6 +856,12 @@ async fn drive<S, P, F>(
         let _ = tx.send(event).await;
     }
     drop(tx);
+    // Stdin of a finished process is of no use; free it unless a writer holds it.
+    if let Some(stdin) = &handle.stdin
+        && let Ok(mut s) = stdin.try_lock()
+    {
+        s.take();
+    }
     if output_open {
         // Background processes still write: keep reading so they never block or get SIGPIPE.
         tokio::spawn(async move { while output.next().await.is_some() {} });
@@ -883,4 +900,45 @@ pub(crate) async fn signal(backend: &DockerBackend, req: SignalRequest) -> Resul
         });
     }
     Ok(true)
+}
+
+/// WriteStdin: copies the stream into the exec's stdin; its end closes stdin.
+pub(crate) async fn write_stdin(
+    backend: &DockerBackend,
+    exec_id: String,
+    mut data: kiln_plugin_sdk::ByteStream,
+) -> Result<u64> {
+    use tokio::io::AsyncWriteExt;
+    validate_id(&exec_id, "exec_id")?;
+    let handle = lock(&backend.inner.execs).get(&exec_id).cloned();
+    let Some(handle) = handle else {
+        if lock(&backend.inner.exec_ids).contains(&exec_id) {
+            return Err(Error::failed_precondition(format!(
+                "exec {exec_id:?} is no longer running"
+            )));
+        }
+        return Err(Error::not_found(format!("exec {exec_id:?} does not exist")).field("exec_id"));
+    };
+    let Some(stdin) = &handle.stdin else {
+        return Err(Error::failed_precondition(format!(
+            "exec {exec_id:?} was not started with stdin"
+        ))
+        .field("exec_id"));
+    };
+    let mut guard = stdin.lock().await;
+    let Some(pipe) = guard.as_mut() else {
+        return Err(Error::failed_precondition(format!("the stdin of exec {exec_id:?} is closed")));
+    };
+    let mut written = 0u64;
+    while let Some(chunk) = data.next().await {
+        let chunk = chunk?;
+        pipe.write_all(&chunk).await.map_err(|e| {
+            Error::failed_precondition(format!("writing the stdin of exec {exec_id:?}: {e}"))
+        })?;
+        written += chunk.len() as u64;
+    }
+    let _ = pipe.flush().await;
+    let _ = pipe.shutdown().await;
+    guard.take();
+    Ok(written)
 }

@@ -88,7 +88,7 @@
 //!   and open the file with `O_NOFOLLOW`; a step racing to swap a parent directory for a
 //!   symlink between the check and the open is not prevented (a later version should walk
 //!   the path with `openat`).
-//! - No stdin, tty, image builds (Dockerfile actions) or local-path copies yet; a daemon that
+//! - No tty or local-path copies yet, and no stdin for a step container's main process; a daemon that
 //!   does not share the plugin's filesystem is not supported yet (see Exec above).
 //!
 //! When the plugin runs as a user other than root, files written by root in a container
@@ -96,6 +96,7 @@
 //! inside the primary container first.
 
 mod backend;
+mod build;
 mod copy;
 mod exec;
 mod labels;

@@ -256,3 +256,100 @@ async fn a_restarted_plugin_lists_and_removes_what_the_previous_one_created() {
     assert!(!again, "a second remove found something");
     assert_eq!(left(&runner), Vec::<String>::new(), "objects left behind");
 }
+
+fn tar_of(files: &[(&str, u32, &str)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, mode, body) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(body.len() as u64);
+        h.set_mode(*mode);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, name, body.as_bytes()).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+#[tokio::test]
+async fn a_dockerfile_action_is_built_and_run_with_inputs_and_outputs() {
+    let state = tempfile::tempdir().unwrap();
+    let test = "a_dockerfile_action_is_built_and_run_with_inputs_and_outputs";
+    let Some(b) = backend(test, state.path()).await else {
+        return;
+    };
+    let runner = format!("engine-test-build-{}", std::process::id());
+    let e = env(&b, &format!("build-{}", std::process::id()), &runner, false).await;
+    let action = format!("{}/action", e.paths.workspace);
+    let tar = tar_of(&[
+        (
+            "Dockerfile",
+            0o644,
+            &format!("FROM {IMAGE}\nCOPY entry.sh /entry.sh\nENTRYPOINT [\"/entry.sh\"]\n"),
+        ),
+        (
+            "entry.sh",
+            0o755,
+            "#!/bin/sh\necho \"hello $INPUT_WHO from $PWD\"\necho \"greeting=hi-$INPUT_WHO\" >> \"$GITHUB_OUTPUT\"\n",
+        ),
+    ]);
+    let target = kiln_plugin_sdk::CopyInTarget {
+        environment_id: e.id.clone(),
+        container_id: e.primary_container_id.clone(),
+        dest_path: action.clone(),
+        local_path: None,
+    };
+    let data: kiln_plugin_sdk::ByteStream =
+        Box::pin(futures::stream::iter([Ok(bytes::Bytes::from(tar))]));
+    b.copy_in(target, data).await.expect("copy_in of the action");
+
+    let spec = ContainerSpec {
+        build: Some(kiln_plugin_sdk::ImageBuild { context_dir: action, dockerfile: String::new() }),
+        ..ContainerSpec::default()
+    };
+    let req =
+        ContainerRequest { environment_id: e.id.clone(), container_id: "step-1".into(), spec };
+    b.create_container(ContainerKind::Step, req).await.expect("create the step container");
+    let out_file = format!("{}/step-1-output", e.paths.runner_files);
+    let mut s = b
+        .exec(ExecRequest {
+            exec_id: "step-1-main".into(),
+            environment_id: e.id.clone(),
+            container_id: "step-1".into(),
+            env: vec![
+                kiln_plugin_sdk::EnvVar::new("INPUT_WHO", "kiln"),
+                kiln_plugin_sdk::EnvVar::new("GITHUB_OUTPUT", out_file.clone()),
+            ],
+            files: vec![kiln_plugin_sdk::StagedFile {
+                path: out_file.clone(),
+                content: bytes::Bytes::new(),
+                mode: 0o666,
+            }],
+            collect: vec![out_file],
+            ..ExecRequest::default()
+        })
+        .await
+        .expect("exec of the step container");
+    let mut out = Vec::new();
+    let mut exited = None;
+    while let Some(ev) = s.next().await {
+        match ev.expect("event") {
+            ExecEvent::Output { data, .. } => out.extend_from_slice(&data),
+            ExecEvent::Exited(x) => exited = Some(x),
+            _ => {}
+        }
+    }
+    let x = exited.expect("Exited");
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(x.status, ExitStatus::Code(0), "{out}");
+    assert_eq!(out, format!("hello kiln from {}\n", e.paths.workspace));
+    assert_eq!(x.files[0].content.as_ref(), b"greeting=hi-kiln\n");
+    let existed = b
+        .remove(RemoveRequest {
+            environment_id: e.id.clone(),
+            container_id: None,
+            grace: Duration::ZERO,
+        })
+        .await
+        .unwrap();
+    assert!(existed);
+    assert_eq!(left(&runner), Vec::<String>::new(), "objects left behind");
+}

@@ -157,7 +157,25 @@ async fn setup(path: Option<&Path>) -> anyhow::Result<Setup> {
         .collect();
     let specs: BTreeMap<_, _> =
         specs.into_iter().filter(|(name, _)| used.contains(&name.as_str())).collect();
-    let backends = Arc::new(Backends::start(specs).await?);
+    let identity = Identity::new(&file.uuid);
+    let backends = Arc::new(Backends::start(specs, &identity).await?);
+    // What a previous kiln with this runner id left, and what expired, goes now, then every
+    // ten minutes.
+    let removed = backends.collect_garbage(&identity).await;
+    if removed > 0 {
+        tracing::info!(removed, "removed leftover environments");
+    }
+    {
+        let backends = Arc::downgrade(&backends);
+        let identity = identity.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(600)).await;
+                let Some(backends) = backends.upgrade() else { return };
+                backends.collect_garbage(&identity).await;
+            }
+        });
+    }
     let timeout = std::env::var("FORGEJO_CLIENT_TIMEOUT")
         .ok()
         .and_then(|t| config::parse_duration(&t).ok())
@@ -178,7 +196,7 @@ async fn setup(path: Option<&Path>) -> anyhow::Result<Setup> {
         envs: r.envs.clone(),
         timeout: r.timeout,
         report_interval: r.report_interval,
-        identity: Identity::new(&file.uuid),
+        identity,
     });
     Ok(Setup { client, poll, settings, backends })
 }

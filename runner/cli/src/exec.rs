@@ -361,13 +361,18 @@ pub(crate) async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    let backends = Arc::new(Backends::start(specs).await?);
+    let identity = Identity::for_exec();
+    let backends = Arc::new(Backends::start(specs, &identity).await?);
+    // What an earlier, killed kiln exec left behind, and what expired, goes first.
+    let removed = backends.collect_garbage(&identity).await;
+    if removed > 0 {
+        tracing::info!(removed, "removed leftover environments of an earlier run");
+    }
 
     let cancel = CancellationToken::new();
     let force = CancellationToken::new();
     let signals = tokio::spawn(watch_signals(cancel.clone(), force.clone()));
 
-    let identity = Identity::for_exec();
     let printer = Arc::new(ConsolePrinter::new(args.debug));
     let started = Instant::now();
     let mut overall = Outcome::Success;

@@ -1,15 +1,25 @@
 //! The plugins a runner talks to: managed ones it starts as child processes on a private unix
-//! socket, and standalone ones it connects to. Each is reached through the SDK's gRPC client and
-//! handshaken (protocol version, capabilities) before any job runs.
+//! socket (and restarts with backoff when they die), and standalone ones it connects to. Each is
+//! reached through the SDK's gRPC client and handshaken (protocol version, capabilities) before
+//! any job runs. Also the garbage collector: what this runner owns but no longer runs, and what
+//! expired, is removed at start and after a plugin restart (rule 9).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use kiln_plugin_sdk::client::{self, Endpoint, GrpcBackend};
-use kiln_plugin_sdk::{Backend, Capabilities, CapabilitiesRequest, PROTOCOL_VERSION};
+use kiln_plugin_sdk::{
+    Backend, Capabilities, CapabilitiesRequest, PROTOCOL_VERSION, RemoveRequest, Selector,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::identity::Identity;
+
+/// Resources younger than this are never collected: their Create may still be in flight.
+const GC_GRACE: Duration = Duration::from_secs(120);
 
 /// How to reach one plugin.
 #[derive(Debug, Clone)]
@@ -32,17 +42,25 @@ pub enum PluginSpec {
 pub struct Plugin {
     /// Its name in the configuration.
     pub name: String,
-    /// The client.
-    pub backend: Arc<GrpcBackend>,
     /// What it declared at the handshake.
     pub capabilities: Capabilities,
-    child: Option<tokio::process::Child>,
+    client: RwLock<Arc<GrpcBackend>>,
 }
 
-/// All plugins of a runner, by name.
+impl Plugin {
+    /// The current client (replaced when a managed plugin is restarted).
+    pub fn client(&self) -> Arc<GrpcBackend> {
+        self.client.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+/// All plugins of a runner, by name, and the environments its jobs are using.
 pub struct Backends {
-    plugins: BTreeMap<String, Plugin>,
+    plugins: BTreeMap<String, Arc<Plugin>>,
     socket_dir: Option<tempfile::TempDir>,
+    active: Arc<Mutex<BTreeSet<String>>>,
+    stop: CancellationToken,
+    monitors: tokio::task::JoinSet<()>,
 }
 
 /// The command of the embedded host plugin: this executable's `plugin host` subcommand.
@@ -56,9 +74,19 @@ pub fn embedded_host() -> anyhow::Result<PluginSpec> {
 
 impl Backends {
     /// Starts or connects every plugin and handshakes with it. Fails, naming the plugin, when
-    /// one cannot be reached or speaks another protocol version.
-    pub async fn start(specs: BTreeMap<String, PluginSpec>) -> anyhow::Result<Backends> {
-        let mut backends = Backends { plugins: BTreeMap::new(), socket_dir: None };
+    /// one cannot be reached or speaks another protocol version. Managed plugins that die later
+    /// are restarted with backoff; after a restart, `identity`'s orphans are collected.
+    pub async fn start(
+        specs: BTreeMap<String, PluginSpec>,
+        identity: &Identity,
+    ) -> anyhow::Result<Backends> {
+        let mut backends = Backends {
+            plugins: BTreeMap::new(),
+            socket_dir: None,
+            active: Arc::default(),
+            stop: CancellationToken::new(),
+            monitors: tokio::task::JoinSet::new(),
+        };
         let mut starts = Vec::new();
         for (name, spec) in specs {
             let socket = match &spec {
@@ -66,12 +94,33 @@ impl Backends {
                 PluginSpec::Standalone { .. } => None,
             };
             starts.push(async move {
-                let r = start_one(&name, &spec, socket).await;
-                (name, r)
+                let r = start_one(&name, &spec, socket.as_ref()).await;
+                (name, spec, socket, r)
             });
         }
-        for (name, result) in futures::future::join_all(starts).await {
-            let plugin = result.with_context(|| format!("starting plugin {name:?}"))?;
+        for (name, spec, socket, result) in futures::future::join_all(starts).await {
+            let (client, caps, child) =
+                result.with_context(|| format!("starting plugin {name:?}"))?;
+            let plugin = Arc::new(Plugin {
+                name: name.clone(),
+                capabilities: caps,
+                client: RwLock::new(Arc::new(client)),
+            });
+            if let (Some(child), Some(socket)) = (child, socket) {
+                let mut child = child;
+                let stdin = child.stdin.take();
+                let monitor = Monitor {
+                    plugin: plugin.clone(),
+                    child,
+                    stdin,
+                    spec,
+                    socket,
+                    identity: identity.clone(),
+                    active: backends.active.clone(),
+                    stop: backends.stop.clone(),
+                };
+                backends.monitors.spawn(monitor.run());
+            }
             backends.plugins.insert(name, plugin);
         }
         Ok(backends)
@@ -91,7 +140,7 @@ impl Backends {
 
     /// The plugin named `name`.
     pub fn get(&self, name: &str) -> Option<&Plugin> {
-        self.plugins.get(name)
+        self.plugins.get(name).map(|p| &**p)
     }
 
     /// Names of all plugins.
@@ -99,14 +148,149 @@ impl Backends {
         self.plugins.keys().map(String::as_str)
     }
 
+    /// Marks an environment as in use by a job (before its Create), so garbage collection
+    /// leaves it alone.
+    pub fn claim(&self, environment_id: &str) {
+        self.active
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(environment_id.to_owned());
+    }
+
+    /// The job is done with an environment (after its Remove, successful or not).
+    pub fn release(&self, environment_id: &str) {
+        self.active.lock().unwrap_or_else(PoisonError::into_inner).remove(environment_id);
+    }
+
+    /// Removes, on every plugin, what `identity`'s runner owns but no job of this process uses
+    /// (left by a dead kiln process, or by a job whose plugin crashed), and what has expired.
+    /// Returns how many environments were removed.
+    pub async fn collect_garbage(&self, identity: &Identity) -> usize {
+        let mut removed = 0;
+        for plugin in self.plugins.values() {
+            removed += collect_on(plugin, identity, &self.active).await;
+        }
+        removed
+    }
+
     /// Stops managed plugins: closes their stdin (they exit by themselves), then kills what is
     /// left after a short grace.
     pub async fn shutdown(mut self) {
-        for plugin in self.plugins.values_mut() {
-            if let Some(mut child) = plugin.child.take() {
-                drop(child.stdin.take());
-                if tokio::time::timeout(Duration::from_secs(3), child.wait()).await.is_err() {
-                    let _ = child.kill().await;
+        self.stop.cancel();
+        while self.monitors.join_next().await.is_some() {}
+    }
+}
+
+async fn collect_on(
+    plugin: &Plugin,
+    identity: &Identity,
+    active: &Mutex<BTreeSet<String>>,
+) -> usize {
+    let client = plugin.client();
+    let now = crate::run::now_ms();
+    let grace = i64::try_from(GC_GRACE.as_millis()).unwrap_or(i64::MAX);
+    let envs = match client.list_environments(Selector::default()).await {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(plugin = %plugin.name, error = %e, "listing environments for garbage collection");
+            return 0;
+        }
+    };
+    let mut removed = 0;
+    for env in envs {
+        let owner = &env.owner;
+        let ours = owner.runner_id == identity.runner_id;
+        let in_use = active.lock().unwrap_or_else(PoisonError::into_inner).contains(&env.id);
+        let young = owner.created_at_unix_ms > 0 && now - owner.created_at_unix_ms < grace;
+        let expired = owner.expires_at_unix_ms > 0 && owner.expires_at_unix_ms < now;
+        let orphan = ours
+            && !in_use
+            && if owner.boot_id == identity.boot_id {
+                // Ours, this process, no job uses it: its job's Remove failed (plugin crash).
+                true
+            } else {
+                !crate::identity::boot_alive(&owner.boot_id)
+            };
+        let collect = (orphan || (expired && !in_use)) && !(young && !orphan);
+        if !collect {
+            continue;
+        }
+        let request = RemoveRequest {
+            environment_id: env.id.clone(),
+            container_id: None,
+            grace: Duration::from_secs(2),
+        };
+        match client.remove(request).await {
+            Ok(_) => {
+                removed += 1;
+                tracing::info!(plugin = %plugin.name, environment = %env.id, boot = %owner.boot_id, "removed a leftover environment");
+            }
+            Err(e) => {
+                tracing::warn!(plugin = %plugin.name, environment = %env.id, error = %e, "could not remove a leftover environment")
+            }
+        }
+    }
+    removed
+}
+
+/// Watches a managed plugin; when it dies, restarts it with backoff, swaps the client, and
+/// collects what the dead instance left.
+struct Monitor {
+    plugin: Arc<Plugin>,
+    child: tokio::process::Child,
+    /// The write end of the child's stdin, held here: `Child::wait` would close it, and the
+    /// plugin exits when it closes.
+    stdin: Option<tokio::process::ChildStdin>,
+    spec: PluginSpec,
+    socket: PathBuf,
+    identity: Identity,
+    active: Arc<Mutex<BTreeSet<String>>>,
+    stop: CancellationToken,
+}
+
+impl Monitor {
+    async fn run(mut self) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let status = tokio::select! {
+                status = self.child.wait() => status,
+                _ = self.stop.cancelled() => {
+                    drop(self.stdin.take());
+                    if tokio::time::timeout(Duration::from_secs(3), self.child.wait()).await.is_err() {
+                        let _ = self.child.kill().await;
+                    }
+                    return;
+                }
+            };
+            match status {
+                Ok(status) => {
+                    tracing::warn!(plugin = %self.plugin.name, %status, "plugin exited; restarting it")
+                }
+                Err(e) => {
+                    tracing::warn!(plugin = %self.plugin.name, error = %e, "lost the plugin process; restarting it")
+                }
+            }
+            loop {
+                tokio::select! {
+                    _ = self.stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                match start_one(&self.plugin.name, &self.spec, Some(&self.socket)).await {
+                    Ok((client, _caps, Some(mut child))) => {
+                        *self.plugin.client.write().unwrap_or_else(PoisonError::into_inner) =
+                            Arc::new(client);
+                        self.stdin = child.stdin.take();
+                        self.child = child;
+                        backoff = Duration::from_millis(100);
+                        let removed = collect_on(&self.plugin, &self.identity, &self.active).await;
+                        tracing::info!(plugin = %self.plugin.name, removed, "plugin restarted");
+                        break;
+                    }
+                    Ok((_, _, None)) => return,
+                    Err(e) => {
+                        tracing::warn!(plugin = %self.plugin.name, error = %format!("{e:#}"), ?backoff, "restarting the plugin failed");
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
                 }
             }
         }
@@ -116,8 +300,8 @@ impl Backends {
 async fn start_one(
     name: &str,
     spec: &PluginSpec,
-    socket: Option<PathBuf>,
-) -> anyhow::Result<Plugin> {
+    socket: Option<&PathBuf>,
+) -> anyhow::Result<(GrpcBackend, Capabilities, Option<tokio::process::Child>)> {
     let (endpoint, mut child) = match spec {
         PluginSpec::Standalone { endpoint } => (endpoint.clone(), None),
         PluginSpec::Managed { command, env } => {
@@ -139,7 +323,7 @@ async fn start_one(
             }
             cmd.envs(env);
             let child = cmd.spawn().with_context(|| format!("running {}", command.join(" ")))?;
-            (Endpoint::Unix(socket), Some(child))
+            (Endpoint::Unix(socket.clone()), Some(child))
         }
     };
     let backend = wait_connect(name, &endpoint, child.as_mut()).await?;
@@ -159,7 +343,7 @@ async fn start_one(
         );
     }
     tracing::debug!(plugin = %name, version = %caps.plugin_version, instance = %caps.instance_id, "plugin ready");
-    Ok(Plugin { name: name.to_owned(), backend: Arc::new(backend), capabilities: caps, child })
+    Ok((backend, caps, child))
 }
 
 /// Connects, retrying while a managed plugin starts up (bounded: 15 s).

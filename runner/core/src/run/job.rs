@@ -212,7 +212,7 @@ pub(crate) async fn run_job(shared: Arc<Shared>, run: JobRun) -> ComboResult {
         );
     }
 
-    let backend: Arc<dyn Backend> = plugin.backend.clone();
+    let backend: Arc<dyn Backend> = plugin.client();
     let identity = &shared.opts.identity;
     let nonce = crate::identity::short_nonce();
     let env_id = kiln_plugin_sdk::ids::make_id(&[
@@ -242,9 +242,13 @@ pub(crate) async fn run_job(shared: Arc<Shared>, run: JobRun) -> ComboResult {
             step_containers: docker_steps,
         },
     };
+    shared.backends.claim(&env_id);
     let env = tokio::select! {
         r = backend.create_environment(request) => r,
         _ = run.cancel.cancelled() => {
+            // The create may have happened: remove is safe either way.
+            remove_env(plugin, &env_id, &log).await;
+            shared.backends.release(&env_id);
             return finish(&shared, &name, &timer, Outcome::Cancelled, None);
         }
     };
@@ -253,7 +257,8 @@ pub(crate) async fn run_job(shared: Arc<Shared>, run: JobRun) -> ComboResult {
         Err(e) => {
             // A create that failed half-way may have left something: remove is safe after a
             // failed create.
-            remove_env(&*backend, &env_id, &plugin.name, &log).await;
+            remove_env(plugin, &env_id, &log).await;
+            shared.backends.release(&env_id);
             return finish(
                 &shared,
                 &name,
@@ -267,7 +272,8 @@ pub(crate) async fn run_job(shared: Arc<Shared>, run: JobRun) -> ComboResult {
     let result =
         run_in_env(&shared, &run, &name, job, &backend, &plugin.name, &env, contexts, timeout)
             .await;
-    remove_env(&*backend, &env.id, &plugin.name, &log).await;
+    remove_env(plugin, &env.id, &log).await;
+    shared.backends.release(&env.id);
     finish(&shared, &name, &timer, result.result, None);
     result
 }
@@ -301,10 +307,12 @@ fn finish(
     ComboResult { result, outputs: Map::new() }
 }
 
+/// Removes an environment. When the plugin is unavailable (it crashed and is being
+/// restarted), retries through the current client for a few seconds; what still fails is
+/// collected later by the garbage collector.
 async fn remove_env(
-    backend: &dyn Backend,
+    plugin: &crate::backends::Plugin,
     env_id: &str,
-    plugin: &str,
     log: &impl Fn(String, LineKind),
 ) {
     let request = RemoveRequest {
@@ -312,13 +320,25 @@ async fn remove_env(
         container_id: None,
         grace: Duration::from_secs(2),
     };
-    if let Err(e) = backend.remove(request).await {
-        log(
-            format!(
-                "could not remove environment {env_id} on backend {plugin:?}: {e} (it will be collected later)"
-            ),
-            LineKind::RunnerError,
-        );
+    let mut attempts = 0;
+    loop {
+        match plugin.client().remove(request.clone()).await {
+            Ok(_) => return,
+            Err(e) if e.code == kiln_plugin_sdk::Code::Unavailable && attempts < 10 => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => {
+                log(
+                    format!(
+                        "could not remove environment {env_id} on backend {:?}: {e} (it will be collected later)",
+                        plugin.name
+                    ),
+                    LineKind::RunnerError,
+                );
+                return;
+            }
+        }
     }
 }
 
