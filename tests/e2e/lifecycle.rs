@@ -315,3 +315,38 @@ jobs:
         processes_with(&marker)
     );
 }
+
+#[test]
+fn a_plugin_speaking_another_protocol_version_is_refused_at_start() {
+    let repo = Repo::with_workflow(
+        "v.yml",
+        "on: push\njobs:\n  j:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo never\n",
+    );
+    let root = tempfile::tempdir().unwrap();
+    let plugin = format!(
+        "test={} plugin test --root {} --protocol-version 2",
+        kiln_bin(),
+        root.path().display()
+    );
+    let run = repo.exec(&["--plugin", &plugin, "-P", "ubuntu-latest=test"]);
+    run.assert_code(2).assert_no_stdout(&["never"]);
+    assert!(run.stderr.contains("plugin \"test\""), "{}", run.show());
+    assert!(run.stderr.contains("[1]") && run.stderr.contains("speaks 2"), "{}", run.show());
+}
+
+#[test]
+fn a_plugin_lacking_a_capability_a_label_needs_is_refused_at_start() {
+    let repo = Repo::with_workflow(
+        "cap.yml",
+        "on: push\njobs:\n  j:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo never\n",
+    );
+    let root = tempfile::tempdir().unwrap();
+    let plugin = format!(
+        "test={} plugin test --root {} --refuse-capability environment",
+        kiln_bin(),
+        root.path().display()
+    );
+    let run = repo.exec(&["--plugin", &plugin, "-P", "ubuntu-latest=test"]);
+    run.assert_code(2).assert_no_stdout(&["never"]);
+    assert!(run.stderr.contains("capability `environment`"), "{}", run.show());
+}

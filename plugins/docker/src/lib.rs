@@ -55,6 +55,10 @@
 //! sent is reported as that signal; otherwise Docker's exit code (128+n for signals) is
 //! reported as is.
 //!
+//! **Stdin** (feature `stdin`): an exec asked with `stdin` is created with its standard input
+//! attached; `WriteStdin` writes into the engine's hijacked connection and half-closes it at
+//! the end of the stream, which the engine turns into end-of-file. Without it, stdin is empty.
+//!
 //! **Staged and collected files** (feature `exec_files`) inside `/__kiln` are written and read
 //! directly in the host directory: a step costs one Docker exec and no archive calls. Paths
 //! elsewhere go through the archive API. A remote daemon (no shared filesystem) would use the
@@ -77,7 +81,9 @@
 //! options. Host-path volumes must match a `--valid-volume` glob; named volumes are scoped
 //! to the environment (`kiln_E_v_NAME`) and removed with it; options outside the default set
 //! must be allowed with `--allow-option NAME`. A refusal is PERMISSION_DENIED before anything
-//! is created. `Inspect` reports Docker's health check state. A step container's main process
+//! is created. `Inspect` reports Docker's health check state. Dockerfile actions (feature
+//! `image_build`) are built from their context directory in the environment and cached by
+//! content (`kiln-build:<hash>`, see `build`). A step container's main process
 //! runs through an `Exec` with empty `argv` (attach, start, wait).
 //!
 //! # Known limits

@@ -159,6 +159,7 @@ async fn setup(path: Option<&Path>) -> anyhow::Result<Setup> {
         specs.into_iter().filter(|(name, _)| used.contains(&name.as_str())).collect();
     let identity = Identity::new(&file.uuid);
     let backends = Arc::new(Backends::start(specs, &identity).await?);
+    backends.check_labels(&labels)?;
     // What a previous kiln with this runner id left, and what expired, goes now, then every
     // ten minutes.
     let removed = backends.collect_garbage(&identity).await;

@@ -363,6 +363,7 @@ pub(crate) async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     }
     let identity = Identity::for_exec();
     let backends = Arc::new(Backends::start(specs, &identity).await?);
+    backends.check_labels(&label_configs)?;
     // What an earlier, killed kiln exec left behind, and what expired, goes first.
     let removed = backends.collect_garbage(&identity).await;
     if removed > 0 {

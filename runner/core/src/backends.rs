@@ -143,6 +143,38 @@ impl Backends {
         self.plugins.get(name).map(|p| &**p)
     }
 
+    /// Checks at start that every label's backend is configured and can create execution
+    /// environments, so a misconfigured runner fails now, naming the label, the backend and
+    /// the missing capability, rather than when its first job arrives.
+    pub fn check_labels(&self, labels: &[crate::labels::LabelConfig]) -> anyhow::Result<()> {
+        for l in labels {
+            if l.backend == crate::labels::SKIP {
+                continue;
+            }
+            let backend = if l.backend.is_empty() { "host" } else { l.backend.as_str() };
+            let Some(plugin) = self.get(backend) else {
+                bail!(
+                    "label {:?}: backend {backend:?} is not configured; add it under plugins:",
+                    l.name
+                );
+            };
+            if !plugin.capabilities.environment.is_supported() {
+                let detail = match &plugin.capabilities.environment {
+                    kiln_plugin_sdk::LayerSupport::Unsupported(d) if !d.is_empty() => {
+                        format!(": {d}")
+                    }
+                    _ => String::new(),
+                };
+                bail!(
+                    "label {:?}: plugin {backend:?} does not support the capability \
+                     `environment` (execution environments){detail}",
+                    l.name
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Names of all plugins.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.plugins.keys().map(String::as_str)
