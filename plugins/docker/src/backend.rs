@@ -217,23 +217,20 @@ impl DockerBackend {
         }
     }
 
-    /// The environment `id` from memory or the engine (its network's labels).
+    /// The environment `id` from memory or the engine (its workspace volume's labels).
     pub(crate) async fn find_env(&self, id: &str) -> Result<Option<Arc<EnvInfo>>> {
         if let Some(e) = lock(&self.inner.envs).get(id) {
             return Ok(Some(Arc::clone(e)));
         }
-        let net = match self
-            .inner
-            .docker
-            .inspect_network(&labels::network_name(id), None::<InspectNetworkOptions>)
-            .await
-        {
-            Ok(n) => n,
+        let record = match self.inner.docker.inspect_volume(&labels::workspace_volume(id)).await {
+            Ok(v) => v,
             Err(e) if is_not_found(&e) => return Ok(None),
             Err(e) => return Err(docker_err(format!("inspecting environment {id:?}"), e)),
         };
-        let l = net.labels.unwrap_or_default();
-        if l.get(labels::ENVIRONMENT_ID).map(String::as_str) != Some(id) {
+        let l = record.labels;
+        if l.get(labels::ENVIRONMENT_ID).map(String::as_str) != Some(id)
+            || l.get(labels::ROLE).map(String::as_str) != Some("environment")
+        {
             return Ok(None);
         }
         let info = Arc::new(EnvInfo {
@@ -400,6 +397,56 @@ impl DockerBackend {
         ]
     }
 
+    async fn network_exists(&self, env: &str) -> Result<bool> {
+        match self
+            .inner
+            .docker
+            .inspect_network(&labels::network_name(env), None::<InspectNetworkOptions>)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(docker_err("inspecting the environment's network", e)),
+        }
+    }
+
+    /// Creates the environment's network when missing and connects the primary container to
+    /// it, so inner containers and the primary reach each other by name.
+    pub(crate) async fn ensure_network(&self, env: &EnvInfo) -> Result<String> {
+        let name = labels::network_name(&env.id);
+        if self.network_exists(&env.id).await? {
+            return Ok(name);
+        }
+        let docker = &self.inner.docker;
+        let create = NetworkCreateRequest {
+            name: name.clone(),
+            driver: Some("bridge".to_owned()),
+            labels: Some(labels::owner_labels(&env.id, &env.owner, &env.spec_hash)),
+            ..Default::default()
+        };
+        match docker.create_network(create).await {
+            Ok(_) => {}
+            Err(e) if is_conflict(&e) => return Ok(name),
+            Err(e) => return Err(docker_err(format!("creating the network of {:?}", env.id), e)),
+        }
+        if env.has_primary {
+            let connect = bollard::models::NetworkConnectRequest {
+                container: labels::container_name(&env.id, PRIMARY),
+                ..Default::default()
+            };
+            match docker.connect_network(&name, connect).await {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(bollard::errors::Error::DockerResponseServerError { message, .. })
+                    if message.contains("already exists") => {}
+                Err(e) => {
+                    return Err(docker_err("connecting the primary container to the network", e));
+                }
+            }
+        }
+        Ok(name)
+    }
+
     /// Creates and starts the primary container (replays find it and make sure it runs).
     async fn ensure_primary(
         &self,
@@ -418,7 +465,14 @@ impl DockerBackend {
             let mut l = base_labels.clone();
             l.insert(labels::CONTAINER_ID.to_owned(), PRIMARY.to_owned());
             l.insert(labels::KIND.to_owned(), "primary".to_owned());
-            let net = labels::network_name(&env.id);
+            // On the environment's network when it has one, else on the default bridge (the
+            // network is created, and the primary connected to it, with the first inner
+            // container).
+            let net = if self.network_exists(&env.id).await? {
+                labels::network_name(&env.id)
+            } else {
+                "bridge".to_owned()
+            };
             let body = ContainerCreateBody {
                 image: Some(image.to_owned()),
                 entrypoint: Some(vec!["/bin/sh".to_owned(), "-c".to_owned()]),
@@ -456,8 +510,9 @@ impl DockerBackend {
         Ok(())
     }
 
-    /// Removes every engine object labelled with the environment, the host directory, then
-    /// the network (the environment's record, last so an interrupted removal stays listed).
+    /// Removes every engine object labelled with the environment and the host directory, then
+    /// the workspace volume (the environment's record, last so an interrupted removal stays
+    /// listed).
     async fn remove_env(&self, id: &str, grace: Duration) -> Result<bool> {
         let docker = &self.inner.docker;
         let filter = labels::filter(&[format!("{}={id}", labels::ENVIRONMENT_ID)]);
@@ -498,15 +553,19 @@ impl DockerBackend {
             .list_volumes(Some(ListVolumesOptions { filters: Some(filter.clone()) }))
             .await
             .map_err(|e| docker_err("listing the environment's volumes", e))?;
-        let volumes = volumes.volumes.unwrap_or_default();
+        let record = labels::workspace_volume(id);
+        let mut volumes: Vec<String> =
+            volumes.volumes.unwrap_or_default().into_iter().map(|v| v.name).collect();
         existed |= !volumes.is_empty();
-        let volume_removals = volumes.into_iter().map(|v| async move {
-            match docker.remove_volume(&v.name, Some(RemoveVolumeOptions { force: true })).await {
+        let has_record = volumes.contains(&record);
+        volumes.retain(|v| *v != record);
+        let remove_volume = |name: String| async move {
+            match docker.remove_volume(&name, Some(RemoveVolumeOptions { force: true })).await {
                 Ok(()) => Ok(()),
                 Err(e) if is_not_found(&e) => Ok(()),
-                Err(e) => Err(docker_err(format!("removing volume {}", v.name), e)),
+                Err(e) => Err(docker_err(format!("removing volume {name}"), e)),
             }
-        });
+        };
         let d = dir.clone();
         let dir_removal = async move {
             if !d.exists() {
@@ -519,16 +578,26 @@ impl DockerBackend {
                 .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
                 .map_err(|e| Error::io(format!("removing {}", d.display()), &e))
         };
-        let (volumes_removed, dir_removed) =
-            tokio::join!(futures::future::join_all(volume_removals), dir_removal);
+        let network_removal = async {
+            match docker.remove_network(&labels::network_name(id)).await {
+                Ok(()) => Ok(true),
+                Err(e) if is_not_found(&e) => Ok(false),
+                Err(e) => Err(docker_err(format!("removing the network of {id:?}"), e)),
+            }
+        };
+        let (volumes_removed, dir_removed, network_removed) = tokio::join!(
+            futures::future::join_all(volumes.into_iter().map(remove_volume)),
+            dir_removal,
+            network_removal
+        );
         for r in volumes_removed {
             r?;
         }
         dir_removed?;
-        match docker.remove_network(&labels::network_name(id)).await {
-            Ok(()) => existed = true,
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(docker_err(format!("removing the network of {id:?}"), e)),
+        existed |= network_removed?;
+        // The record last, so an interrupted removal stays listed (and is retried).
+        if has_record {
+            remove_volume(record).await?;
         }
         Ok(existed)
     }
@@ -673,7 +742,7 @@ impl DockerBackend {
                 .await
                 .map_err(|e| docker_err(format!("creating volume {v}"), e))?;
         }
-        let net = labels::network_name(&env.id);
+        let net = self.ensure_network(&env).await?;
         let mut host = parsed.host;
         let mut binds = host.binds.take().unwrap_or_default();
         if spec.mount_workspace || kind == ContainerKind::Step {
