@@ -56,7 +56,7 @@ def safe_relative(name):
     """The entry name as a list of components; raises ArchiveError for absolute or ``..``."""
     if name.startswith("/"):
         raise ArchiveError(
-            "tar entry %r is absolute: entries must be relative to the destination" % name
+            'tar entry "%s" is absolute: entries must be relative to the destination' % name
         )
     parts = []
     for part in name.split("/"):
@@ -64,7 +64,7 @@ def safe_relative(name):
             continue
         if part == "..":
             raise ArchiveError(
-                "tar entry %r contains '..': entries must stay inside the destination" % name
+                "tar entry \"%s\" contains '..': entries must stay inside the destination" % name
             )
         parts.append(part)
     return parts
@@ -81,11 +81,11 @@ def _check_no_symlink_parents(dest, parts, name):
             return
         if stat.S_ISLNK(st.st_mode):
             raise ArchiveError(
-                "tar entry %r would be written through the symlink %r: writes through "
+                'tar entry "%s" would be written through the symlink "%s": writes through '
                 "symlinks are refused" % (name, os.path.relpath(cur, dest))
             )
         if not stat.S_ISDIR(st.st_mode):
-            raise ArchiveError("tar entry %r: %r is not a directory" % (name, cur))
+            raise ArchiveError('tar entry "%s": "%s" is not a directory' % (name, cur))
 
 
 def _make_parents(dest, parts):
@@ -154,7 +154,7 @@ def unpack(chunks, dest):
                 _make_parents(dest, parts)
                 if _remove_non_dir(path) is not None:
                     raise ArchiveError(
-                        "tar entry %r is a file where the destination has a directory" % name
+                        'tar entry "%s" is a file where the destination has a directory' % name
                     )
                 source = archive.extractfile(member)
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
@@ -170,7 +170,7 @@ def unpack(chunks, dest):
                 _make_parents(dest, parts)
                 if _remove_non_dir(path) is not None:
                     raise ArchiveError(
-                        "tar entry %r is a symlink where the destination has a directory" % name
+                        'tar entry "%s" is a symlink where the destination has a directory' % name
                     )
                 os.symlink(member.linkname, path)
             elif member.islnk():
@@ -178,7 +178,7 @@ def unpack(chunks, dest):
                 target = os.path.join(dest, *safe_relative(member.linkname))
                 if _remove_non_dir(path) is not None:
                     raise ArchiveError(
-                        "tar entry %r is a hard link where the destination has a directory" % name
+                        'tar entry "%s" is a hard link where the destination has a directory' % name
                     )
                 os.link(target, path, follow_symlinks=False)
             else:

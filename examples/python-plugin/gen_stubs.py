@@ -85,12 +85,24 @@ def generate(out=DEFAULT_OUT):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def ensure_stubs(out=DEFAULT_OUT):
-    """Generates the stubs unless they are up to date, and puts ``out`` on ``sys.path``."""
+def ensure_stubs(out=None):
+    """Generates the stubs unless they are up to date, and puts their directory on
+    ``sys.path``. The directory is ``out``, else ``$KILN_PYTHON_STUBS`` when set, else
+    ``generated/`` next to this file, or a per-user temporary directory when that one cannot
+    be written (a read-only checkout)."""
+    out = out or os.environ.get("KILN_PYTHON_STUBS") or DEFAULT_OUT
     if not up_to_date(out):
-        generate(out)
+        try:
+            generate(out)
+        except OSError:
+            if out != DEFAULT_OUT:
+                raise
+            out = os.path.join(tempfile.gettempdir(), "kiln-python-plugin-stubs-%d" % os.getuid())
+            if not up_to_date(out):
+                generate(out)
     if out not in sys.path:
         sys.path.insert(0, out)
+    return out
 
 
 if __name__ == "__main__":

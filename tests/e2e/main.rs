@@ -8,4 +8,6 @@ mod docker;
 mod exec;
 mod fake_forgejo;
 mod lifecycle;
+mod python_plugin;
 mod support;
+mod tls;

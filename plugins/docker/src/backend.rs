@@ -14,8 +14,7 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, InspectContainerOptions, InspectNetworkOptions,
-    ListContainersOptions, ListNetworksOptions, ListVolumesOptions, RemoveContainerOptions,
-    RemoveVolumeOptions,
+    ListContainersOptions, ListVolumesOptions, RemoveContainerOptions, RemoveVolumeOptions,
 };
 use futures::StreamExt;
 use kiln_plugin_sdk::ids::validate_id;
@@ -469,9 +468,10 @@ impl DockerBackend {
             // network is created, and the primary connected to it, with the first inner
             // container).
             let net = if self.network_exists(&env.id).await? {
-                labels::network_name(&env.id)
+                Some(labels::network_name(&env.id))
             } else {
-                "bridge".to_owned()
+                // The engine's default network ("bridge" on Docker, "podman" on Podman).
+                None
             };
             let body = ContainerCreateBody {
                 image: Some(image.to_owned()),
@@ -481,11 +481,11 @@ impl DockerBackend {
                 labels: Some(l),
                 host_config: Some(HostConfig {
                     init: Some(true),
-                    network_mode: Some(net.clone()),
+                    network_mode: net.clone(),
                     binds: Some(Self::env_binds(&env.id, &env.dir)),
                     ..Default::default()
                 }),
-                networking_config: Some(NetworkingConfig {
+                networking_config: net.map(|net| NetworkingConfig {
                     endpoints_config: Some(HashMap::from([(net, EndpointSettings::default())])),
                 }),
                 ..Default::default()
@@ -961,45 +961,43 @@ impl Backend for DockerBackend {
         owner.created_at_unix_ms = labels::now_ms();
         let base = labels::owner_labels(&id, &owner, &hash);
         let docker = &self.inner.docker;
-        // The network first: it is the environment's record.
-        let mut net_labels = base.clone();
-        net_labels.insert(labels::ROLE.to_owned(), "environment".to_owned());
-        net_labels.insert(labels::RUNS_ON.to_owned(), request.label.clone());
-        net_labels.insert(
+        // The workspace volume first: it is the environment's record.
+        let mut record_labels = base.clone();
+        record_labels.insert(labels::ROLE.to_owned(), "environment".to_owned());
+        record_labels.insert(labels::RUNS_ON.to_owned(), request.label.clone());
+        record_labels.insert(
             labels::KIND.to_owned(),
             if with_primary { "with-primary" } else { "without-primary" }.to_owned(),
         );
-        let create = NetworkCreateRequest {
-            name: labels::network_name(&id),
-            driver: Some("bridge".to_owned()),
-            labels: Some(net_labels),
-            ..Default::default()
-        };
-        // Network, workspace volume and host directory are independent: create them at once.
         let volume = VolumeCreateRequest {
             name: Some(labels::workspace_volume(&id)),
-            labels: Some(base.clone()),
+            labels: Some(record_labels),
             ..Default::default()
         };
-        let (net, vol) = tokio::join!(docker.create_network(create), docker.create_volume(volume));
-        match net {
-            Ok(_) => {}
-            Err(e) if is_conflict(&e) => {
-                return Err(Error::unavailable(format!(
-                    "environment {id:?} is being created by another call; retry"
-                )));
-            }
-            Err(e) => return Err(docker_err(format!("creating the network of {id:?}"), e)),
+        // Creating an existing volume returns it: a concurrent create of the same id shows in
+        // its labels.
+        let record = docker
+            .create_volume(volume)
+            .await
+            .map_err(|e| docker_err("creating the workspace volume", e))?;
+        if record.labels.get(labels::SPEC_HASH) != Some(&hash) {
+            return Err(Error::already_exists(format!(
+                "environment {id:?} exists with a different spec"
+            ))
+            .field("environment_id"));
         }
-        vol.map_err(|e| docker_err("creating the workspace volume", e))?;
         let info = Arc::new(EnvInfo {
             id: id.clone(),
-            owner,
+            owner: labels::owner_from(&record.labels),
             spec_hash: hash,
             has_primary: with_primary,
             dir: dir.clone(),
         });
         Self::make_host_dir(&dir)?;
+        let hints = &request.hints;
+        if hints.job_container || hints.service_containers > 0 || hints.step_containers {
+            self.ensure_network(&info).await?;
+        }
         if let (true, Some(image)) = (with_primary, &image) {
             self.ensure_primary(&info, image, &base).await?;
         }
@@ -1193,10 +1191,12 @@ impl Backend for DockerBackend {
             pairs.push(format!("{}{k}={v}", labels::EXTRA));
         }
         let docker = &self.inner.docker;
-        let nets = docker
-            .list_networks(Some(ListNetworksOptions { filters: Some(labels::filter(&pairs)) }))
+        let records = docker
+            .list_volumes(Some(ListVolumesOptions { filters: Some(labels::filter(&pairs)) }))
             .await
-            .map_err(|e| docker_err("listing environments", e))?;
+            .map_err(|e| docker_err("listing environments", e))?
+            .volumes
+            .unwrap_or_default();
         let containers = docker
             .list_containers(Some(ListContainersOptions {
                 all: true,
@@ -1216,8 +1216,8 @@ impl Backend for DockerBackend {
         }
         let removing = lock(&self.inner.removing).clone();
         let mut out = Vec::new();
-        for n in nets {
-            let l = n.labels.unwrap_or_default();
+        for v in records {
+            let l = v.labels;
             let Some(id) = l.get(labels::ENVIRONMENT_ID).cloned() else { continue };
             if removing.contains(&id) {
                 continue;

@@ -6,17 +6,21 @@
 //! For `CreateExecutionEnvironment` with options `{"image": "IMAGE"}` the plugin creates, all
 //! named after the environment id `E` and labelled (see below):
 //!
-//! - a bridge network `kiln_E` — it is also the environment's record: the owner, the spec hash
-//!   and the label live in its labels, so a restarted plugin lists, replays and removes
-//!   environments from the engine alone;
-//! - a volume `kiln_E_workspace`, mounted at `/github/workspace` (`paths.workspace`);
+//! - a volume `kiln_E_workspace`, mounted at `/github/workspace` (`paths.workspace`) — it
+//!   is also the environment's record: the owner, the spec hash and the label live in its
+//!   labels, so a restarted plugin lists, replays and removes environments from the engine
+//!   alone;
+//! - a bridge network `kiln_E`, when the hints announce a job container, services or docker
+//!   steps, else on the first inner container (the primary container is then connected to
+//!   it). A job of `run:` steps alone needs no network of its own, and creating and removing
+//!   one costs about 0.4 s on a small machine; its primary container uses the default bridge;
 //! - a host directory `STATE/E/` (`--state-dir`, default `$XDG_STATE_HOME/kiln/docker`)
 //!   bind-mounted at `/__kiln`, holding `runner/` (`paths.runner_files`, `/__kiln/runner`),
 //!   `temp/` (`paths.temp`, `/__kiln/temp`), `tool-cache/` (`paths.tool_cache`) and `execs/`
 //!   (one pid file per exec);
 //! - unless `hints.job_container`, the primary container `kiln_E_primary` (its protocol id is
 //!   `primary`) from the image, entrypoint overridden by a shell sleep loop, with
-//!   `docker-init` as PID 1 so orphans are reaped, on the network.
+//!   `docker-init` as PID 1 so orphans are reaped.
 //!
 //! The image is pulled only when missing (or with `force_pull`); when it is missing and no
 //! registry answers, the error names the image and says how to provide it.
@@ -28,8 +32,9 @@
 //! `dev.kiln.created-at` and `dev.kiln.expires-at` (milliseconds since the epoch),
 //! `dev.kiln.spec-hash`, and each extra owner label `K=V` as `dev.kiln.label.K=V`. Containers
 //! also carry `dev.kiln.container-id` and `dev.kiln.kind` (`primary`, `job`, `service`,
-//! `step`). `ListEnvironments` reads networks (and, for an interrupted create, containers and
-//! volumes) by these labels; `Remove` deletes whatever carries `dev.kiln.environment-id=E`.
+//! `step`). `ListEnvironments` reads the workspace volumes (`dev.kiln.role=environment`) and
+//! the containers by these labels; `Remove` deletes whatever carries
+//! `dev.kiln.environment-id=E`, the record last.
 //!
 //! # Exec
 //!

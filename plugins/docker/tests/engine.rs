@@ -353,3 +353,43 @@ async fn a_dockerfile_action_is_built_and_run_with_inputs_and_outputs() {
     assert!(existed);
     assert_eq!(left(&runner), Vec::<String>::new(), "objects left behind");
 }
+
+#[tokio::test]
+async fn an_unhinted_service_joins_the_primary_on_a_network_created_on_demand() {
+    let state = tempfile::tempdir().unwrap();
+    let test = "an_unhinted_service_joins_the_primary_on_a_network_created_on_demand";
+    let Some(b) = backend(test, state.path()).await else {
+        return;
+    };
+    let runner = format!("engine-test-lazy-{}", std::process::id());
+    let e = env(&b, &format!("lazy-{}", std::process::id()), &runner, false).await;
+    let (status, _) = sh(&b, &e.id, &e.primary_container_id, "before", "true").await;
+    assert_eq!(status, ExitStatus::Code(0));
+    let svc = ContainerSpec {
+        image: IMAGE.to_owned(),
+        entrypoint: vec!["sh".into(), "-c".into()],
+        cmd: vec![
+            "mkdir -p /www && echo lazy-ok > /www/index.html && exec httpd -f -p 80 -h /www".into(),
+        ],
+        network_aliases: vec!["db".into()],
+        ..ContainerSpec::default()
+    };
+    let req =
+        ContainerRequest { environment_id: e.id.clone(), container_id: "svc-db".into(), spec: svc };
+    b.create_container(ContainerKind::Service, req).await.expect("create service");
+    b.start_container(ContainerRef { environment_id: e.id.clone(), container_id: "svc-db".into() })
+        .await
+        .expect("start service");
+    let script =
+        "for i in 1 2 3 4 5 6 7 8 9 10; do wget -qO- http://db/ && exit 0; sleep 0.3; done; exit 1";
+    let (status, out) = sh(&b, &e.id, &e.primary_container_id, "after", script).await;
+    assert_eq!((status, out.as_str()), (ExitStatus::Code(0), "lazy-ok\n"));
+    b.remove(RemoveRequest {
+        environment_id: e.id.clone(),
+        container_id: None,
+        grace: Duration::ZERO,
+    })
+    .await
+    .unwrap();
+    assert_eq!(left(&runner), Vec::<String>::new(), "objects left behind");
+}

@@ -243,7 +243,7 @@ async fn collect_on(
             } else {
                 !crate::identity::boot_alive(&owner.boot_id)
             };
-        let collect = (orphan || (expired && !in_use)) && !(young && !orphan);
+        let collect = orphan || (expired && !in_use && !young);
         if !collect {
             continue;
         }
