@@ -204,34 +204,14 @@ async fn setup(path: Option<&Path>) -> anyhow::Result<Setup> {
 
 /// First SIGTERM or Ctrl-C: `stop` (stop fetching, drain). Second: `force`. Third: exit now.
 fn watch_signals(stop: CancellationToken, force: CancellationToken) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        else {
-            return;
-        };
-        let mut count = 0;
-        loop {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            count += 1;
-            match count {
-                1 => {
-                    tracing::warn!(
-                        "stopping: no new jobs; waiting for the running ones (signal again to force)"
-                    );
-                    stop.cancel();
-                }
-                2 => {
-                    tracing::warn!("stopping now: cancelling the running jobs");
-                    force.cancel();
-                }
-                _ => std::process::exit(130),
-            }
-        }
-    })
+    crate::signals::watch(
+        stop,
+        force,
+        crate::signals::Messages {
+            first: "stopping: no new jobs; waiting for the running ones (signal again to force)",
+            second: "stopping now: cancelling the running jobs",
+        },
+    )
 }
 
 async fn shutdown(backends: Arc<Backends>) {

@@ -372,7 +372,16 @@ pub(crate) async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
 
     let cancel = CancellationToken::new();
     let force = CancellationToken::new();
-    let signals = tokio::spawn(watch_signals(cancel.clone(), force.clone()));
+    // First Ctrl-C or SIGTERM: cancel (running steps are stopped, `always()` steps and cleanup
+    // run). Second: force (stop everything). Third: exit now.
+    let signals = crate::signals::watch(
+        cancel.clone(),
+        force.clone(),
+        crate::signals::Messages {
+            first: "interrupted: cancelling the run (press Ctrl-C again to force)",
+            second: "interrupted again: stopping everything",
+        },
+    );
 
     let printer = Arc::new(ConsolePrinter::new(args.debug));
     let started = Instant::now();
@@ -419,34 +428,6 @@ pub(crate) async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
         Outcome::Failure => ExitCode::FAILURE,
         Outcome::Cancelled => ExitCode::from(130),
     })
-}
-
-/// First Ctrl-C or SIGTERM: cancel (running steps are stopped, `always()` steps and cleanup
-/// run). Second: force (stop everything). Third: exit now.
-async fn watch_signals(cancel: CancellationToken, force: CancellationToken) {
-    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    else {
-        return;
-    };
-    let mut count = 0;
-    loop {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        count += 1;
-        match count {
-            1 => {
-                tracing::warn!("interrupted: cancelling the run (press Ctrl-C again to force)");
-                cancel.cancel();
-            }
-            2 => {
-                tracing::warn!("interrupted again: stopping everything");
-                force.cancel();
-            }
-            _ => std::process::exit(130),
-        }
-    }
 }
 
 fn print_plan(workflows: &[Workflow], graph: bool) -> anyhow::Result<()> {
