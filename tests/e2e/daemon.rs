@@ -1,6 +1,7 @@
 //! Daemon mode against the strict fake Forgejo server: register, then `kiln daemon` runs queued
 //! jobs on the host plugin and reports every row, step state and output; failures, cancelling
-//! from the server, capacity, SIGTERM draining and a server outage.
+//! from the server, capacity, SIGTERM draining, a server outage, and a standalone plugin
+//! (`endpoint: unix://…`) restarted between jobs, reconnected without restarting the daemon.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -560,4 +561,123 @@ fn one_job_runs_one_task_and_exits() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("no FetchSingleTask"), "{stderr}");
     assert_eq!(fake.violations(), Vec::<String>::new());
+}
+
+/// `kiln plugin host` run by the test itself on a unix socket (the standalone shape); killed
+/// by its PID when dropped.
+struct StandalonePlugin {
+    child: Child,
+    socket: PathBuf,
+    root: PathBuf,
+    log: PathBuf,
+}
+
+impl StandalonePlugin {
+    /// Starts the plugin on `socket` with `root`, its stderr appended to `log`, and waits for
+    /// the socket to appear.
+    fn start(socket: PathBuf, root: PathBuf, log: PathBuf) -> StandalonePlugin {
+        let stderr =
+            std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("plugin log");
+        let child = Command::new(kiln_bin())
+            .args(["plugin", "host", "--root"])
+            .arg(&root)
+            .arg("--listen")
+            .arg(format!("unix://{}", socket.display()))
+            .env("KILN_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("kiln plugin host");
+        let plugin = StandalonePlugin { child, socket, root, log };
+        assert!(
+            wait_for(20, || std::os::unix::net::UnixStream::connect(&plugin.socket).is_ok()),
+            "the standalone plugin does not listen on {}:\n{}",
+            plugin.socket.display(),
+            plugin.log()
+        );
+        plugin
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL by PID, then reaps it.
+    fn kill(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill the plugin");
+        let _ = self.child.wait();
+    }
+
+    /// Kills this instance and starts another on the same socket and root.
+    fn restart(mut self) -> StandalonePlugin {
+        self.kill();
+        let (socket, root, log) = (self.socket.clone(), self.root.clone(), self.log.clone());
+        drop(self);
+        StandalonePlugin::start(socket, root, log)
+    }
+}
+
+impl Drop for StandalonePlugin {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill();
+        }
+    }
+}
+
+#[test]
+fn a_standalone_plugin_restarted_between_jobs_is_reconnected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("envs");
+    let plugin = StandalonePlugin::start(
+        tmp.path().join("p.sock"),
+        root.clone(),
+        tmp.path().join("plugin.log"),
+    );
+    let fake = FakeForgejo::start();
+    // `ubuntu-latest:host`, with `host` being this standalone plugin instead of the embedded one.
+    let runner = Runner::register(
+        &fake,
+        &format!("plugins:\n  host:\n    endpoint: unix://{}\n", plugin.socket.display()),
+    );
+    let job = |n: u32| {
+        JobSpec::new(
+            &format!(
+                "on: push\njobs:\n  j:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo \"job-{n} in $PWD\"\n"
+            ),
+            1,
+        )
+    };
+    let mut daemon = runner.daemon();
+    let root = root.display().to_string();
+
+    let first = fake.wait_finished(fake.enqueue(job(1)), 60);
+    assert_eq!(first.short_result(), "success", "{}\n{}", first.log(), daemon.log());
+    let row = first.step_rows(0).join("\n");
+    assert!(row.contains(&format!("job-1 in {root}")), "not run by the standalone plugin: {row}");
+
+    let plugin = plugin.restart();
+    let second = fake.wait_finished(fake.enqueue(job(2)), 60);
+    assert_eq!(
+        second.short_result(),
+        "success",
+        "{}\n--- daemon\n{}\n--- plugin\n{}",
+        second.log(),
+        daemon.log(),
+        plugin.log()
+    );
+    let row = second.step_rows(0).join("\n");
+    assert!(row.contains(&format!("job-2 in {root}")), "not run by the standalone plugin: {row}");
+
+    // The same daemon process served both: it noticed the new instance id and carried on.
+    let child = daemon.child.as_mut().expect("the daemon handle");
+    assert!(child.try_wait().unwrap().is_none(), "the daemon exited\n{}", daemon.log());
+    let log = daemon.log();
+    assert!(log.contains("plugin restarted"), "the instance-id change was not noticed:\n{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    assert_eq!(fake.violations(), Vec::<String>::new());
+    daemon.stop();
 }

@@ -276,3 +276,30 @@ fn unknown_event_is_a_clear_error() {
         run.show()
     );
 }
+
+#[test]
+fn job_continue_on_error_lets_the_workflow_succeed() {
+    let repo = Repo::with_workflow(
+        "coe.yml",
+        r#"
+on: push
+jobs:
+  flaky:
+    runs-on: ubuntu-latest
+    continue-on-error: ${{ matrix.experimental }}
+    strategy:
+      matrix:
+        experimental: [true]
+    steps:
+      - run: exit 1
+  after:
+    needs: flaky
+    runs-on: ubuntu-latest
+    steps:
+      - run: echo "after sees ${{ needs.flaky.result }}"
+"#,
+    );
+    repo.exec(&[])
+        .assert_code(0)
+        .assert_stdout(&["continue-on-error lets the workflow go on", "after sees success"]);
+}

@@ -150,6 +150,9 @@ async fn setup(path: Option<&Path>) -> anyhow::Result<Setup> {
     if !specs.contains_key("host") {
         specs.insert("host".into(), embedded_host()?);
     }
+    if !specs.contains_key("docker") && labels.iter().any(|l| l.backend == "docker") {
+        specs.insert("docker".into(), kiln_runner::backends::embedded_plugin("docker")?);
+    }
     // Start only the plugins some label uses (host is the default backend).
     let used: Vec<&str> = labels
         .iter()

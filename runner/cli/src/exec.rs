@@ -349,6 +349,10 @@ pub(crate) async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
                 .map_err(|e| anyhow::anyhow!("--plugin-endpoint {name}: {e}"))?;
         specs.insert(name.to_owned(), PluginSpec::Standalone { endpoint });
     }
+    // docker://IMAGE needs no --plugin: kiln serves its docker plugin itself.
+    if !specs.contains_key("docker") && label_configs.iter().any(|l| l.backend == "docker") {
+        specs.insert("docker".to_owned(), kiln_runner::backends::embedded_plugin("docker")?);
+    }
     for l in &label_configs {
         if l.backend != labels::SKIP && !specs.contains_key(&l.backend) {
             bail!(

@@ -65,9 +65,14 @@ pub struct Backends {
 
 /// The command of the embedded host plugin: this executable's `plugin host` subcommand.
 pub fn embedded_host() -> anyhow::Result<PluginSpec> {
+    embedded_plugin("host")
+}
+
+/// A first-party plugin served by this executable (`kiln plugin <name>`: host, docker, test).
+pub fn embedded_plugin(name: &str) -> anyhow::Result<PluginSpec> {
     let exe = std::env::current_exe().context("locating the kiln executable")?;
     Ok(PluginSpec::Managed {
-        command: vec![exe.to_string_lossy().into_owned(), "plugin".into(), "host".into()],
+        command: vec![exe.to_string_lossy().into_owned(), "plugin".into(), name.into()],
         env: BTreeMap::new(),
     })
 }

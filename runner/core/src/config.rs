@@ -24,6 +24,69 @@ struct RawConfig {
     runner: RawRunner,
     #[serde(default)]
     plugins: IndexMap<String, RawPlugin>,
+    /// Forgejo Runner's `container:` section, mapped to the managed docker plugin's flags.
+    container: Option<RawContainer>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawContainer {
+    network: Option<String>,
+    enable_ipv6: Option<bool>,
+    privileged: Option<bool>,
+    options: Option<String>,
+    workdir_parent: Option<String>,
+    valid_volumes: Option<Vec<String>>,
+    docker_host: Option<String>,
+    force_pull: Option<bool>,
+    force_rebuild: Option<bool>,
+}
+
+impl RawContainer {
+    /// The docker plugin's flags for this section, or an error naming a key kiln does not
+    /// support yet (only when it is set to something other than Forgejo Runner's default).
+    fn plugin_args(&self, file: &str) -> anyhow::Result<Vec<String>> {
+        let unsupported = |key: &str| {
+            anyhow::anyhow!(
+                "{file}: container.{key}: not supported by kiln's docker plugin yet; remove it \
+                 (or set it to Forgejo Runner's default)"
+            )
+        };
+        let set = |v: &Option<String>| v.as_deref().is_some_and(|s| !s.trim().is_empty());
+        if set(&self.network) {
+            return Err(unsupported("network"));
+        }
+        if set(&self.options) {
+            return Err(unsupported("options"));
+        }
+        if set(&self.workdir_parent) {
+            return Err(unsupported("workdir_parent"));
+        }
+        for (key, value) in [
+            ("enable_ipv6", self.enable_ipv6),
+            ("privileged", self.privileged),
+            ("force_pull", self.force_pull),
+            ("force_rebuild", self.force_rebuild),
+        ] {
+            if value == Some(true) {
+                return Err(unsupported(key));
+            }
+        }
+        let mut args = Vec::new();
+        for v in self.valid_volumes.iter().flatten() {
+            args.push("--valid-volume".to_owned());
+            args.push(v.clone());
+        }
+        if let Some(host) = self.docker_host.as_deref().map(str::trim)
+            && !host.is_empty()
+            && host != "-"
+            && host != "automount"
+        {
+            args.push("--docker-host".to_owned());
+            args.push(host.to_owned());
+        }
+        Ok(args)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -234,6 +297,27 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
         config.plugins.insert(name, spec);
     }
 
+    // `container:` configures the managed docker plugin (kiln's own, unless plugins.docker
+    // names another command).
+    if let Some(container) = &raw.container {
+        let args = container.plugin_args(&file.to_string())?;
+        match config.plugins.get_mut("docker") {
+            Some(PluginSpec::Managed { command, .. }) => command.extend(args),
+            Some(PluginSpec::Standalone { .. }) if !args.is_empty() => bail!(
+                "{file}: container: configures kiln's managed docker plugin, but plugins.docker is \
+                 a standalone endpoint: configure that server's policy there instead"
+            ),
+            Some(PluginSpec::Standalone { .. }) => {}
+            None => {
+                let mut spec = crate::backends::embedded_plugin("docker")?;
+                if let PluginSpec::Managed { command, .. } = &mut spec {
+                    command.extend(args);
+                }
+                config.plugins.insert("docker".into(), spec);
+            }
+        }
+    }
+
     if let Some(items) = r.labels {
         let mut out = Vec::new();
         for (i, item) in items.iter().enumerate() {
@@ -249,14 +333,20 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-/// Checks that every label's backend is configured (`host` always is).
+/// Checks that every label's backend is configured (`host` and `docker` always are).
 pub fn check_labels(
     labels: &[LabelConfig],
     plugins: &BTreeMap<String, PluginSpec>,
 ) -> anyhow::Result<()> {
     for l in labels {
         let b = l.backend.as_str();
-        if b.is_empty() || b == "host" || b == labels::SKIP || plugins.contains_key(b) {
+        // host and docker are first-party: kiln serves them itself when not configured.
+        if b.is_empty()
+            || b == "host"
+            || b == "docker"
+            || b == labels::SKIP
+            || plugins.contains_key(b)
+        {
             continue;
         }
         bail!(
@@ -372,6 +462,36 @@ mod tests {
             ("qemu", Some("4G"))
         );
         assert_eq!(c.runner.envs["A"], "b");
+    }
+
+    #[test]
+    fn container_section_configures_the_docker_plugin() {
+        let c = parse(
+            "container:\n  network: \"\"\n  privileged: false\n  valid_volumes: [\"/srv/cache/**\"]\n  docker_host: unix:///run/docker.sock\n  force_pull: false\nrunner:\n  labels: [\"ubuntu:docker://debian:12\"]\n",
+            Path::new("c.yaml"),
+        )
+        .unwrap();
+        let Some(PluginSpec::Managed { command, .. }) = c.plugins.get("docker") else {
+            panic!("no managed docker plugin: {:?}", c.plugins);
+        };
+        assert_eq!(
+            command[1..],
+            [
+                "plugin",
+                "docker",
+                "--valid-volume",
+                "/srv/cache/**",
+                "--docker-host",
+                "unix:///run/docker.sock"
+            ]
+        );
+        assert_eq!(
+            err("container:\n  privileged: true\n"),
+            "c.yaml: container.privileged: not supported by kiln's docker plugin yet; remove it (or set it to Forgejo Runner's default)"
+        );
+        assert!(err("container:\n  colour: red\n").contains("unknown field `colour`"));
+        // docker:// labels need no plugins.docker: kiln serves its own.
+        assert!(parse("runner:\n  labels: [\"u:docker://img\"]\n", Path::new("c.yaml")).is_ok());
     }
 
     #[test]

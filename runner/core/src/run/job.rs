@@ -104,7 +104,38 @@ pub(crate) struct JobState {
     pub(crate) posts: Vec<step::PostStep>,
 }
 
+/// Runs one combination; a failure becomes a success for the workflow, `needs` and fail-fast
+/// when the job has `continue-on-error: true` (the job itself is still reported as failed).
 pub(crate) async fn run_job(shared: Arc<Shared>, run: JobRun) -> ComboResult {
+    let continue_on_error = {
+        let job = &shared.opts.workflow.jobs[run.job_id.as_str()];
+        let mut contexts = job_level_contexts(&shared.opts, run.needs.clone(), run.matrix.clone());
+        contexts.insert("strategy".into(), run.strategy.clone());
+        let host = super::StaticHost(JobStatus::Success);
+        match &job.continue_on_error {
+            None => false,
+            Some(crate::workflow::BoolOrExpr::Bool(b)) => *b,
+            Some(crate::workflow::BoolOrExpr::Expr(e)) => {
+                expr::interpolate(e, &Scope { contexts: &contexts, host: &host })
+                    .is_ok_and(|s| s == "true")
+            }
+        }
+    };
+    let name = run.display_name.clone();
+    let mut result = run_job_inner(shared.clone(), run).await;
+    if continue_on_error && result.result == Outcome::Failure {
+        shared.sink.event(Event::Line {
+            job: name,
+            step: None,
+            text: "the job failed; continue-on-error lets the workflow go on".into(),
+            kind: LineKind::Runner,
+        });
+        result.result = Outcome::Success;
+    }
+    result
+}
+
+async fn run_job_inner(shared: Arc<Shared>, run: JobRun) -> ComboResult {
     let timer = Timer::start();
     let name = run.display_name.clone();
     let sink = shared.sink.clone();
