@@ -10,7 +10,7 @@ use std::process::Command;
 use crate::support::{conformance_bin, repo_root};
 
 /// Why the Python plugin cannot run here, if it cannot.
-fn python_missing() -> Option<String> {
+pub(crate) fn python_missing() -> Option<String> {
     let probe = "import grpc, grpc_tools, grpc_health.v1, grpc_status, google.protobuf";
     match Command::new("python3").args(["-c", probe]).output() {
         Err(e) => Some(format!("python3 cannot be run: {e}")),

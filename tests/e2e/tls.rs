@@ -1,11 +1,14 @@
-//! Mutual TLS on TCP (rule 12), with certificates made by the test: the host plugin served with
-//! `--listen tcp://… --tls-ca --tls-cert --tls-key` passes the protocol and semantics tiers over
-//! `https://localhost:PORT`; a client without a certificate, with one from another CA, or
-//! expecting another server name, is refused; a plaintext client is refused by the plugin,
-//! and plaintext `http://` endpoints and listeners need an explicit insecure flag.
+//! Mutual TLS on TCP (rule 12), with certificates made by the test: every plugin — host, test,
+//! docker (when an engine is there, see `docker.rs`) and the Python example (when python3 and
+//! grpcio are there, see `python_plugin.rs`) — served with `--listen tcp://… --tls-ca
+//! --tls-cert --tls-key` passes the protocol and semantics tiers over `https://localhost:PORT`
+//! (the tests print each plugin's report and summary line); a client without a certificate,
+//! with one from another CA, or expecting another server name, is refused; a plaintext client
+//! is refused by the plugin, and plaintext `http://` endpoints and listeners need an explicit
+//! insecure flag.
 
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,7 +21,9 @@ use rcgen::{
     KeyUsagePurpose,
 };
 
-use crate::support::{conformance_bin, kiln_bin};
+use crate::docker::{IMAGE, assert_nothing_left, docker_ready};
+use crate::python_plugin::python_missing;
+use crate::support::{conformance_bin, kiln_bin, repo_root};
 
 /// A self-signed CA: its certificate (PEM) and the issuer that signs with its key.
 fn new_ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
@@ -98,7 +103,7 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// `kiln plugin host` on TCP with mutual TLS; killed when dropped.
+/// A plugin served on TCP with mutual TLS; killed when dropped.
 struct Plugin {
     child: Child,
     port: u16,
@@ -106,16 +111,49 @@ struct Plugin {
     _root: tempfile::TempDir,
 }
 
+/// The first-party plugins' command lines (before `--listen` and the TLS flags), given a
+/// private directory.
+fn host(root: &Path) -> Command {
+    kiln_plugin(&["host", "--root"], &root.join("envs"))
+}
+
+fn test_plugin(root: &Path) -> Command {
+    kiln_plugin(&["test", "--root"], &root.join("envs"))
+}
+
+fn docker(root: &Path) -> Command {
+    kiln_plugin(&["docker", "--state-dir"], &root.join("state"))
+}
+
+fn python(root: &Path) -> Command {
+    let mut cmd = Command::new("python3");
+    cmd.arg(repo_root().join("examples/python-plugin/plugin.py"))
+        .arg("--root")
+        .arg(root.join("envs"));
+    cmd
+}
+
+fn kiln_plugin(args: &[&str], dir: &Path) -> Command {
+    let mut cmd = Command::new(kiln_bin());
+    cmd.arg("plugin").args(args).arg(dir);
+    cmd
+}
+
 impl Plugin {
+    /// `kiln plugin host` with mutual TLS.
     fn start(pki: &Pki) -> Plugin {
+        Plugin::start_with(pki, host)
+    }
+
+    /// The plugin `command` makes, with `--listen tcp://127.0.0.1:PORT` and the server's TLS
+    /// files added, once it accepts connections.
+    fn start_with(pki: &Pki, command: fn(&Path) -> Command) -> Plugin {
         // The port is chosen before the plugin binds it; retry if another process took it.
         for attempt in 0..3 {
             let root = tempfile::tempdir().unwrap();
             let log = root.path().join("plugin.log");
             let port = free_port();
-            let child = Command::new(kiln_bin())
-                .args(["plugin", "host", "--root"])
-                .arg(root.path().join("envs"))
+            let child = command(root.path())
                 .args(["--listen", &format!("tcp://127.0.0.1:{port}"), "--tls-ca"])
                 .arg(pki.path("ca.pem"))
                 .arg("--tls-cert")
@@ -134,14 +172,16 @@ impl Plugin {
                 return plugin;
             }
             let text = plugin.log_text();
-            assert!(attempt < 2 && text.contains("in use"), "the plugin did not start:\n{text}");
+            let in_use = text.contains("in use") || text.contains("cannot listen");
+            assert!(attempt < 2 && in_use, "the plugin did not start:\n{text}");
         }
         unreachable!("the last attempt either returns or fails")
     }
 
-    /// Waits until the port accepts connections; false when the plugin exited first.
+    /// Waits until the port accepts connections (60 s: the Python plugin may generate its
+    /// stubs first); false when the plugin exited first.
     fn wait_listening(&mut self) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 return true;
@@ -151,7 +191,7 @@ impl Plugin {
             }
             assert!(
                 Instant::now() < deadline,
-                "the plugin does not listen after 20 s:\n{}",
+                "the plugin does not listen after 60 s:\n{}",
                 self.log_text()
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -213,10 +253,10 @@ fn tls_endpoint(plugin: &Plugin, tls: TlsFiles, domain: Option<&str>) -> Endpoin
     Endpoint::Tls { uri: plugin.https(), tls, domain: domain.map(str::to_owned) }
 }
 
-#[test]
-fn conformance_passes_over_mutual_tls() {
-    let pki = Pki::new();
-    let plugin = Plugin::start(&pki);
+/// Runs the protocol and semantics tiers against `plugin` over `https://localhost:PORT` with
+/// the operator's client certificate (the faults tier needs `--command`), plus `extra` flags;
+/// asserts that nothing failed, prints the report and its summary line, returns the report.
+fn conformance_over_tls(name: &str, pki: &Pki, plugin: &Plugin, extra: &[&str]) -> String {
     let out = Command::new(conformance_bin())
         .args(["--endpoint", &plugin.https(), "--tls-ca"])
         .arg(pki.path("ca.pem"))
@@ -225,23 +265,80 @@ fn conformance_passes_over_mutual_tls() {
         .arg("--tls-key")
         .arg(pki.path("client-key.pem"))
         .args(["--tier", "protocol,semantics"])
+        .args(extra)
         .env("KILN_LOG", "warn")
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     println!("{stdout}");
     assert!(
         out.status.success(),
-        "conformance over mutual TLS failed:\n{stdout}\n{}\n--- plugin log\n{}",
+        "conformance of the {name} plugin over mutual TLS failed:\n{stdout}\n{}\n--- plugin log\n{}",
         String::from_utf8_lossy(&out.stderr),
         plugin.log_text()
     );
     let summary = stdout.lines().last().unwrap_or_default();
     assert!(summary.contains(" passed, 0 failed"), "{summary}");
-    assert!(
-        stdout.lines().any(|l| l.starts_with("PASS") && l.contains("semantics/copy/round-trip")),
-        "{stdout}"
+    println!("{name} plugin over tcp with mutual tls: {summary}");
+    stdout
+}
+
+/// Panics unless every one of `cases` passed in `report`.
+fn assert_passed(report: &str, cases: &[&str]) {
+    for case in cases {
+        assert!(
+            report.lines().any(|l| l.starts_with("PASS") && l.contains(case)),
+            "{case} did not pass:\n{report}"
+        );
+    }
+}
+
+#[test]
+fn conformance_passes_over_mutual_tls() {
+    let pki = Pki::new();
+    let plugin = Plugin::start(&pki);
+    let report = conformance_over_tls("host", &pki, &plugin, &[]);
+    assert_passed(&report, &["semantics/copy/round-trip"]);
+}
+
+#[test]
+fn test_plugin_passes_conformance_over_mutual_tls() {
+    let pki = Pki::new();
+    let plugin = Plugin::start_with(&pki, test_plugin);
+    let report = conformance_over_tls("test", &pki, &plugin, &[]);
+    assert_passed(&report, &["semantics/copy/round-trip"]);
+}
+
+#[test]
+fn docker_plugin_passes_conformance_over_mutual_tls() {
+    if !docker_ready("docker_plugin_passes_conformance_over_mutual_tls") {
+        return;
+    }
+    let pki = Pki::new();
+    let plugin = Plugin::start_with(&pki, docker);
+    let namespace = format!("conformance-e2e-tls-{}", std::process::id());
+    let image = format!("image={IMAGE}");
+    let extra = ["--namespace", &namespace, "--option", &image, "--container-image", IMAGE];
+    let report = conformance_over_tls("docker", &pki, &plugin, &extra);
+    assert_passed(
+        &report,
+        &["semantics/containers/job", "semantics/containers/service", "semantics/containers/step"],
     );
+    assert_nothing_left(&namespace);
+}
+
+#[test]
+fn python_plugin_passes_conformance_over_mutual_tls() {
+    if let Some(reason) = python_missing() {
+        let required = std::env::var("KILN_REQUIRE_PYTHON_PLUGIN").is_ok_and(|v| v == "1");
+        assert!(!required, "KILN_REQUIRE_PYTHON_PLUGIN=1, but {reason}");
+        println!("skipping python_plugin_passes_conformance_over_mutual_tls: {reason}");
+        return;
+    }
+    let pki = Pki::new();
+    let plugin = Plugin::start_with(&pki, python);
+    let report = conformance_over_tls("python", &pki, &plugin, &[]);
+    assert_passed(&report, &["semantics/exec/stdin", "semantics/copy/traversal"]);
 }
 
 #[test]
