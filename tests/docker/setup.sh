@@ -5,6 +5,7 @@
 #
 # Images:
 #   kiln-test/busybox:1  FROM scratch + Debian's busybox-static (sh, env, sleep, kill, find…)
+#   kiln-test/httpd:1    busybox's httpd on :8080 with a HEALTHCHECK (a service for the tests)
 set -euo pipefail
 
 log() { printf 'docker-setup: %s\n' "$*"; }
@@ -61,5 +62,17 @@ CMD ["sh"]
 DOCKERFILE
     log "building kiln-test/busybox:1"
     DOCKER_BUILDKIT=0 docker build -q -t kiln-test/busybox:1 "$ctx" >/dev/null
+fi
+if ! docker image inspect kiln-test/httpd:1 >/dev/null 2>&1; then
+    ctx=$(mktemp -d)
+    cat >"$ctx/Dockerfile" <<'DOCKERFILE'
+FROM kiln-test/busybox:1
+RUN mkdir -p /www && echo service-ok > /www/index.html
+HEALTHCHECK --interval=1s --timeout=2s --retries=30 CMD wget -q -O /dev/null http://127.0.0.1:8080/ || exit 1
+CMD ["httpd", "-f", "-p", "8080", "-h", "/www"]
+DOCKERFILE
+    log "building kiln-test/httpd:1"
+    DOCKER_BUILDKIT=0 docker build -q -t kiln-test/httpd:1 "$ctx" >/dev/null
+    rm -rf "$ctx"
 fi
 log "ready"

@@ -160,3 +160,45 @@ fn a_missing_image_is_a_clear_error() {
     assert!(all.contains("kiln-test/does-not-exist:0"), "the error names no image\n{}", run.show());
     assert_nothing_left(&runner_id(&repo));
 }
+
+const JOB_CONTAINER_AND_SERVICE: &str = r#"
+on: push
+jobs:
+  j:
+    runs-on: ubuntu-latest
+    container:
+      image: kiln-test/busybox:1
+      env:
+        FROM_CONTAINER: yes-${{ github.event_name }}
+    services:
+      web:
+        image: kiln-test/httpd:1
+        ports: ["8080"]
+    steps:
+      - run: echo "service says $(wget -q -O- http://web:8080/)"
+      - run: echo "published ${{ job.services.web.ports['8080'] }} container ${{ job.container.id }}"
+      - run: echo "env $FROM_CONTAINER in $PWD"
+"#;
+
+#[test]
+fn job_container_reaches_a_healthy_service_by_its_alias() {
+    if !docker_ready("job_container_reaches_a_healthy_service_by_its_alias") {
+        return;
+    }
+    let repo = Repo::with_workflow("svc.yml", JOB_CONTAINER_AND_SERVICE);
+    let run = exec_on_docker(&repo);
+    run.assert_code(0).assert_stdout(&[
+        "starting service web (kiln-test/httpd:1)",
+        "service says service-ok",
+        "env yes-push in /github/workspace",
+    ]);
+    let published = run
+        .stdout
+        .lines()
+        .find_map(|l| l.split("  published ").nth(1))
+        .unwrap_or_default()
+        .to_owned();
+    let port = published.split_whitespace().next().unwrap_or("");
+    assert!(port.parse::<u16>().is_ok_and(|p| p > 0), "no published port: {}", run.show());
+    assert_nothing_left(&runner_id(&repo));
+}

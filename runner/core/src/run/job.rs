@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use indexmap::IndexMap;
 use kiln_plugin_sdk::{
-    Backend, ContainerRef, Environment, EnvironmentHints, EnvironmentRequest, ExecEvent,
-    ExecRequest, Owner, RemoveRequest, StagedFile,
+    Backend, ContainerKind, ContainerRef, ContainerRequest, ContainerSpec, ContainerState,
+    Environment, EnvironmentHints, EnvironmentRequest, ExecEvent, ExecRequest, Health, Owner,
+    RegistryCredentials, RemoveRequest, StagedFile,
 };
 use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
@@ -191,7 +192,7 @@ async fn run_job_inner(shared: Arc<Shared>, run: JobRun) -> ComboResult {
     };
     let caps = &plugin.capabilities;
     // Services whose image evaluates to nothing are left out (as act and GitHub do).
-    let services: Vec<&String> = job
+    let services: Vec<String> = job
         .services
         .iter()
         .filter(|(_, svc)| {
@@ -199,7 +200,7 @@ async fn run_job_inner(shared: Arc<Shared>, run: JobRun) -> ComboResult {
                 .unwrap_or_else(|_| svc.image.clone());
             !image.trim().is_empty()
         })
-        .map(|(id, _)| id)
+        .map(|(id, _)| id.clone())
         .collect();
     // Preflight: nothing is created when the backend lacks a layer the job needs.
     let docker_steps = job
@@ -231,15 +232,6 @@ async fn run_job_inner(shared: Arc<Shared>, run: JobRun) -> ComboResult {
                 "the job needs {what}, which backend {:?} does not support{detail}",
                 plugin.name
             )),
-        );
-    }
-    if job.container.is_some() || !services.is_empty() {
-        return finish(
-            &shared,
-            &name,
-            &timer,
-            Outcome::Failure,
-            Some("container: and services: are not supported by this build of kiln yet".into()),
         );
     }
 
@@ -300,9 +292,33 @@ async fn run_job_inner(shared: Arc<Shared>, run: JobRun) -> ComboResult {
         }
     };
 
-    let result =
-        run_in_env(&shared, &run, &name, job, &backend, &plugin.name, &env, contexts, timeout)
-            .await;
+    let containers = tokio::select! {
+        r = create_containers(&backend, &env, job, &services, &contexts, &nonce[..8], &log) => r,
+        _ = run.cancel.cancelled() => Err("cancelled while creating containers".into()),
+    };
+    let result = match containers {
+        Ok(containers) => {
+            run_in_env(
+                &shared,
+                &run,
+                &name,
+                job,
+                &backend,
+                &plugin.name,
+                &env,
+                contexts,
+                timeout,
+                containers,
+            )
+            .await
+        }
+        Err(e) => {
+            log(format!("on backend {:?}: {e}", plugin.name), LineKind::RunnerError);
+            let result =
+                if run.cancel.is_cancelled() { Outcome::Cancelled } else { Outcome::Failure };
+            ComboResult { result, outputs: Map::new() }
+        }
+    };
     remove_env(plugin, &env.id, &log).await;
     shared.backends.release(&env.id);
     finish(&shared, &name, &timer, result.result, None);
@@ -473,6 +489,170 @@ pub(crate) fn eval_env(
     }
 }
 
+/// Where the steps run and what the `job` context says about containers.
+pub(crate) struct Containers {
+    /// The job container when the job has one, else the environment's primary container.
+    pub(crate) target: String,
+    /// `{"container": {id, network}, "services": {id: {id, ports, network}}}`.
+    pub(crate) job_context: Map<String, Value>,
+}
+
+/// How long a service may take to become healthy.
+const SERVICE_HEALTH_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Creates and starts the service containers (waiting until each is healthy) and the job
+/// container. Their resources belong to the environment: removing it removes them.
+async fn create_containers(
+    backend: &Arc<dyn Backend>,
+    env: &Environment,
+    job: &Job,
+    services: &[String],
+    contexts: &Map<String, Value>,
+    nonce: &str,
+    log: &impl Fn(String, LineKind),
+) -> Result<Containers, String> {
+    let host = super::StaticHost(JobStatus::Success);
+    let mut services_ctx = Map::new();
+    for id in services {
+        let svc = &job.services[id.as_str()];
+        let mut spec =
+            container_spec(svc, contexts, &host).map_err(|e| format!("services.{id}: {e}"))?;
+        spec.network_aliases = vec![id.clone()];
+        let container_id = kiln_plugin_sdk::ids::make_id(&["svc", id, nonce]);
+        let request = ContainerRequest {
+            environment_id: env.id.clone(),
+            container_id: container_id.clone(),
+            spec,
+        };
+        log(format!("starting service {id} ({})", request.spec.image), LineKind::Runner);
+        backend
+            .create_container(ContainerKind::Service, request)
+            .await
+            .map_err(|e| format!("creating service {id}: {e}"))?;
+        let started = backend
+            .start_container(ContainerRef {
+                environment_id: env.id.clone(),
+                container_id: container_id.clone(),
+            })
+            .await
+            .map_err(|e| format!("starting service {id}: {e}"))?;
+        wait_healthy(backend, env, &container_id, id).await?;
+        let ports: Map<String, Value> = started
+            .ports
+            .iter()
+            .map(|p| {
+                let port =
+                    p.container_port.split('/').next().unwrap_or(&p.container_port).to_owned();
+                (port, Value::String(p.host_port.to_string()))
+            })
+            .collect();
+        services_ctx
+            .insert(id.clone(), json!({ "id": container_id, "ports": ports, "network": env.id }));
+    }
+    let mut job_context = Map::new();
+    job_context.insert("services".into(), Value::Object(services_ctx));
+    let Some(container) = &job.container else {
+        job_context.insert("container".into(), json!({}));
+        return Ok(Containers { target: env.primary_container_id.clone(), job_context });
+    };
+    let mut spec =
+        container_spec(container, contexts, &host).map_err(|e| format!("container: {e}"))?;
+    // Kept alive for the job's execs, as GitHub does.
+    spec.entrypoint = vec!["tail".into()];
+    spec.cmd = vec!["-f".into(), "/dev/null".into()];
+    spec.mount_workspace = true;
+    spec.working_dir = env.paths.workspace.clone();
+    let container_id = kiln_plugin_sdk::ids::make_id(&["job", nonce]);
+    log(format!("starting the job container ({})", spec.image), LineKind::Runner);
+    let request = ContainerRequest {
+        environment_id: env.id.clone(),
+        container_id: container_id.clone(),
+        spec,
+    };
+    backend
+        .create_container(ContainerKind::Job, request)
+        .await
+        .map_err(|e| format!("creating the job container: {e}"))?;
+    backend
+        .start_container(ContainerRef {
+            environment_id: env.id.clone(),
+            container_id: container_id.clone(),
+        })
+        .await
+        .map_err(|e| format!("starting the job container: {e}"))?;
+    job_context.insert("container".into(), json!({ "id": container_id, "network": env.id }));
+    Ok(Containers { target: container_id, job_context })
+}
+
+/// A container spec from `container:` or a `services:` entry, expressions evaluated.
+fn container_spec(
+    c: &crate::workflow::Container,
+    contexts: &Map<String, Value>,
+    host: &(dyn expr::Host + Sync),
+) -> Result<ContainerSpec, String> {
+    let scope = Scope { contexts, host };
+    let text = |s: &str| expr::interpolate(s, &scope).map_err(|e| e.to_string());
+    let env = eval_env(&c.env, contexts, host).map_err(|e| format!("env: {e}"))?;
+    let credentials = match &c.credentials {
+        Some(cr) => Some(RegistryCredentials {
+            username: text(cr.username.as_deref().unwrap_or(""))?,
+            password: text(cr.password.as_deref().unwrap_or(""))?,
+        }),
+        None => None,
+    };
+    Ok(ContainerSpec {
+        image: text(&c.image)?,
+        env: env.into_iter().map(|(k, v)| kiln_plugin_sdk::EnvVar::new(k, v)).collect(),
+        ports: c.ports.iter().map(|p| text(p)).collect::<Result<_, _>>()?,
+        volumes: c.volumes.iter().map(|v| text(v)).collect::<Result<_, _>>()?,
+        options: text(c.options.as_deref().unwrap_or(""))?,
+        credentials,
+        ..ContainerSpec::default()
+    })
+}
+
+/// Waits until a service is running and healthy (or has no health check); bounded.
+async fn wait_healthy(
+    backend: &Arc<dyn Backend>,
+    env: &Environment,
+    container_id: &str,
+    id: &str,
+) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + SERVICE_HEALTH_TIMEOUT;
+    loop {
+        let status = backend
+            .inspect(ContainerRef {
+                environment_id: env.id.clone(),
+                container_id: container_id.to_owned(),
+            })
+            .await
+            .map_err(|e| format!("inspecting service {id}: {e}"))?;
+        match (status.state, status.health) {
+            (ContainerState::Exited, _) => {
+                return Err(format!(
+                    "service {id} exited (code {}): {}",
+                    status.exit_code, status.detail
+                ));
+            }
+            (_, Health::Unhealthy) => {
+                return Err(format!("service {id} is unhealthy: {}", status.detail));
+            }
+            (ContainerState::Running, Health::Healthy | Health::None | Health::Unspecified) => {
+                return Ok(());
+            }
+            _ => {}
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!(
+                "service {id} did not become healthy within {}s: {}",
+                SERVICE_HEALTH_TIMEOUT.as_secs(),
+                status.detail
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run_in_env(
     shared: &Arc<Shared>,
@@ -484,6 +664,7 @@ async fn run_in_env(
     env: &Environment,
     mut contexts: Map<String, Value>,
     timeout: Duration,
+    containers: Containers,
 ) -> ComboResult {
     let sink = &shared.sink;
     let log = |text: String, kind: LineKind| {
@@ -544,10 +725,13 @@ async fn run_in_env(
             "environment": "self-hosted",
         }),
     );
-    contexts.insert("job".into(), json!({ "status": "success", "container": {}, "services": {} }));
+    contexts.insert(
+        "job".into(),
+        json!({ "status": "success", "container": containers.job_context.get("container"), "services": containers.job_context.get("services") }),
+    );
 
     // Base environment: the primary container's own, then GitHub's defaults.
-    let primary = env.primary_container_id.clone();
+    let primary = containers.target.clone();
     let mut base_env: IndexMap<String, String> = IndexMap::new();
     match backend
         .inspect(ContainerRef { environment_id: env.id.clone(), container_id: primary.clone() })
@@ -676,6 +860,7 @@ async fn run_in_env(
         plugin: plugin.to_owned(),
         env: env.clone(),
         container_id: primary.clone(),
+        job_context: containers.job_context.clone(),
         base_env,
         env_ctx,
         bash_available: bash,

@@ -36,6 +36,8 @@ pub(crate) struct StepContext {
     pub(crate) plugin: String,
     pub(crate) env: Environment,
     pub(crate) container_id: String,
+    /// `job.container` and `job.services` of the `job` context.
+    pub(crate) job_context: Map<String, Value>,
     /// The container's own environment plus GitHub's default variables.
     pub(crate) base_env: IndexMap<String, String>,
     /// Workflow and job `env`, evaluated.
@@ -146,7 +148,15 @@ async fn run_step_inner(
     contexts.insert("steps".into(), Value::Object(state.steps.clone()));
     contexts.insert(
         "job".into(),
-        json!({ "status": match status { JobStatus::Success => "success", JobStatus::Failure => "failure", JobStatus::Cancelled => "cancelled" }, "container": {}, "services": {} }),
+        json!({
+            "status": match status {
+                JobStatus::Success => "success",
+                JobStatus::Failure => "failure",
+                JobStatus::Cancelled => "cancelled",
+            },
+            "container": cx.job_context.get("container"),
+            "services": cx.job_context.get("services"),
+        }),
     );
     // env context: workflow + job env, GITHUB_ENV, then the step's own.
     let mut env_ctx = cx.env_ctx.clone();
