@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """kiln vs act, side by side, on the same workflows and backend, interleaving A/B runs.
 
-    bench/bench.py [--runs 5] [--kiln target/release/kiln] [--act act] [WORKFLOW...]
+    bench/bench.py [--runs 5] [--kiln target/release/kiln] [--act act] [--docker IMAGE] [WORKFLOW...]
 
 Each workflow in bench/workflows/ (or those named) runs with kiln (`-P ubuntu-latest=host`) and
 act (`-P ubuntu-latest=-self-hosted`) in a scratch git repository holding only that workflow;
-the table gives medians, min-max and the kiln/act ratio. Timings belong here, not in tests.
+with --docker IMAGE both run on Docker with that local image instead (act with --pull=false),
+and the floor `docker run --rm IMAGE true` is measured in the same run. The table gives
+medians, min-max and the kiln/act ratio. Timings belong here, not in tests.
 """
 import argparse, os, shutil, statistics, subprocess, sys, tempfile, time
 
@@ -36,6 +38,7 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--kiln", default=os.path.join(ROOT, "target/release/kiln"))
     ap.add_argument("--act", default=shutil.which("act"))
+    ap.add_argument("--docker", metavar="IMAGE")
     ap.add_argument("workflows", nargs="*")
     a = ap.parse_args()
     wfs = a.workflows or sorted(os.path.join(HERE, "workflows", f) for f in os.listdir(os.path.join(HERE, "workflows")))
@@ -46,8 +49,12 @@ def main():
     print(f"{'workflow':<16} {'kiln median':>12} {'kiln min-max':>16} {'act median':>11} {'act min-max':>16} {'kiln/act':>9}")
     for wf in wfs:
         repo = scratch_repo(wf)
-        kiln_cmd = [a.kiln, "exec", "-P", "ubuntu-latest=host"]
-        act_cmd = [a.act, "-P", "ubuntu-latest=-self-hosted"] if a.act else None
+        if a.docker:
+            kiln_cmd = [a.kiln, "exec", "-P", f"ubuntu-latest=docker://{a.docker}"]
+            act_cmd = [a.act, "-P", f"ubuntu-latest={a.docker}", "--pull=false"] if a.act else None
+        else:
+            kiln_cmd = [a.kiln, "exec", "-P", "ubuntu-latest=host"]
+            act_cmd = [a.act, "-P", "ubuntu-latest=-self-hosted"] if a.act else None
         k, t = [], []
         timed(kiln_cmd, repo, env)  # warm-up
         if act_cmd:
@@ -64,6 +71,9 @@ def main():
         else:
             print(f"{name:<16} {km:>12.3f} {min(k):>7.3f}-{max(k):<8.3f}")
         shutil.rmtree(repo, ignore_errors=True)
+    if a.docker:
+        floor = [timed(["docker", "run", "--rm", a.docker, "true"], ROOT, env) for _ in range(a.runs)]
+        print(f"{'floor: docker run --rm IMAGE true':<34} median {statistics.median(floor):.3f}")
     shutil.rmtree(state, ignore_errors=True)
 
 
