@@ -211,10 +211,12 @@ impl GrpcBackend {
         // A connection that broke mid-call (the plugin died) reaches us as UNKNOWN or INTERNAL
         // with a local source error ("h2 protocol error: …", "transport error"): the plugin
         // never sent that status. Rule 14 says UNAVAILABLE.
-        let broken = matches!(status.code(), tonic::Code::Unknown | tonic::Code::Internal)
-            && (std::error::Error::source(&status).is_some()
-                || status.message().starts_with("h2 protocol error")
-                || status.message().starts_with("transport error"));
+        let broken = matches!(
+            status.code(),
+            tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Cancelled
+        ) && (std::error::Error::source(&status).is_some()
+            || status.message().starts_with("h2 protocol error")
+            || status.message().starts_with("transport error"));
         let mut e = Error::from(status);
         if broken {
             e = Error::unavailable(e.message);

@@ -235,7 +235,6 @@ async fn run_job_inner(shared: Arc<Shared>, run: JobRun) -> ComboResult {
         );
     }
 
-    let backend: Arc<dyn Backend> = plugin.client();
     let identity = &shared.opts.identity;
     let nonce = crate::identity::short_nonce();
     let env_id = kiln_plugin_sdk::ids::make_id(&[
@@ -267,7 +266,7 @@ async fn run_job_inner(shared: Arc<Shared>, run: JobRun) -> ComboResult {
     };
     shared.backends.claim(&env_id);
     let env = tokio::select! {
-        r = backend.create_environment(request) => r,
+        r = create_with_retry(plugin, request) => r,
         _ = run.cancel.cancelled() => {
             // The create may have happened: remove is safe either way.
             remove_env(plugin, &env_id, &log).await;
@@ -292,6 +291,8 @@ async fn run_job_inner(shared: Arc<Shared>, run: JobRun) -> ComboResult {
         }
     };
 
+    // The client after the create: a restarted plugin has a new one.
+    let backend: Arc<dyn Backend> = plugin.client();
     let containers = tokio::select! {
         r = create_containers(&backend, &env, job, &services, &contexts, &nonce[..8], &log) => r,
         _ = run.cancel.cancelled() => Err("cancelled while creating containers".into()),
@@ -352,6 +353,24 @@ fn finish(
         duration: timer.elapsed(),
     });
     ComboResult { result, outputs: Map::new() }
+}
+
+/// Creates an environment; while the plugin is unavailable (a managed plugin being restarted
+/// after a crash), retries through the current client for up to ten seconds.
+async fn create_with_retry(
+    plugin: &crate::backends::Plugin,
+    request: EnvironmentRequest,
+) -> kiln_plugin_sdk::Result<Environment> {
+    let mut attempts = 0;
+    loop {
+        match plugin.client().create_environment(request.clone()).await {
+            Err(e) if e.code == kiln_plugin_sdk::Code::Unavailable && attempts < 20 => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Removes an environment. When the plugin is unavailable (it crashed and is being
