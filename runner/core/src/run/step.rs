@@ -140,6 +140,12 @@ async fn run_step_inner(
     let wf_file = &cx.shared.opts.workflow.file;
     let key = step.id.clone().unwrap_or_else(|| format!("__{index}"));
     let mut name = step_display_name(step, index);
+    // Fails the step (announcing it first) with a message and returns.
+    macro_rules! fail {
+        ($message:expr) => {
+            return fail_step(cx, frame, state, index, &key, &name, &timer, $message)
+        };
+    }
     let cancelled = job_cancel.is_cancelled();
     let status = if cancelled { JobStatus::Cancelled } else { state.status };
     let workspace_local = cx.hash_root.as_deref();
@@ -166,16 +172,7 @@ async fn run_step_inner(
     let step_env = match eval_env(&step.env, contexts, &host) {
         Ok(m) => m,
         Err(e) => {
-            return fail_step(
-                cx,
-                frame,
-                state,
-                index,
-                &key,
-                &name,
-                &timer,
-                format!("{wf_file}: jobs.{}.steps[{index}].env: {e}", cx.job_id),
-            );
+            fail!(format!("{wf_file}: jobs.{}.steps[{index}].env: {e}", cx.job_id));
         }
     };
     env_ctx.extend(step_env.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -192,16 +189,7 @@ async fn run_step_inner(
     let run_it = match expr::evaluate_if(cond, &Scope { contexts, host: &host }) {
         Ok(b) => b,
         Err(e) => {
-            return fail_step(
-                cx,
-                frame,
-                state,
-                index,
-                &key,
-                &name,
-                &timer,
-                format!("{wf_file}: jobs.{}.steps[{index}].if: {e}", cx.job_id),
-            );
+            fail!(format!("{wf_file}: jobs.{}.steps[{index}].if: {e}", cx.job_id));
         }
     };
     if !run_it {
@@ -228,16 +216,10 @@ async fn run_step_inner(
         Some(BoolOrExpr::Expr(e)) => match expr::interpolate(e, &scope) {
             Ok(s) => s == "true",
             Err(e) => {
-                return fail_step(
-                    cx,
-                    frame,
-                    state,
-                    index,
-                    &key,
-                    &name,
-                    &timer,
-                    format!("{wf_file}: jobs.{}.steps[{index}].continue-on-error: {e}", cx.job_id),
-                );
+                fail!(format!(
+                    "{wf_file}: jobs.{}.steps[{index}].continue-on-error: {e}",
+                    cx.job_id
+                ));
             }
         },
     };
@@ -247,16 +229,7 @@ async fn run_step_inner(
         Some(NumberOrExpr::Expr(e)) => match expr::interpolate(e, &scope) {
             Ok(s) => s.trim().parse::<f64>().ok(),
             Err(e) => {
-                return fail_step(
-                    cx,
-                    frame,
-                    state,
-                    index,
-                    &key,
-                    &name,
-                    &timer,
-                    format!("{wf_file}: jobs.{}.steps[{index}].timeout-minutes: {e}", cx.job_id),
-                );
+                fail!(format!("{wf_file}: jobs.{}.steps[{index}].timeout-minutes: {e}", cx.job_id));
             }
         },
     }
@@ -279,16 +252,7 @@ async fn run_step_inner(
     let script = match expr::interpolate(script, &scope) {
         Ok(s) => s,
         Err(e) => {
-            return fail_step(
-                cx,
-                frame,
-                state,
-                index,
-                &key,
-                &name,
-                &timer,
-                format!("{wf_file}: jobs.{}.steps[{index}].run: {e}", cx.job_id),
-            );
+            fail!(format!("{wf_file}: jobs.{}.steps[{index}].run: {e}", cx.job_id));
         }
     };
     let shell = step
@@ -304,16 +268,7 @@ async fn run_step_inner(
         Some(s) if expr::contains_expression(&s) => match expr::interpolate(&s, &scope) {
             Ok(s) => Some(s),
             Err(e) => {
-                return fail_step(
-                    cx,
-                    frame,
-                    state,
-                    index,
-                    &key,
-                    &name,
-                    &timer,
-                    format!("{wf_file}: jobs.{}.steps[{index}].shell: {e}", cx.job_id),
-                );
+                fail!(format!("{wf_file}: jobs.{}.steps[{index}].shell: {e}", cx.job_id));
             }
         },
         s => s,
@@ -321,16 +276,7 @@ async fn run_step_inner(
     let spec = match workflow::shell_command(shell.as_deref(), cx.bash_available) {
         Ok(s) => s,
         Err(e) => {
-            return fail_step(
-                cx,
-                frame,
-                state,
-                index,
-                &key,
-                &name,
-                &timer,
-                format!("{wf_file}: jobs.{}.steps[{index}].shell: {e}", cx.job_id),
-            );
+            fail!(format!("{wf_file}: jobs.{}.steps[{index}].shell: {e}", cx.job_id));
         }
     };
     let working_dir = step
@@ -357,16 +303,10 @@ async fn run_step_inner(
                 w.trim_start_matches("./")
             ),
             Err(e) => {
-                return fail_step(
-                    cx,
-                    frame,
-                    state,
-                    index,
-                    &key,
-                    &name,
-                    &timer,
-                    format!("{wf_file}: jobs.{}.steps[{index}].working-directory: {e}", cx.job_id),
-                );
+                fail!(format!(
+                    "{wf_file}: jobs.{}.steps[{index}].working-directory: {e}",
+                    cx.job_id
+                ));
             }
         },
         None => cx.env.paths.workspace.clone(),
