@@ -17,6 +17,7 @@ pub mod error;
 pub mod ids;
 pub mod server;
 pub mod tls;
+pub mod words;
 
 /// Generated code of `proto/backend/v1/backend.proto`.
 #[allow(missing_docs, unreachable_pub, clippy::all)]

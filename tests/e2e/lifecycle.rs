@@ -148,6 +148,34 @@ jobs:
     assert!(took < Duration::from_secs(5), "{step_line}");
 }
 
+/// A workflow whose first job runs a `sleep` named `marker` (to be killed with its plugin) and
+/// whose second job, `if: always()`, echoes `second`.
+fn two_jobs_first_killed(marker: &str, second: &str) -> String {
+    format!(
+        r#"
+on: push
+jobs:
+  first:
+    runs-on: ubuntu-latest
+    steps:
+      - run: |
+          echo "first job running"
+          exec -a {marker} sleep 300
+  second:
+    needs: first
+    if: always()
+    runs-on: ubuntu-latest
+    steps:
+      - run: echo "{second}"
+"#
+    )
+}
+
+/// The names in a directory (none when it is missing).
+fn entries(dir: &std::path::Path) -> Vec<std::ffi::OsString> {
+    std::fs::read_dir(dir).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default()
+}
+
 /// The duration printed at the end of a step line: `[12ms]`, `[1.52s]`.
 fn step_duration(line: &str) -> Duration {
     let inner = line.rsplit('[').next().and_then(|s| s.split(']').next()).unwrap_or("");
@@ -217,24 +245,7 @@ fn a_crashed_managed_plugin_is_restarted_and_the_dead_job_leaves_nothing() {
     let marker = format!("kiln-e2e-restart-{}", std::process::id());
     let repo = Repo::with_workflow(
         "restart.yml",
-        &format!(
-            r#"
-on: push
-jobs:
-  first:
-    runs-on: ubuntu-latest
-    steps:
-      - run: |
-          echo "first job running"
-          exec -a {marker} sleep 300
-  second:
-    needs: first
-    if: always()
-    runs-on: ubuntu-latest
-    steps:
-      - run: echo "second job on the restarted plugin"
-"#
-        ),
+        &two_jobs_first_killed(&marker, "second job on the restarted plugin"),
     );
     let root = tempfile::tempdir().unwrap();
     // Exec 1 is the first job's setup probe, exec 2 its step: the plugin dies mid-step.
@@ -250,9 +261,7 @@ jobs:
         "second job on the restarted plugin",
         "✓ second (success)",
     ]);
-    let left: Vec<_> = std::fs::read_dir(root.path())
-        .map(|d| d.flatten().map(|e| e.file_name()).collect())
-        .unwrap_or_default();
+    let left = entries(root.path());
     assert!(left.is_empty(), "environments left behind: {left:?}\n{}", run.show());
     assert!(
         wait_for(5, || processes_with(&marker).is_empty()),
@@ -293,11 +302,7 @@ jobs:
     child.kill().unwrap();
     let _ = child.wait();
     // The managed plugin notices its stdin closing and exits; the environment stays on disk.
-    let envs = || -> Vec<std::ffi::OsString> {
-        std::fs::read_dir(root.path())
-            .map(|d| d.flatten().map(|e| e.file_name()).collect())
-            .unwrap_or_default()
-    };
+    let envs = || entries(root.path());
     assert!(!envs().is_empty(), "the killed run's environment should still be there");
     // The next run of the same runner removes what the dead one left.
     let repo2 = Repo { dir: tempfile::tempdir().unwrap(), state: repo.state };
@@ -356,24 +361,7 @@ fn a_managed_plugin_killed_with_sigkill_mid_step_fails_the_job_and_is_replaced()
     let marker = format!("kiln-e2e-sigkill-plugin-{}", std::process::id());
     let repo = Repo::with_workflow(
         "kill.yml",
-        &format!(
-            r#"
-on: push
-jobs:
-  first:
-    runs-on: ubuntu-latest
-    steps:
-      - run: |
-          echo "first job running"
-          exec -a {marker} sleep 300
-  second:
-    needs: first
-    if: always()
-    runs-on: ubuntu-latest
-    steps:
-      - run: echo "second job after the kill"
-"#
-        ),
+        &two_jobs_first_killed(&marker, "second job after the kill"),
     );
     let root = tempfile::tempdir().unwrap();
     let root_arg = root.path().display().to_string();
@@ -432,9 +420,7 @@ jobs:
     assert!(failed_after < Duration::from_secs(5), "failed after {failed_after:?}\n{text}");
     assert!(text.contains("second job after the kill"), "{text}");
     assert!(text.contains("✓ second (success)"), "{text}");
-    let left: Vec<_> = std::fs::read_dir(root.path())
-        .map(|d| d.flatten().map(|e| e.file_name()).collect())
-        .unwrap_or_default();
+    let left = entries(root.path());
     assert!(left.is_empty(), "environments left behind: {left:?}\n{text}");
     assert!(
         wait_for(5, || processes_with(&marker).is_empty()),

@@ -56,8 +56,9 @@ mod protocol;
 mod report;
 mod semantics;
 
+pub use crate::words::split_command;
 pub use cli::main;
-pub use process::{ManagedPlugin, split_command};
+pub use process::ManagedPlugin;
 pub use report::{CaseResult, Outcome, Report};
 
 use harness::{Ctx, Stop};

@@ -931,7 +931,10 @@ async fn run_uses(
     job_cancel: &CancellationToken,
     u: UsesStep<'_>,
 ) {
-    let fail = |state: &mut JobState, message: String| {
+    let done = |state: &mut JobState,
+                outcome: Outcome,
+                outputs: Map<String, Value>,
+                message: Option<String>| {
         finish_step(
             cx,
             frame,
@@ -940,11 +943,14 @@ async fn run_uses(
             u.key,
             u.name,
             u.timer,
-            Outcome::Failure,
+            outcome,
             u.continue_on_error,
-            Map::new(),
-            Some(message),
+            outputs,
+            message,
         );
+    };
+    let fail = |state: &mut JobState, message: String| {
+        done(state, Outcome::Failure, Map::new(), Some(message));
     };
     // actions/checkout of the repository being run: the workspace already holds the local
     // checkout (act does the same).
@@ -964,19 +970,7 @@ async fn run_uses(
                 text: "the workspace is the local checkout: actions/checkout skipped".into(),
                 kind: LineKind::Runner,
             });
-            return finish_step(
-                cx,
-                frame,
-                state,
-                index,
-                u.key,
-                u.name,
-                u.timer,
-                Outcome::Success,
-                u.continue_on_error,
-                Map::new(),
-                None,
-            );
+            return done(state, Outcome::Success, Map::new(), None);
         }
     }
     let Some(rel) = uses.strip_prefix("./") else {
@@ -1078,19 +1072,7 @@ async fn run_uses(
                     env,
                 });
             }
-            finish_step(
-                cx,
-                frame,
-                state,
-                index,
-                u.key,
-                u.name,
-                u.timer,
-                outcome,
-                u.continue_on_error,
-                outputs,
-                message,
-            );
+            done(state, outcome, outputs, message);
         }
         workflow::Runs::Composite { steps } => {
             if frame.depth >= MAX_COMPOSITE_DEPTH {
@@ -1148,19 +1130,7 @@ async fn run_uses(
                 JobStatus::Cancelled => Outcome::Cancelled,
                 _ => Outcome::Failure,
             };
-            finish_step(
-                cx,
-                frame,
-                state,
-                index,
-                u.key,
-                u.name,
-                u.timer,
-                outcome,
-                u.continue_on_error,
-                outputs,
-                message,
-            );
+            done(state, outcome, outputs, message);
         }
         workflow::Runs::Docker(_) => fail(
             state,
