@@ -2,6 +2,7 @@
 //! sockets. See `support.rs` for how the binaries are found.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod actions;
 mod conformance;
 mod daemon;
 mod docker;

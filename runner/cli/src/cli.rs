@@ -105,6 +105,18 @@ pub(crate) struct ExecArgs {
     /// Do not set ACT=true (kiln sets it by default, like act, so scripts can detect local runs).
     #[arg(long)]
     pub(crate) no_act_env: bool,
+    /// Base URL of remote actions and reusable workflows (owner/repo@ref).
+    #[arg(long, default_value = kiln_runner::actions::DEFAULT_BASE_URL)]
+    pub(crate) actions_url: String,
+    /// The action cache (default: actions/ in kiln's state directory).
+    #[arg(long)]
+    pub(crate) action_cache_dir: Option<PathBuf>,
+    /// Use only cached actions; never fetch (act's --action-offline-mode).
+    #[arg(long)]
+    pub(crate) action_offline_mode: bool,
+    /// Use a local directory for an action: owner/repo@ref=DIR, or owner/repo=DIR for every ref.
+    #[arg(long = "local-repository")]
+    pub(crate) local_repositories: Vec<String>,
 }
 
 #[derive(Debug, Args)]

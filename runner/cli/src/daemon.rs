@@ -201,6 +201,9 @@ async fn setup(path: Option<&Path>) -> anyhow::Result<Setup> {
         timeout: r.timeout,
         report_interval: r.report_interval,
         identity,
+        actions: kiln_runner::actions::ActionSource::new(
+            kiln_runner::identity::state_dir().join("actions"),
+        ),
     });
     Ok(Setup { client, poll, settings, backends })
 }

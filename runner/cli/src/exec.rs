@@ -331,6 +331,22 @@ pub(crate) async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
 
+    let mut source = kiln_runner::actions::ActionSource::new(
+        args.action_cache_dir
+            .clone()
+            .unwrap_or_else(|| kiln_runner::identity::state_dir().join("actions")),
+    );
+    source.base_url = args.actions_url.trim_end_matches('/').to_owned();
+    source.offline = args.action_offline_mode;
+    for o in &args.local_repositories {
+        let (name, dir) = kiln_runner::actions::ActionSource::parse_override(o)
+            .map_err(|e| anyhow::anyhow!("--local-repository: {e}"))?;
+        let dir = std::fs::canonicalize(&dir)
+            .with_context(|| format!("--local-repository {o:?}: {}", dir.display()))?;
+        source.overrides.push((name, dir));
+    }
+    let actions = Arc::new(kiln_runner::actions::Resolver::new(source));
+
     // Plugins: the embedded host plugin, plus what the command line names.
     let mut specs = BTreeMap::new();
     specs.insert("host".to_owned(), embedded_host()?);
@@ -409,6 +425,7 @@ pub(crate) async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
             matrix_filter: matrix_filter.clone(),
             skip_local_checkout: true,
             external_needs: Map::new(),
+            actions: actions.clone(),
         };
         let result =
             run_workflow(opts, backends.clone(), printer.clone(), cancel.clone(), force.clone())

@@ -6,6 +6,7 @@
 //! environment on its backend, copies the [`workspace`] in, runs its steps as one Exec each,
 //! and removes the environment. Progress goes to an [`output::EventSink`].
 
+pub mod actions;
 pub mod backends;
 pub mod config;
 pub mod expr;

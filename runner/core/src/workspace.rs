@@ -30,10 +30,10 @@ fn git_file_list(dir: &Path) -> Option<Vec<PathBuf>> {
     Some(files)
 }
 
-fn write_tar(dir: &Path, out: ChunkWriter) -> std::io::Result<()> {
+fn write_tar(dir: &Path, out: ChunkWriter, git_aware: bool) -> std::io::Result<()> {
     let mut builder = tar::Builder::new(out);
     builder.follow_symlinks(false);
-    match git_file_list(dir) {
+    match git_aware.then(|| git_file_list(dir)).flatten() {
         Some(files) => {
             let git = dir.join(".git");
             if git.exists() {
@@ -58,12 +58,21 @@ fn write_tar(dir: &Path, out: ChunkWriter) -> std::io::Result<()> {
 
 /// A tar stream of the workspace at `dir`, produced on a blocking thread.
 pub fn tar_stream(dir: PathBuf) -> ByteStream {
+    stream(dir, true)
+}
+
+/// A tar stream of everything under `dir` (a fetched action), produced on a blocking thread.
+pub fn dir_tar_stream(dir: PathBuf) -> ByteStream {
+    stream(dir, false)
+}
+
+fn stream(dir: PathBuf, git_aware: bool) -> ByteStream {
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     tokio::task::spawn_blocking(move || {
         let err_tx = tx.clone();
-        if let Err(e) = write_tar(&dir, ChunkWriter::new(tx)) {
+        if let Err(e) = write_tar(&dir, ChunkWriter::new(tx), git_aware) {
             let _ = err_tx.blocking_send(Err(kiln_plugin_sdk::Error::io(
-                format!("archiving the workspace {}", dir.display()),
+                format!("archiving {}", dir.display()),
                 &e,
             )));
         }

@@ -35,6 +35,8 @@ pub struct RunnerSettings {
     pub report_interval: Duration,
     /// Who we are (labels on everything plugins create).
     pub identity: Identity,
+    /// Where actions come from; each task's default actions URL replaces `base_url`.
+    pub actions: crate::actions::ActionSource,
 }
 
 /// A task turned into a run.
@@ -163,6 +165,13 @@ pub fn prepare(task: &Task, instance: &str, settings: &RunnerSettings) -> Result
     let debug = secrets.get("ACTIONS_STEP_DEBUG").is_some_and(|v| v == "true");
     let mut mask: Vec<String> = secrets.values().cloned().collect();
     mask.extend([runtime_token, oidc_token.to_owned()]);
+    // Remote actions: from the instance's default actions URL (Forgejo's, else Gitea's).
+    let mut source = settings.actions.clone();
+    match first_of(ctx, &["forgejo_default_actions_url", "gitea_default_actions_url"]) {
+        "" => {}
+        url => source.base_url = url.trim_end_matches('/').to_owned(),
+    }
+    let actions = Arc::new(crate::actions::Resolver::new(source));
     let options = RunOptions {
         workflow: Arc::new(wf),
         github,
@@ -180,6 +189,7 @@ pub fn prepare(task: &Task, instance: &str, settings: &RunnerSettings) -> Result
         skip_local_checkout: false,
         matrix_filter: Vec::new(),
         external_needs,
+        actions,
     };
     Ok(Prepared { options, job_id, steps, secrets: mask, debug })
 }

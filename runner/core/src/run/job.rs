@@ -103,6 +103,12 @@ pub(crate) struct JobState {
     pub(crate) summary: String,
     /// Post steps registered by actions, in registration order.
     pub(crate) posts: Vec<step::PostStep>,
+    /// Remote actions found so far, by `uses:`.
+    pub(crate) actions: std::collections::HashMap<String, super::action::LocatedAction>,
+    /// Fetched repositories already copied into the environment (by cache key).
+    pub(crate) copied_actions: std::collections::HashSet<String>,
+    /// What each top-level step's `pre:` saved (GITHUB_STATE), by step index.
+    pub(crate) pre_state: std::collections::HashMap<usize, IndexMap<String, String>>,
 }
 
 /// Runs one combination; a failure becomes a success for the workflow, `needs` and fail-fast
@@ -849,6 +855,9 @@ async fn run_in_env(
         masker: Masker::new(),
         summary: String::new(),
         posts: Vec::new(),
+        actions: Default::default(),
+        copied_actions: Default::default(),
+        pre_state: Default::default(),
     };
     for v in opts.secrets.values() {
         state.masker.add(v);
@@ -894,7 +903,12 @@ async fn run_in_env(
     };
     let steps = job.steps.as_deref().unwrap_or(&[]);
     let frame = step::Frame::default();
-    for (index, s) in steps.iter().enumerate() {
+    let set_up =
+        super::action::run_pres(&step_ctx, &mut state, &mut contexts, steps, &job_cancel).await;
+    if !set_up && state.status == JobStatus::Success {
+        state.status = JobStatus::Failure;
+    }
+    for (index, s) in steps.iter().enumerate().filter(|_| set_up) {
         if job_cancel.is_cancelled() && state.status == JobStatus::Success {
             state.status = JobStatus::Cancelled;
         }

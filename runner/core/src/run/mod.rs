@@ -2,6 +2,8 @@
 //! the jobs it `needs` are done (a true DAG, not stage barriers), expands matrices, honours
 //! `max-parallel` and `fail-fast`, and collects results.
 
+mod action;
+mod call;
 mod job;
 mod step;
 
@@ -59,6 +61,8 @@ pub struct RunOptions {
     /// (daemon mode: the server sends each job alone, with the results and outputs of the jobs
     /// it needs), as `{id: {"result": "success", "outputs": {…}}}`. They count as done.
     pub external_needs: Map<String, Value>,
+    /// Where remote actions and reusable workflows come from.
+    pub actions: Arc<crate::actions::Resolver>,
 }
 
 /// The result of a run.
@@ -79,6 +83,8 @@ pub(crate) struct Shared {
     pub(crate) sink: Arc<dyn EventSink>,
     /// Cancelled on the second interrupt: stops even `always()` steps.
     pub(crate) force: CancellationToken,
+    /// How many reusable-workflow calls enclose this run (0 at the top).
+    pub(crate) depth: usize,
 }
 
 /// What a finished job (one combination) reports to the scheduler.
@@ -113,9 +119,21 @@ pub async fn run_workflow(
     cancel: CancellationToken,
     force: CancellationToken,
 ) -> RunResult {
+    run_nested(opts, backends, sink, cancel, force, 0).await
+}
+
+/// [`run_workflow`] at a depth of reusable-workflow calls.
+async fn run_nested(
+    opts: RunOptions,
+    backends: Arc<Backends>,
+    sink: Arc<dyn EventSink>,
+    cancel: CancellationToken,
+    force: CancellationToken,
+    depth: usize,
+) -> RunResult {
     let wf = opts.workflow.clone();
     let selected = select_jobs(&wf, opts.only_jobs.as_deref());
-    let shared = Arc::new(Shared { opts, backends, sink, force });
+    let shared = Arc::new(Shared { opts, backends, sink, force, depth });
     let mut states: IndexMap<String, JobState> =
         selected.iter().map(|id| (id.clone(), JobState::Pending)).collect();
     let mut tasks: JoinSet<(String, ComboResult)> = JoinSet::new();
@@ -231,7 +249,11 @@ fn settle(
                 *running += 1;
                 let id = id.clone();
                 let shared = shared.clone();
-                tasks.spawn(async move { (id, job::run_job(shared, run).await) });
+                if shared.opts.workflow.jobs[id.as_str()].uses.is_some() {
+                    tasks.spawn(async move { (id, call::run_call(shared, run).await) });
+                } else {
+                    tasks.spawn(async move { (id, job::run_job(shared, run).await) });
+                }
             }
         }
     }
@@ -349,17 +371,6 @@ fn start_job(
             return finish(Outcome::Failure, Some(format!("{}: jobs.{id}.if: {e}", wf.file)));
         }
     }
-    if let Some(uses) = &job.uses {
-        return finish(
-            Outcome::Failure,
-            Some(format!(
-                "{}: jobs.{id}.uses: reusable workflows ({uses}) are not supported by this build \
-                 of kiln yet",
-                wf.file
-            )),
-        );
-    }
-
     // Matrix.
     let strategy = job.strategy.as_ref();
     let combos = match strategy.and_then(|s| s.matrix.as_ref()) {

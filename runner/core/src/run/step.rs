@@ -60,9 +60,15 @@ pub(crate) fn exec_id() -> String {
 }
 
 /// A status host for step expressions.
-struct StepHost<'a> {
+pub(crate) struct StepHost<'a> {
     status: JobStatus,
     workspace: Option<&'a std::path::Path>,
+}
+
+impl<'a> StepHost<'a> {
+    pub(crate) fn new(status: JobStatus, workspace: Option<&'a std::path::Path>) -> Self {
+        StepHost { status, workspace }
+    }
 }
 
 impl expr::Host for StepHost<'_> {
@@ -614,7 +620,7 @@ async fn collect_env_files(
     error
 }
 
-async fn copy_out_file(cx: &StepContext, path: &str) -> Result<Vec<u8>, String> {
+pub(crate) async fn copy_out_file(cx: &StepContext, path: &str) -> Result<Vec<u8>, String> {
     let mut stream = cx
         .backend
         .copy_out(kiln_plugin_sdk::CopyOutSource {
@@ -637,7 +643,7 @@ async fn copy_out_file(cx: &StepContext, path: &str) -> Result<Vec<u8>, String> 
 }
 
 /// Announces a step: a StepStarted event at the top level, a line inside a composite action.
-fn announce(cx: &StepContext, frame: &Frame, index: usize, name: &str) {
+pub(crate) fn announce(cx: &StepContext, frame: &Frame, index: usize, name: &str) {
     if frame.nested {
         cx.shared.sink.event(Event::Line {
             job: cx.job_name.clone(),
@@ -655,7 +661,7 @@ fn announce(cx: &StepContext, frame: &Frame, index: usize, name: &str) {
 }
 
 /// Reports a finished step: a StepFinished event at the top level, a line inside a composite.
-fn report_finished(
+pub(crate) fn report_finished(
     cx: &StepContext,
     frame: &Frame,
     index: usize,
@@ -913,12 +919,8 @@ pub(crate) struct UsesStep<'a> {
     cancelled: bool,
 }
 
-/// `INPUT_<NAME>`: upper case, spaces to underscores, as the actions toolkit reads them.
-fn input_env_name(name: &str) -> String {
-    format!("INPUT_{}", name.replace(' ', "_").to_uppercase())
-}
-
-/// Runs a `uses:` step: a local action (`./path`: composite or node), or the local checkout.
+/// Runs a `uses:` step: a local (`./path`) or remote (`owner/repo@ref`) action, composite or
+/// node, or the local checkout.
 #[allow(clippy::too_many_arguments)]
 async fn run_uses(
     cx: &StepContext,
@@ -954,101 +956,48 @@ async fn run_uses(
     };
     // actions/checkout of the repository being run: the workspace already holds the local
     // checkout (act does the same).
-    if cx.shared.opts.skip_local_checkout
-        && uses.split('@').next().is_some_and(|a| a.eq_ignore_ascii_case("actions/checkout"))
-    {
-        let repo = step.with.get("repository").map(String::as_str).unwrap_or("");
-        let ours = contexts
-            .get("github")
-            .and_then(|g| g.get("repository"))
-            .and_then(Value::as_str)
-            .unwrap_or("");
-        if repo.is_empty() || repo.contains("${{") || repo == ours {
-            cx.shared.sink.event(Event::Line {
-                job: cx.job_name.clone(),
-                step: Some(index),
-                text: "the workspace is the local checkout: actions/checkout skipped".into(),
-                kind: LineKind::Runner,
-            });
-            return done(state, Outcome::Success, Map::new(), None);
-        }
+    if super::action::is_local_checkout(cx, step, contexts) {
+        cx.shared.sink.event(Event::Line {
+            job: cx.job_name.clone(),
+            step: Some(index),
+            text: "the workspace is the local checkout: actions/checkout skipped".into(),
+            kind: LineKind::Runner,
+        });
+        return done(state, Outcome::Success, Map::new(), None);
     }
-    let Some(rel) = uses.strip_prefix("./") else {
-        return fail(
-            state,
-            format!(
-                "uses: {uses}: only local actions (./path) run in this build of kiln; remote and docker actions are not supported yet"
-            ),
-        );
+    let located = match super::action::locate(cx, state, uses).await {
+        Ok(l) => l,
+        Err(e) => return fail(state, e),
     };
-    // The action is read from the environment's workspace, where earlier steps may have
-    // created or changed it.
-    let rel = rel.trim_end_matches('/');
-    let base = format!("{}/{rel}", cx.env.paths.workspace.trim_end_matches('/'));
-    let base = base.trim_end_matches("/.").trim_end_matches('/').to_owned();
-    let mut found = None;
-    for f in ["action.yml", "action.yaml"] {
-        let path = format!("{base}/{f}");
-        if let Ok(data) = copy_out_file(cx, &path).await {
-            found = Some((f, data));
-            break;
-        }
-    }
-    let Some((file, data)) = found else {
-        return fail(state, format!("uses: {uses}: no action.yml or action.yaml in {base}"));
-    };
-    let manifest = format!("{uses}/{file}");
-    let text = String::from_utf8_lossy(&data).into_owned();
-    let action = match workflow::parse_action(&text, &manifest) {
-        Ok(a) => a,
-        Err(e) => return fail(state, e.to_string()),
-    };
-    let action_path = base.clone();
+    let manifest = located.manifest.clone();
+    let action = located.action.clone();
+    let action_path = located.dir.clone();
 
-    // Inputs: `with:` (interpolated), else the declared default (interpolated).
     let host = StepHost {
         status: if u.cancelled { JobStatus::Cancelled } else { state.status },
         workspace: cx.hash_root.as_deref(),
     };
-    let mut inputs = Map::new();
-    {
-        let scope = Scope { contexts, host: &host };
-        for (name, value) in &step.with {
-            match expr::interpolate(value, &scope) {
-                Ok(v) => {
-                    inputs.insert(name.to_lowercase(), Value::String(v));
-                }
-                Err(e) => {
-                    return fail(
-                        state,
-                        format!("jobs.{}.steps[{index}].with.{name}: {e}", cx.job_id),
-                    );
-                }
-            }
-        }
-        for (name, input) in &action.inputs {
-            let key = name.to_lowercase();
-            if inputs.contains_key(&key) {
-                continue;
-            }
-            let value = match &input.default {
-                Some(d) => match expr::interpolate(d, &scope) {
-                    Ok(v) => v,
-                    Err(e) => {
-                        return fail(state, format!("{}: inputs.{name}.default: {e}", manifest));
-                    }
-                },
-                None => String::new(),
-            };
-            inputs.insert(key, Value::String(value));
-        }
-    }
+    let inputs = match super::action::action_inputs(
+        step,
+        &action,
+        &manifest,
+        &Scope { contexts, host: &host },
+        &format!("jobs.{}.steps[{index}]", cx.job_id),
+    ) {
+        Ok(i) => i,
+        Err(e) => return fail(state, e),
+    };
 
     match &action.runs {
         workflow::Runs::Node(node) => {
-            let mut extra: IndexMap<String, String> =
-                inputs.iter().map(|(k, v)| (input_env_name(k), expr::to_string(v))).collect();
+            let mut extra = super::action::input_env(&inputs);
             extra.insert("GITHUB_ACTION_PATH".into(), action_path.clone());
+            // What the action's `pre:` saved (GITHUB_STATE) reaches its main step.
+            if !frame.nested
+                && let Some(saved) = state.pre_state.get(&index)
+            {
+                extra.extend(saved.iter().map(|(k, v)| (format!("STATE_{k}"), v.clone())));
+            }
             let mut env_ctx = u.env_ctx.clone();
             env_ctx.extend(u.step_env.iter().map(|(k, v)| (k.clone(), v.clone())));
             let plan = ExecPlan {

@@ -1,0 +1,452 @@
+//! Where remote actions and reusable workflows come from: `owner/repo[/path]@ref` references,
+//! fetched with the `git` CLI from a base URL (or an absolute `https://host/owner/repo@ref`),
+//! kept in a cache directory keyed by URL and ref, served from that cache alone in offline
+//! mode, and replaced by local directories through an override map (mirrors, tests).
+//!
+//! A fetch goes into a private temporary directory and is renamed into place, so concurrent
+//! jobs (or kiln processes) never see half a checkout. Within one run a mutable ref (a branch
+//! or tag) is fetched at most once; a full commit SHA is never fetched again once cached.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+/// The default base URL of `owner/repo@ref` references.
+pub const DEFAULT_BASE_URL: &str = "https://github.com";
+
+/// How long one git command may take before the fetch is abandoned.
+const GIT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Where actions come from.
+#[derive(Debug, Clone)]
+pub struct ActionSource {
+    /// Base URL of `owner/repo@ref` references (`https://github.com`, a Forgejo instance's
+    /// default actions URL, `git://…`, `file:///…`).
+    pub base_url: String,
+    /// The cache directory.
+    pub cache_dir: PathBuf,
+    /// Use only the cache (and the overrides); never fetch.
+    pub offline: bool,
+    /// `owner/repo@ref` (or `owner/repo` for every ref) → a local directory used instead.
+    pub overrides: Vec<(String, PathBuf)>,
+}
+
+impl ActionSource {
+    /// The default source: github.com, the cache under kiln's state directory, online.
+    pub fn new(cache_dir: PathBuf) -> ActionSource {
+        ActionSource {
+            base_url: DEFAULT_BASE_URL.into(),
+            cache_dir,
+            offline: false,
+            overrides: Vec::new(),
+        }
+    }
+
+    /// Parses an override `owner/repo[@ref]=DIR` (the form of the command line).
+    pub fn parse_override(text: &str) -> Result<(String, PathBuf), String> {
+        let (name, dir) = text.split_once('=').ok_or_else(|| {
+            format!("action override {text:?}: expected owner/repo@ref=DIR (or owner/repo=DIR)")
+        })?;
+        let name = name.trim();
+        let repo = name.split('@').next().unwrap_or("");
+        if repo.split('/').filter(|p| !p.is_empty()).count() != 2 || dir.is_empty() {
+            return Err(format!(
+                "action override {text:?}: expected owner/repo@ref=DIR (or owner/repo=DIR)"
+            ));
+        }
+        Ok((name.to_owned(), PathBuf::from(dir)))
+    }
+}
+
+/// A parsed remote reference: `owner/repo[/path]@ref` or `https://host/owner/repo[/path]@ref`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteRef {
+    /// The repository's URL, without `.git`.
+    pub url: String,
+    /// `owner/repo`.
+    pub repo: String,
+    /// The path inside the repository ("" for its root).
+    pub path: String,
+    /// The ref: a branch, a tag or a commit SHA.
+    pub git_ref: String,
+}
+
+impl std::fmt::Display for RemoteRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}@{}", self.repo, self.git_ref)
+        } else {
+            write!(f, "{}/{}@{}", self.repo, self.path, self.git_ref)
+        }
+    }
+}
+
+impl RemoteRef {
+    /// Parses a `uses:` value that is neither local (`./`) nor `docker://`.
+    pub fn parse(uses: &str, base_url: &str) -> Result<RemoteRef, String> {
+        const FORMAT: &str = "expected {owner}/{repo}[/path]@{ref}";
+        let uses = uses.trim();
+        let (location, git_ref) = match uses.rsplit_once('@') {
+            Some((l, r)) if !r.trim().is_empty() && !l.trim().is_empty() => (l.trim(), r.trim()),
+            _ => return Err(format!("uses: {uses:?}: {FORMAT} (a ref is required)")),
+        };
+        let (host, rest) = match location.split_once("://") {
+            Some((scheme, rest)) => {
+                let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+                (Some(format!("{scheme}://{host}")), path)
+            }
+            None => (None, location),
+        };
+        let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
+        if parts.len() < 2 || parts.iter().any(|p| *p == "." || *p == "..") {
+            return Err(format!("uses: {uses:?}: {FORMAT}"));
+        }
+        let repo_name = parts[1].strip_suffix(".git").unwrap_or(parts[1]);
+        let repo = format!("{}/{repo_name}", parts[0]);
+        let base = host.unwrap_or_else(|| base_url.trim_end_matches('/').to_owned());
+        Ok(RemoteRef {
+            url: format!("{base}/{repo}"),
+            repo,
+            path: parts[2..].join("/"),
+            git_ref: git_ref.to_owned(),
+        })
+    }
+
+    /// Whether the ref is a full commit SHA (immutable: cached forever).
+    pub fn is_full_sha(&self) -> bool {
+        (self.git_ref.len() == 40 || self.git_ref.len() == 64)
+            && self.git_ref.bytes().all(|b| b.is_ascii_hexdigit())
+    }
+
+    /// The cache key: readable, and unique per URL and ref.
+    fn cache_key(&self) -> String {
+        let mut hash = Sha256::new();
+        hash.update(self.url.as_bytes());
+        hash.update([0]);
+        hash.update(self.git_ref.as_bytes());
+        let readable: String = format!("{}@{}", self.repo, self.git_ref)
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || "-_.@".contains(c) { c } else { '_' })
+            .take(80)
+            .collect();
+        format!("{readable}-{}", &hex::encode(hash.finalize())[..12])
+    }
+}
+
+/// A fetched repository on this machine.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    /// The repository's files (no `.git`).
+    pub dir: PathBuf,
+    /// A key unique per URL and ref (the cache entry's name; `override-…` for overrides).
+    pub key: String,
+}
+
+/// Fetches remote references, once per run for mutable refs.
+pub struct Resolver {
+    source: ActionSource,
+    /// Per cache key: the result of this run's fetch, behind a lock so concurrent jobs wait
+    /// for one fetch instead of starting their own.
+    fetched: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Result<Fetched, String>>>>>,
+}
+
+impl Resolver {
+    /// A resolver for one run.
+    pub fn new(source: ActionSource) -> Resolver {
+        Resolver { source, fetched: Mutex::new(HashMap::new()) }
+    }
+
+    /// The source it resolves from.
+    pub fn source(&self) -> &ActionSource {
+        &self.source
+    }
+
+    /// Parses a reference against this resolver's base URL.
+    pub fn parse(&self, uses: &str) -> Result<RemoteRef, String> {
+        RemoteRef::parse(uses, &self.source.base_url)
+    }
+
+    /// The local directory holding the repository of `r` (its root; `r.path` is inside).
+    pub async fn fetch(&self, r: &RemoteRef) -> Result<Fetched, String> {
+        if let Some(dir) = self.override_for(r) {
+            if !dir.is_dir() {
+                return Err(format!(
+                    "action {r}: the override directory {} does not exist",
+                    dir.display()
+                ));
+            }
+            let key = format!("override-{}", r.cache_key());
+            return Ok(Fetched { dir, key });
+        }
+        let key = r.cache_key();
+        let cell = {
+            let mut map = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
+            map.entry(key.clone()).or_default().clone()
+        };
+        cell.get_or_init(|| self.fetch_uncached(r, key.clone())).await.clone()
+    }
+
+    fn override_for(&self, r: &RemoteRef) -> Option<PathBuf> {
+        let exact = format!("{}@{}", r.repo, r.git_ref);
+        let find = |name: &str| {
+            self.source
+                .overrides
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, d)| d.clone())
+        };
+        find(&exact).or_else(|| find(&r.repo))
+    }
+
+    async fn fetch_uncached(&self, r: &RemoteRef, key: String) -> Result<Fetched, String> {
+        let dir = self.source.cache_dir.join(&key);
+        let cached = dir.is_dir();
+        if self.source.offline {
+            return if cached {
+                Ok(Fetched { dir, key })
+            } else {
+                Err(format!(
+                    "action {r}: not in the action cache ({}) and offline mode is on; run once \
+                     without offline mode to fetch it from {}",
+                    self.source.cache_dir.display(),
+                    r.url
+                ))
+            };
+        }
+        if cached && r.is_full_sha() {
+            return Ok(Fetched { dir, key });
+        }
+        match self.clone_into_cache(r, &dir).await {
+            Ok(()) => Ok(Fetched { dir, key }),
+            Err(e) if cached => {
+                tracing::warn!(action = %r, error = %e, "fetch failed; using the cached copy");
+                Ok(Fetched { dir, key })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Fetches `r` into a temporary directory and renames it to `dest`.
+    async fn clone_into_cache(&self, r: &RemoteRef, dest: &Path) -> Result<(), String> {
+        let cache = &self.source.cache_dir;
+        std::fs::create_dir_all(cache).map_err(|e| {
+            format!("action {r}: creating the action cache {}: {e}", cache.display())
+        })?;
+        let tmp = cache.join(format!(".tmp-{}", crate::identity::short_nonce()));
+        let result = fetch_to(r, &tmp).await;
+        if let Err(e) = result {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        let _ = std::fs::remove_dir_all(tmp.join(".git"));
+        // Replace an older copy of a mutable ref; another process may have put one there
+        // meanwhile: either copy will do.
+        if dest.exists() {
+            let old = cache.join(format!(".old-{}", crate::identity::short_nonce()));
+            if std::fs::rename(dest, &old).is_ok() {
+                let _ = std::fs::remove_dir_all(&old);
+            }
+        }
+        if let Err(e) = std::fs::rename(&tmp, dest) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            if !dest.is_dir() {
+                return Err(format!("action {r}: storing it in the cache: {e}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `git init` + a shallow fetch of the ref + checkout, in `dir`.
+async fn fetch_to(r: &RemoteRef, dir: &Path) -> Result<(), String> {
+    let dir_s = dir.to_string_lossy().into_owned();
+    git(r, &["init", "-q", &dir_s]).await?;
+    let shallow = git(r, &["-C", &dir_s, "fetch", "-q", "--depth", "1", &r.url, &r.git_ref]).await;
+    if let Err(e) = shallow {
+        if !r.is_full_sha() {
+            return Err(e);
+        }
+        // Not every server serves a commit by its SHA: fetch everything and look for it.
+        git(
+            r,
+            &[
+                "-C",
+                &dir_s,
+                "fetch",
+                "-q",
+                &r.url,
+                "+refs/heads/*:refs/remotes/o/*",
+                "+refs/tags/*:refs/tags/*",
+            ],
+        )
+        .await?;
+        return git(
+            r,
+            &["-C", &dir_s, "-c", "advice.detachedHead=false", "checkout", "-q", &r.git_ref],
+        )
+        .await;
+    }
+    git(r, &["-C", &dir_s, "-c", "advice.detachedHead=false", "checkout", "-q", "FETCH_HEAD"]).await
+}
+
+/// Runs one git command with no prompts, bounded in time; the error names the action, the ref
+/// and the URL.
+async fn git(r: &RemoteRef, args: &[&str]) -> Result<(), String> {
+    let mut cmd = tokio::process::Command::new("git");
+    cmd.args(args)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_ASKPASS", "true")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let out = match tokio::time::timeout(GIT_TIMEOUT, cmd.output()).await {
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) => {
+            return Err(format!("action {r}: running git: {e}; install git to use remote actions"));
+        }
+        Err(_) => {
+            return Err(format!(
+                "action {r}: git {} took longer than {}s ({})",
+                args.iter().find(|a| !a.starts_with('-') && **a != "-C").unwrap_or(&""),
+                GIT_TIMEOUT.as_secs(),
+                r.url
+            ));
+        }
+    };
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let detail = stderr.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("").trim();
+    Err(format!("action {r}: fetching ref {:?} from {} failed: {detail}", r.git_ref, r.url))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(uses: &str) -> String {
+        match RemoteRef::parse(uses, "https://github.com/") {
+            Ok(r) => format!("url={} repo={} path={} ref={}", r.url, r.repo, r.path, r.git_ref),
+            Err(e) => format!("error: {e}"),
+        }
+    }
+
+    #[test]
+    fn references() {
+        let cases = [
+            (
+                "actions/checkout@v4",
+                "url=https://github.com/actions/checkout repo=actions/checkout path= ref=v4",
+            ),
+            ("o/r/sub/dir@main", "url=https://github.com/o/r path=sub/dir ref=main"),
+            ("o/r.git@v1", "url=https://github.com/o/r repo=o/r path= ref=v1"),
+            ("https://code.example/o/r@v2", "url=https://code.example/o/r repo=o/r path= ref=v2"),
+            ("https://code.example/o/r/a/b@refs/heads/x", "path=a/b ref=refs/heads/x"),
+            (
+                "actions/checkout",
+                "error: uses: \"actions/checkout\": expected {owner}/{repo}[/path]@{ref} (a ref is required)",
+            ),
+            ("", "error: uses: \"\": expected {owner}/{repo}[/path]@{ref} (a ref is required)"),
+            ("checkout@v1", "error: uses: \"checkout@v1\": expected {owner}/{repo}[/path]@{ref}"),
+            ("o/r/../x@v1", "error: uses: \"o/r/../x@v1\": expected"),
+            ("o/r@", "error: uses: \"o/r@\": expected"),
+        ];
+        for (uses, want) in cases {
+            let got = parse(uses);
+            let ok = want.split(' ').all(|part| got.contains(part));
+            assert!(ok, "{uses}: got {got:?}, want {want:?}");
+        }
+    }
+
+    #[test]
+    fn cache_keys_are_readable_and_distinct() {
+        let a = RemoteRef::parse("o/r@v1", "https://a.example").unwrap();
+        let b = RemoteRef::parse("o/r@v1", "https://b.example").unwrap();
+        assert!(a.cache_key().starts_with("o_r@v1-"), "{}", a.cache_key());
+        assert_ne!(a.cache_key(), b.cache_key());
+        let sha = RemoteRef::parse(&format!("o/r@{}", "a".repeat(40)), "x").unwrap();
+        assert!(sha.is_full_sha());
+        assert!(!a.is_full_sha());
+    }
+
+    #[test]
+    fn overrides() {
+        assert_eq!(
+            ActionSource::parse_override("o/r@v1=/tmp/x").unwrap(),
+            ("o/r@v1".to_owned(), PathBuf::from("/tmp/x"))
+        );
+        assert!(ActionSource::parse_override("o/r").is_err());
+        assert!(ActionSource::parse_override("r@v1=/x").is_err());
+    }
+
+    fn git_ok(dir: &Path, args: &[&str]) {
+        let st = std::process::Command::new("git")
+            .current_dir(dir)
+            .args(["-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&st.stderr));
+    }
+
+    /// A repository at `<base>/o/act` with `action.yml` saying `version`.
+    fn make_repo(base: &Path, version: &str) {
+        let repo = base.join("o/act");
+        std::fs::create_dir_all(&repo).unwrap();
+        if !repo.join(".git").exists() {
+            git_ok(&repo, &["init", "-q"]);
+        }
+        std::fs::write(repo.join("action.yml"), format!("name: {version}\n")).unwrap();
+        git_ok(&repo, &["add", "-A"]);
+        git_ok(&repo, &["commit", "-qm", version]);
+        git_ok(&repo, &["tag", "-f", "v1"]);
+    }
+
+    #[tokio::test]
+    async fn fetch_cache_and_offline() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("server");
+        make_repo(&base, "one");
+        let mut source = ActionSource::new(tmp.path().join("cache"));
+        source.base_url = format!("file://{}", base.display());
+        let r = RemoteRef::parse("o/act@v1", &source.base_url).unwrap();
+
+        // Offline with an empty cache: a clear error naming the action and the cache.
+        let offline = Resolver::new(ActionSource { offline: true, ..source.clone() });
+        let e = offline.fetch(&r).await.unwrap_err();
+        assert!(e.contains("o/act@v1") && e.contains("offline"), "{e}");
+
+        let fetched = Resolver::new(source.clone()).fetch(&r).await.unwrap();
+        let text = std::fs::read_to_string(fetched.dir.join("action.yml")).unwrap();
+        assert_eq!(text, "name: one\n");
+        assert!(!fetched.dir.join(".git").exists());
+
+        // The tag moves: online runs see the new commit, offline runs the cached one.
+        make_repo(&base, "two");
+        // (A resolver serves one run: a new run sees the cache as it is now.)
+        let offline = Resolver::new(ActionSource { offline: true, ..source.clone() });
+        let cached = offline.fetch(&r).await.unwrap();
+        assert_eq!(std::fs::read_to_string(cached.dir.join("action.yml")).unwrap(), "name: one\n");
+        let fresh = Resolver::new(source.clone()).fetch(&r).await.unwrap();
+        assert_eq!(std::fs::read_to_string(fresh.dir.join("action.yml")).unwrap(), "name: two\n");
+
+        // A missing ref names the ref and the URL.
+        let missing = RemoteRef::parse("o/act@v9", &source.base_url).unwrap();
+        let e = Resolver::new(source.clone()).fetch(&missing).await.unwrap_err();
+        assert!(e.contains("\"v9\"") && e.contains(&source.base_url), "{e}");
+
+        // An override wins over the cache.
+        let over = tmp.path().join("over");
+        std::fs::create_dir_all(&over).unwrap();
+        let with_override = Resolver::new(ActionSource {
+            overrides: vec![("o/act@v1".into(), over.clone())],
+            ..source
+        });
+        assert_eq!(with_override.fetch(&r).await.unwrap().dir, over);
+    }
+}
