@@ -11,14 +11,14 @@ use std::process::{Child, Command, Stdio};
 use crate::support::{Repo, wait_for};
 
 /// A `git daemon` serving the repositories under a temporary directory on a free local port.
-struct GitServer {
+pub(crate) struct GitServer {
     root: tempfile::TempDir,
     port: u16,
     child: Option<Child>,
 }
 
 impl GitServer {
-    fn start() -> GitServer {
+    pub(crate) fn start() -> GitServer {
         let root = tempfile::tempdir().unwrap();
         let mut server = GitServer { root, port: 0, child: None };
         server.restart();
@@ -54,12 +54,12 @@ impl GitServer {
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("git://127.0.0.1:{}", self.port)
     }
 
     /// Creates (or updates) repository `owner/name` with `files` and tags the commit `tag`.
-    fn publish(&self, repo: &str, files: &[(&str, &str)], tag: &str) {
+    pub(crate) fn publish(&self, repo: &str, files: &[(&str, &str)], tag: &str) {
         let dir = self.root.path().join(repo);
         std::fs::create_dir_all(&dir).unwrap();
         if !dir.join(".git").exists() {

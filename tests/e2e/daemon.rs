@@ -681,3 +681,42 @@ fn a_standalone_plugin_restarted_between_jobs_is_reconnected() {
     assert_eq!(fake.violations(), Vec::<String>::new());
     daemon.stop();
 }
+
+#[test]
+fn daemon_runs_actions_checkout_as_a_real_action_from_the_default_actions_url() {
+    // A stand-in for actions/checkout, served by a local git server at the task's default
+    // actions URL: in daemon mode the action really runs (no local-checkout shortcut).
+    let server = crate::actions::GitServer::start();
+    server.publish(
+        "actions/checkout",
+        &[
+            (
+                "action.yml",
+                "name: checkout\ninputs:\n  ref:\n    default: ${{ github.sha }}\nruns:\n  using: node20\n  main: index.js\n",
+            ),
+            (
+                "index.js",
+                "console.log(`stand-in checkout of ${process.env.GITHUB_REPOSITORY} at ${process.env.INPUT_REF}`);\nrequire('fs').writeFileSync(process.env.GITHUB_WORKSPACE + '/checked-out', 'yes');\n",
+            ),
+        ],
+        "v4",
+    );
+    let fake = FakeForgejo::start();
+    let runner = Runner::register(&fake, "");
+    let wf = "on: push\njobs:\n  build:\n    runs-on: ubuntu-latest\n    steps:\n      - uses: actions/checkout@v4\n      - run: cat checked-out\n";
+    let mut spec = JobSpec::new(wf, 2);
+    spec.actions_url = server.url();
+    let job = fake.enqueue(spec);
+    let mut daemon = runner.daemon();
+    let task = fake.wait_finished(job, 60);
+    assert_eq!(task.short_result(), "success", "{}\n{}", task.log(), daemon.log());
+    let step0 = task.step_rows(0).join("\n");
+    assert!(
+        step0.contains(
+            "stand-in checkout of acme/widgets at 0123456789abcdef0123456789abcdef01234567"
+        ),
+        "{step0}"
+    );
+    assert_eq!(task.step_rows(1), ["yes"], "{}", task.log());
+    daemon.stop();
+}

@@ -45,6 +45,8 @@ pub(crate) struct JobSpec {
     pub(crate) vars: BTreeMap<String, String>,
     /// `needs` in protojson form: `{id: {"outputs": {...}, "result": "RESULT_SUCCESS"}}`.
     pub(crate) needs: Value,
+    /// The instance's default actions URL (`forgejo_default_actions_url`).
+    pub(crate) actions_url: String,
 }
 
 impl JobSpec {
@@ -57,6 +59,7 @@ impl JobSpec {
             secrets: BTreeMap::new(),
             vars: BTreeMap::new(),
             needs: json!({}),
+            actions_url: "https://data.forgejo.org".into(),
         }
     }
 }
@@ -601,8 +604,8 @@ fn task_json(st: &State, task: &TaskView) -> Value {
         "token": task.token,
         "gitea_runtime_token": format!("runtime-{}", task.token),
         "forgejo_runtime_token": format!("runtime-{}", task.token),
-        "gitea_default_actions_url": "https://data.forgejo.org",
-        "forgejo_default_actions_url": "https://data.forgejo.org",
+        "gitea_default_actions_url": spec.actions_url,
+        "forgejo_default_actions_url": spec.actions_url,
     });
     let mut v = json!({
         "id": task.id.to_string(),

@@ -32,6 +32,10 @@ pub struct ActionSource {
     pub offline: bool,
     /// `owner/repo@ref` (or `owner/repo` for every ref) → a local directory used instead.
     pub overrides: Vec<(String, PathBuf)>,
+    /// URL prefix → token sent (as HTTP basic auth) to fetches under that prefix only: the
+    /// instance's own repositories in daemon mode. Passed to git through its environment,
+    /// never on a command line.
+    pub credentials: Vec<(String, String)>,
 }
 
 impl ActionSource {
@@ -42,6 +46,7 @@ impl ActionSource {
             cache_dir,
             offline: false,
             overrides: Vec::new(),
+            credentials: Vec::new(),
         }
     }
 
@@ -236,7 +241,9 @@ impl Resolver {
             format!("action {r}: creating the action cache {}: {e}", cache.display())
         })?;
         let tmp = cache.join(format!(".tmp-{}", crate::identity::short_nonce()));
-        let result = fetch_to(r, &tmp).await;
+        let auth =
+            self.source.credentials.iter().find(|(prefix, _)| r.url.starts_with(prefix.as_str()));
+        let result = fetch_to(r, &tmp, auth).await;
         if let Err(e) = result {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e);
@@ -261,10 +268,15 @@ impl Resolver {
 }
 
 /// `git init` + a shallow fetch of the ref + checkout, in `dir`.
-async fn fetch_to(r: &RemoteRef, dir: &Path) -> Result<(), String> {
+async fn fetch_to(
+    r: &RemoteRef,
+    dir: &Path,
+    auth: Option<&(String, String)>,
+) -> Result<(), String> {
     let dir_s = dir.to_string_lossy().into_owned();
-    git(r, &["init", "-q", &dir_s]).await?;
-    let shallow = git(r, &["-C", &dir_s, "fetch", "-q", "--depth", "1", &r.url, &r.git_ref]).await;
+    git(r, auth, &["init", "-q", &dir_s]).await?;
+    let shallow =
+        git(r, auth, &["-C", &dir_s, "fetch", "-q", "--depth", "1", &r.url, &r.git_ref]).await;
     if let Err(e) = shallow {
         if !r.is_full_sha() {
             return Err(e);
@@ -272,6 +284,7 @@ async fn fetch_to(r: &RemoteRef, dir: &Path) -> Result<(), String> {
         // Not every server serves a commit by its SHA: fetch everything and look for it.
         git(
             r,
+            auth,
             &[
                 "-C",
                 &dir_s,
@@ -285,17 +298,27 @@ async fn fetch_to(r: &RemoteRef, dir: &Path) -> Result<(), String> {
         .await?;
         return git(
             r,
+            auth,
             &["-C", &dir_s, "-c", "advice.detachedHead=false", "checkout", "-q", &r.git_ref],
         )
         .await;
     }
-    git(r, &["-C", &dir_s, "-c", "advice.detachedHead=false", "checkout", "-q", "FETCH_HEAD"]).await
+    git(r, auth, &["-C", &dir_s, "-c", "advice.detachedHead=false", "checkout", "-q", "FETCH_HEAD"])
+        .await
 }
 
 /// Runs one git command with no prompts, bounded in time; the error names the action, the ref
 /// and the URL.
-async fn git(r: &RemoteRef, args: &[&str]) -> Result<(), String> {
+async fn git(r: &RemoteRef, auth: Option<&(String, String)>, args: &[&str]) -> Result<(), String> {
     let mut cmd = tokio::process::Command::new("git");
+    if let Some((prefix, token)) = auth {
+        use base64::Engine as _;
+        let basic =
+            base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}"));
+        cmd.env("GIT_CONFIG_COUNT", "1")
+            .env("GIT_CONFIG_KEY_0", format!("http.{prefix}.extraHeader"))
+            .env("GIT_CONFIG_VALUE_0", format!("Authorization: basic {basic}"));
+    }
     cmd.args(args)
         .env("GIT_TERMINAL_PROMPT", "0")
         .env("GIT_ASKPASS", "true")
@@ -434,6 +457,18 @@ mod tests {
         assert_eq!(std::fs::read_to_string(cached.dir.join("action.yml")).unwrap(), "name: one\n");
         let fresh = Resolver::new(source.clone()).fetch(&r).await.unwrap();
         assert_eq!(std::fs::read_to_string(fresh.dir.join("action.yml")).unwrap(), "name: two\n");
+
+        // A full commit SHA (which this server does not serve directly: the fallback fetches
+        // every ref) is fetched once, then cached for good.
+        let head = std::process::Command::new("git")
+            .current_dir(base.join("o/act"))
+            .args(["rev-parse", "HEAD"])
+            .output()
+            .unwrap();
+        let sha = String::from_utf8_lossy(&head.stdout).trim().to_owned();
+        let by_sha = RemoteRef::parse(&format!("o/act@{sha}"), &source.base_url).unwrap();
+        let fetched = Resolver::new(source.clone()).fetch(&by_sha).await.unwrap();
+        assert_eq!(std::fs::read_to_string(fetched.dir.join("action.yml")).unwrap(), "name: two\n");
 
         // A missing ref names the ref and the URL.
         let missing = RemoteRef::parse("o/act@v9", &source.base_url).unwrap();

@@ -171,6 +171,11 @@ pub fn prepare(task: &Task, instance: &str, settings: &RunnerSettings) -> Result
         "" => {}
         url => source.base_url = url.trim_end_matches('/').to_owned(),
     }
+    // The instance's own repositories (a local reusable workflow, private actions) need the
+    // task's token; no other host ever sees it.
+    if !token.is_empty() && !instance.is_empty() {
+        source.credentials.push((format!("{}/", instance.trim_end_matches('/')), token.clone()));
+    }
     let actions = Arc::new(crate::actions::Resolver::new(source));
     let options = RunOptions {
         workflow: Arc::new(wf),
