@@ -150,12 +150,15 @@ pub struct Fetched {
     pub key: String,
 }
 
+/// One run's fetch of one cache key, shared by the jobs that need it.
+type FetchCell = tokio::sync::OnceCell<Result<Fetched, String>>;
+
 /// Fetches remote references, once per run for mutable refs.
 pub struct Resolver {
     source: ActionSource,
     /// Per cache key: the result of this run's fetch, behind a lock so concurrent jobs wait
     /// for one fetch instead of starting their own.
-    fetched: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Result<Fetched, String>>>>>,
+    fetched: Mutex<HashMap<String, Arc<FetchCell>>>,
 }
 
 impl Resolver {
@@ -344,7 +347,7 @@ async fn git(r: &RemoteRef, auth: Option<&(String, String)>, args: &[&str]) -> R
         return Ok(());
     }
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let detail = stderr.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("").trim();
+    let detail = stderr.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("").trim();
     Err(format!("action {r}: fetching ref {:?} from {} failed: {detail}", r.git_ref, r.url))
 }
 
