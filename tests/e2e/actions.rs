@@ -427,3 +427,48 @@ jobs:
         .assert_code(0)
         .assert_stdout(&["called with remote", "remote said HELLO-remote"]);
 }
+
+#[test]
+fn remote_composite_action_and_reusable_workflow_on_docker() {
+    if !crate::docker::docker_ready("remote_composite_action_and_reusable_workflow_on_docker") {
+        return;
+    }
+    let server = GitServer::start();
+    server.publish(
+        "acme/tools",
+        &[
+            (
+                "say/action.yml",
+                "name: say\ninputs:\n  text: { required: true }\noutputs:\n  said:\n    value: ${{ steps.s.outputs.said }}\nruns:\n  using: composite\n  steps:\n    - id: s\n      shell: sh\n      run: |\n        echo \"saying $TEXT from $GITHUB_ACTION_PATH\"\n        echo \"said=$TEXT\" >> \"$GITHUB_OUTPUT\"\n      env:\n        TEXT: ${{ inputs.text }}\n",
+            ),
+            (".github/workflows/called.yml", CALLED.replace("runs-on: ubuntu-latest", "runs-on: linux").as_str()),
+        ],
+        "v1",
+    );
+    let wf = r#"
+on: push
+jobs:
+  j:
+    runs-on: linux
+    steps:
+      - id: say
+        uses: acme/tools/say@v1
+        with:
+          text: in-a-container
+      - run: echo "composite said ${{ steps.say.outputs.said }}"
+  call:
+    uses: acme/tools/.github/workflows/called.yml@v1
+    with:
+      name: docker
+    secrets:
+      token: s3cr3t-value
+"#;
+    let repo = Repo::with_workflow("w.yml", wf);
+    let image = format!("linux=docker://{}", crate::docker::IMAGE);
+    repo.exec(&["--actions-url", &server.url(), "-P", &image]).assert_code(0).assert_stdout(&[
+        "saying in-a-container from /",
+        "composite said in-a-container",
+        "called with docker",
+    ]);
+    crate::docker::assert_nothing_left(&crate::docker::runner_id(&repo));
+}

@@ -50,7 +50,7 @@ pub(crate) fn assert_nothing_left(runner_id: &str) {
 }
 
 /// The runner id `kiln exec` used in `repo`'s private state directory.
-fn runner_id(repo: &Repo) -> String {
+pub(crate) fn runner_id(repo: &Repo) -> String {
     let file = repo.state.path().join("kiln/runner-id");
     std::fs::read_to_string(&file)
         .unwrap_or_else(|e| panic!("reading {}: {e}", file.display()))
