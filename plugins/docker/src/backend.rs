@@ -1216,7 +1216,14 @@ impl Backend for DockerBackend {
         }
         let removing = lock(&self.inner.removing).clone();
         let mut out = Vec::new();
-        for v in records {
+        // The engine ANDs the label filters; Podman's compatible API (4.3) ORs them for
+        // volumes: check every pair here too.
+        let selected = |l: &HashMap<String, String>| {
+            pairs
+                .iter()
+                .all(|p| p.split_once('=').is_some_and(|(k, v)| l.get(k).is_some_and(|x| x == v)))
+        };
+        for v in records.into_iter().filter(|v| selected(&v.labels)) {
             let l = v.labels;
             let Some(id) = l.get(labels::ENVIRONMENT_ID).cloned() else { continue };
             if removing.contains(&id) {
