@@ -201,9 +201,7 @@ async fn setup(path: Option<&Path>) -> anyhow::Result<Setup> {
         timeout: r.timeout,
         report_interval: r.report_interval,
         identity,
-        actions: kiln_runner::actions::ActionSource::new(
-            kiln_runner::identity::state_dir().join("actions"),
-        ),
+        actions: config.actions.clone(),
     });
     Ok(Setup { client, poll, settings, backends })
 }

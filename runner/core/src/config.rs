@@ -26,6 +26,19 @@ struct RawConfig {
     plugins: IndexMap<String, RawPlugin>,
     /// Forgejo Runner's `container:` section, mapped to the managed docker plugin's flags.
     container: Option<RawContainer>,
+    /// Where remote actions come from (kiln's own section).
+    #[serde(default)]
+    actions: RawActions,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawActions {
+    cache_dir: Option<PathBuf>,
+    #[serde(default)]
+    offline: bool,
+    #[serde(default)]
+    local_repositories: IndexMap<String, PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -140,6 +153,9 @@ pub struct Config {
     pub runner: RunnerConfig,
     /// `plugins.*`; `host` is the embedded host plugin unless configured.
     pub plugins: BTreeMap<String, PluginSpec>,
+    /// `actions.*`: the action cache, offline mode, local overrides. The base URL comes from
+    /// each task (the instance's default actions URL).
+    pub actions: crate::actions::ActionSource,
 }
 
 /// `runner.*`.
@@ -182,6 +198,9 @@ impl Default for Config {
                 labels: None,
             },
             plugins: BTreeMap::new(),
+            actions: crate::actions::ActionSource::new(
+                crate::identity::state_dir().join("actions"),
+            ),
         }
     }
 }
@@ -316,6 +335,21 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
                 config.plugins.insert("docker".into(), spec);
             }
         }
+    }
+
+    let a = raw.actions;
+    let anchor = |p: PathBuf| {
+        if p.is_absolute() { p } else { path.parent().unwrap_or(Path::new(".")).join(p) }
+    };
+    if let Some(dir) = a.cache_dir {
+        config.actions.cache_dir = anchor(dir);
+    }
+    config.actions.offline = a.offline;
+    for (name, dir) in a.local_repositories {
+        let text = format!("{name}={}", dir.display());
+        let (name, dir) = crate::actions::ActionSource::parse_override(&text)
+            .map_err(|e| anyhow::anyhow!("{file}: actions.local_repositories: {e}"))?;
+        config.actions.overrides.push((name, anchor(dir)));
     }
 
     if let Some(items) = r.labels {
@@ -492,6 +526,24 @@ mod tests {
         assert!(err("container:\n  colour: red\n").contains("unknown field `colour`"));
         // docker:// labels need no plugins.docker: kiln serves its own.
         assert!(parse("runner:\n  labels: [\"u:docker://img\"]\n", Path::new("c.yaml")).is_ok());
+    }
+
+    #[test]
+    fn actions_section() {
+        let c = parse(
+            "actions:\n  cache_dir: cache\n  offline: true\n  local_repositories:\n    acme/tool@v1: /srv/mirror/tool\n",
+            Path::new("/etc/kiln/c.yaml"),
+        )
+        .unwrap();
+        assert_eq!(c.actions.cache_dir, Path::new("/etc/kiln/cache"));
+        assert!(c.actions.offline);
+        assert_eq!(c.actions.overrides, [("acme/tool@v1".to_owned(), "/srv/mirror/tool".into())]);
+        assert!(!parse("", Path::new("c.yaml")).unwrap().actions.offline);
+        assert_eq!(
+            err("actions:\n  local_repositories:\n    tool: /x\n"),
+            "c.yaml: actions.local_repositories: action override \"tool=/x\": expected owner/repo@ref=DIR (or owner/repo=DIR)"
+        );
+        assert!(err("actions:\n  ofline: true\n").contains("unknown field `ofline`"));
     }
 
     #[test]
