@@ -472,3 +472,19 @@ jobs:
     ]);
     crate::docker::assert_nothing_left(&crate::docker::runner_id(&repo));
 }
+
+#[test]
+fn reusable_workflows_nest_up_to_the_limit_then_fail_clearly() {
+    // A workflow that calls itself: ten levels run, the eleventh is refused with a message.
+    let wf = r#"
+on: [push, workflow_call]
+jobs:
+  again:
+    uses: ./.github/workflows/self.yml
+"#;
+    let repo = Repo::with_workflow("self.yml", wf);
+    let run = repo.exec(&[]);
+    run.assert_code(1).assert_stdout(&["nest deeper than 10 levels"]);
+    let depth = run.stdout.lines().map(|l| l.matches("again / ").count()).max().unwrap_or(0);
+    assert_eq!(depth, 9, "nested job names show the chain of callers\n{}", run.show());
+}
