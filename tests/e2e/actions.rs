@@ -488,3 +488,50 @@ jobs:
     let depth = run.stdout.lines().map(|l| l.matches("again / ").count()).max().unwrap_or(0);
     assert_eq!(depth, 9, "nested job names show the chain of callers\n{}", run.show());
 }
+
+#[test]
+fn pre_and_post_of_a_node_action_inside_a_remote_composite_action() {
+    let server = GitServer::start();
+    server.publish(
+        "acme/greet",
+        &[
+            ("action.yml", NODE_ACTION_YML),
+            ("pre.js", PRE_JS),
+            ("main.js", MAIN_JS),
+            ("post.js", POST_JS),
+        ],
+        "v1",
+    );
+    server.publish(
+        "acme/wrap",
+        &[(
+            "action.yml",
+            "name: wrap\ninputs:\n  who: { required: true }\noutputs:\n  greeting:\n    value: ${{ steps.g.outputs.greeting }}\nruns:\n  using: composite\n  steps:\n    - id: g\n      uses: acme/greet@v1\n      with:\n        who: wrapped-${{ inputs.who }}\n",
+        )],
+        "v1",
+    );
+    let wf = r#"
+on: push
+jobs:
+  j:
+    runs-on: ubuntu-latest
+    steps:
+      - run: echo "first step"
+      - id: w
+        uses: acme/wrap@v1
+        with:
+          who: kiln
+      - run: echo "wrapped said ${{ steps.w.outputs.greeting }}"
+"#;
+    let repo = Repo::with_workflow("w.yml", wf);
+    let run = repo.exec(&["--actions-url", &server.url()]);
+    run.assert_code(0).assert_stdout(&[
+        "pre ran for wrapped-kiln",
+        "main: hello wrapped-kiln; state from-pre",
+        "wrapped said hello-wrapped-kiln",
+        "post: state from-pre/done",
+    ]);
+    let pre = run.stdout.find("pre ran for").unwrap();
+    let first = run.stdout.find("first step").unwrap();
+    assert!(pre < first, "the nested pre runs before the job's first step\n{}", run.show());
+}

@@ -161,7 +161,9 @@ pub(crate) fn input_env(inputs: &Map<String, Value>) -> IndexMap<String, String>
 
 /// "Set up job" for actions: fetches every remote action of the job's steps (so a missing one
 /// fails the job before any step runs) and runs the `pre:` of remote node actions, in step
-/// order, each with its `pre-if` (default `always()`). Returns false when the job cannot go on.
+/// order, each with its `pre-if` (default `always()`); for a remote composite action, the
+/// `pre:` of the remote actions inside it, with the composite's inputs (as GitHub does). Returns
+/// false when the job cannot go on.
 pub(crate) async fn run_pres(
     cx: &StepContext,
     state: &mut JobState,
@@ -169,57 +171,56 @@ pub(crate) async fn run_pres(
     steps: &[Step],
     job_cancel: &CancellationToken,
 ) -> bool {
-    let log = |text: String, kind: LineKind| {
-        cx.shared.sink.event(Event::Line { job: cx.job_name.clone(), step: None, text, kind });
-    };
     for (index, s) in steps.iter().enumerate() {
-        let Some(uses) = s.uses.as_deref().filter(|u| is_remote(u)) else { continue };
-        if is_local_checkout(cx, s, contexts) {
-            continue;
+        let pre = Pre { index, position: index.to_string(), depth: 0 };
+        if !run_pre(cx, state, contexts, s, pre, job_cancel).await {
+            return false;
+        }
+    }
+    true
+}
+
+/// Where a step whose `pre:` may run is.
+struct Pre {
+    /// The job's step (the server's step index).
+    index: usize,
+    /// [`Frame::position_of`] of the step.
+    position: String,
+    /// How many composite actions enclose it.
+    depth: usize,
+}
+
+fn run_pre<'a>(
+    cx: &'a StepContext,
+    state: &'a mut JobState,
+    contexts: &'a mut Map<String, Value>,
+    s: &'a Step,
+    at: Pre,
+    job_cancel: &'a CancellationToken,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + 'a>> {
+    Box::pin(async move {
+        let log = |text: String, kind: LineKind| {
+            cx.shared.sink.event(Event::Line { job: cx.job_name.clone(), step: None, text, kind });
+        };
+        let Some(uses) = s.uses.as_deref().filter(|u| is_remote(u)) else { return true };
+        if at.depth == 0 && is_local_checkout(cx, s, contexts) {
+            return true;
         }
         let located = match locate(cx, state, uses).await {
             Ok(l) => l,
             Err(e) => {
-                log(format!("jobs.{}.steps[{index}]: {e}", cx.job_id), LineKind::RunnerError);
+                log(format!("jobs.{}.steps[{}]: {e}", cx.job_id, at.index), LineKind::RunnerError);
                 return false;
             }
         };
-        let Runs::Node(node) = &located.action.runs else { continue };
-        let Some(pre) = &node.pre else { continue };
-        if job_cancel.is_cancelled() {
-            return false;
-        }
-        let name = format!("Pre {}", step_name(s, uses));
-        let status = state.status;
-        let host = step::StepHost::new(status, cx.hash_root.as_deref());
-        let scope = Scope { contexts, host: &host };
-        let cond = node.pre_if.as_deref().unwrap_or("always()");
-        let run_it = match expr::evaluate_if(cond, &scope) {
-            Ok(b) => b,
-            Err(e) => {
-                log(format!("{}: runs.pre-if: {e}", located.manifest), LineKind::RunnerError);
-                return false;
-            }
-        };
-        let frame = Frame { nested: true, ..Frame::default() };
-        if !run_it {
-            step::report_finished(
-                cx,
-                &frame,
-                index,
-                &name,
-                Outcome::Skipped,
-                Outcome::Skipped,
-                std::time::Duration::ZERO,
-            );
-            continue;
-        }
+        let host = step::StepHost::new(state.status, cx.hash_root.as_deref());
+        let where_ = format!("jobs.{}.steps[{}]", cx.job_id, at.index);
         let inputs = match action_inputs(
             s,
             &located.action,
             &located.manifest,
-            &scope,
-            &format!("jobs.{}.steps[{index}]", cx.job_id),
+            &Scope { contexts, host: &host },
+            &where_,
         ) {
             Ok(i) => i,
             Err(e) => {
@@ -227,40 +228,105 @@ pub(crate) async fn run_pres(
                 return false;
             }
         };
-        let mut env_ctx = cx.env_ctx.clone();
-        if let Ok(step_env) = super::job::eval_env(&s.env, contexts, &host) {
-            env_ctx.extend(step_env);
+        match &located.action.runs {
+            Runs::Composite { steps } if at.depth < super::step::MAX_COMPOSITE_DEPTH => {
+                let saved = contexts.insert("inputs".into(), Value::Object(inputs));
+                let mut ok = true;
+                for (i, inner) in steps.iter().enumerate() {
+                    let pre = Pre {
+                        index: at.index,
+                        position: format!("{}/{i}", at.position),
+                        depth: at.depth + 1,
+                    };
+                    if !run_pre(cx, state, contexts, inner, pre, job_cancel).await {
+                        ok = false;
+                        break;
+                    }
+                }
+                match saved {
+                    Some(v) => contexts.insert("inputs".into(), v),
+                    None => contexts.remove("inputs"),
+                };
+                ok
+            }
+            Runs::Node(node) if node.pre.is_some() => {
+                if job_cancel.is_cancelled() {
+                    return false;
+                }
+                let pre = node.pre.as_deref().unwrap_or_default();
+                let name = format!("Pre {}", step_name(s, uses));
+                let frame = Frame { nested: true, ..Frame::default() };
+                let cond = node.pre_if.as_deref().unwrap_or("always()");
+                match expr::evaluate_if(cond, &Scope { contexts, host: &host }) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        step::report_finished(
+                            cx,
+                            &frame,
+                            at.index,
+                            &name,
+                            Outcome::Skipped,
+                            Outcome::Skipped,
+                            std::time::Duration::ZERO,
+                        );
+                        return true;
+                    }
+                    Err(e) => {
+                        log(
+                            format!("{}: runs.pre-if: {e}", located.manifest),
+                            LineKind::RunnerError,
+                        );
+                        return false;
+                    }
+                }
+                let mut env_ctx = cx.env_ctx.clone();
+                if let Ok(step_env) = super::job::eval_env(&s.env, contexts, &host) {
+                    env_ctx.extend(step_env);
+                }
+                let mut extra = input_env(&inputs);
+                extra.insert("GITHUB_ACTION_PATH".into(), located.dir.clone());
+                let timer = super::Timer::start();
+                step::announce(cx, &frame, at.index, &name);
+                let plan = ExecPlan {
+                    argv: vec!["node".into(), format!("{}/{pre}", located.dir)],
+                    script: None,
+                    env_ctx,
+                    extra_env: extra,
+                    working_dir: cx.env.paths.workspace.clone(),
+                    timeout: None,
+                };
+                let key = s.id.clone().unwrap_or_else(|| format!("__{}", at.index));
+                let (outcome, _, saved, message) =
+                    step::exec_command(cx, state, at.index, &key, &name, plan, job_cancel, false)
+                        .await;
+                if let Some(message) = message {
+                    log(message, LineKind::RunnerError);
+                }
+                state.pre_state.insert(at.position, saved);
+                step::report_finished(
+                    cx,
+                    &frame,
+                    at.index,
+                    &name,
+                    outcome,
+                    outcome,
+                    timer.elapsed(),
+                );
+                match outcome {
+                    Outcome::Success => true,
+                    Outcome::Cancelled => {
+                        state.status = JobStatus::Cancelled;
+                        false
+                    }
+                    _ => {
+                        state.status = JobStatus::Failure;
+                        false
+                    }
+                }
+            }
+            _ => true,
         }
-        let mut extra = input_env(&inputs);
-        extra.insert("GITHUB_ACTION_PATH".into(), located.dir.clone());
-        let timer = super::Timer::start();
-        step::announce(cx, &frame, index, &name);
-        let plan = ExecPlan {
-            argv: vec!["node".into(), format!("{}/{pre}", located.dir)],
-            script: None,
-            env_ctx,
-            extra_env: extra,
-            working_dir: cx.env.paths.workspace.clone(),
-            timeout: None,
-        };
-        let key = s.id.clone().unwrap_or_else(|| format!("__{index}"));
-        let (outcome, _, saved, message) =
-            step::exec_command(cx, state, index, &key, &name, plan, job_cancel, false).await;
-        if let Some(message) = message {
-            log(message, LineKind::RunnerError);
-        }
-        state.pre_state.insert(index, saved);
-        step::report_finished(cx, &frame, index, &name, outcome, outcome, timer.elapsed());
-        if outcome != Outcome::Success {
-            state.status = if outcome == Outcome::Cancelled {
-                JobStatus::Cancelled
-            } else {
-                JobStatus::Failure
-            };
-            return false;
-        }
-    }
-    true
+    })
 }
 
 fn step_name(s: &Step, uses: &str) -> String {

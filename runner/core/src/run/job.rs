@@ -107,8 +107,9 @@ pub(crate) struct JobState {
     pub(crate) actions: std::collections::HashMap<String, super::action::LocatedAction>,
     /// Fetched repositories already copied into the environment (by cache key).
     pub(crate) copied_actions: std::collections::HashSet<String>,
-    /// What each top-level step's `pre:` saved (GITHUB_STATE), by step index.
-    pub(crate) pre_state: std::collections::HashMap<usize, IndexMap<String, String>>,
+    /// What each action's `pre:` saved (GITHUB_STATE), by the step's position
+    /// ([`step::Frame::position_of`]).
+    pub(crate) pre_state: std::collections::HashMap<String, IndexMap<String, String>>,
 }
 
 /// Runs one combination; a failure becomes a success for the workflow, `needs` and fail-fast

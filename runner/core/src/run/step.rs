@@ -106,10 +106,20 @@ pub(crate) struct Frame {
     pub(crate) parent_env: IndexMap<String, String>,
     /// How many composite actions enclose this step.
     pub(crate) depth: usize,
+    /// Inside a composite action: where this step is (`3/1` = step 1 of the action of the job's
+    /// step 3), the key of what its `pre:` saved.
+    pub(crate) position: String,
+}
+
+impl Frame {
+    /// The position of the step at `index` seen from this frame.
+    pub(crate) fn position_of(&self, index: usize) -> String {
+        if self.position.is_empty() { index.to_string() } else { self.position.clone() }
+    }
 }
 
 /// GitHub's limit on nested composite actions.
-const MAX_COMPOSITE_DEPTH: usize = 10;
+pub(crate) const MAX_COMPOSITE_DEPTH: usize = 10;
 
 /// A post step registered by a node action's `post:`, run after the main steps.
 #[derive(Debug, Clone)]
@@ -993,9 +1003,7 @@ async fn run_uses(
             let mut extra = super::action::input_env(&inputs);
             extra.insert("GITHUB_ACTION_PATH".into(), action_path.clone());
             // What the action's `pre:` saved (GITHUB_STATE) reaches its main step.
-            if !frame.nested
-                && let Some(saved) = state.pre_state.get(&index)
-            {
+            if let Some(saved) = state.pre_state.get(&frame.position_of(index)) {
                 extra.extend(saved.iter().map(|(k, v)| (format!("STATE_{k}"), v.clone())));
             }
             let mut env_ctx = u.env_ctx.clone();
@@ -1036,7 +1044,9 @@ async fn run_uses(
                 nested: true,
                 parent_env: frame.parent_env.clone(),
                 depth: frame.depth + 1,
+                position: String::new(),
             };
+            let here = frame.position_of(index);
             inner.parent_env.extend(u.step_env.iter().map(|(k, v)| (k.clone(), v.clone())));
             inner.parent_env.insert("GITHUB_ACTION_PATH".into(), action_path.clone());
             let saved_steps = std::mem::take(&mut state.steps);
@@ -1044,7 +1054,8 @@ async fn run_uses(
             state.status = JobStatus::Success;
             let saved_inputs = contexts.insert("inputs".into(), Value::Object(inputs));
             let saved_action_path = set_github_key(contexts, "action_path", &action_path);
-            for s in steps {
+            for (i, s) in steps.iter().enumerate() {
+                inner.position = format!("{here}/{i}");
                 run_step(cx, state, contexts, index, s, job_cancel, &inner).await;
             }
             let inner_steps = std::mem::replace(&mut state.steps, saved_steps);
