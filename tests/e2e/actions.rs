@@ -58,8 +58,9 @@ impl GitServer {
         format!("git://127.0.0.1:{}", self.port)
     }
 
-    /// Creates (or updates) repository `owner/name` with `files` and tags the commit `tag`.
-    pub(crate) fn publish(&self, repo: &str, files: &[(&str, &str)], tag: &str) {
+    /// Creates (or updates) repository `owner/name` with `files` and tags the commit `tag`;
+    /// returns the commit's SHA.
+    pub(crate) fn publish(&self, repo: &str, files: &[(&str, &str)], tag: &str) -> String {
         let dir = self.root.path().join(repo);
         std::fs::create_dir_all(&dir).unwrap();
         if !dir.join(".git").exists() {
@@ -73,6 +74,9 @@ impl GitServer {
         git(&dir, &["add", "-A"]);
         git(&dir, &["-c", "user.name=e2e", "-c", "user.email=e2e@localhost", "commit", "-qm", tag]);
         git(&dir, &["tag", "-f", tag]);
+        let out =
+            Command::new("git").current_dir(&dir).args(["rev-parse", "HEAD"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 }
 
@@ -315,7 +319,7 @@ runs:
     ]);
 }
 
-const CALLED: &str = r#"
+pub(crate) const CALLED: &str = r#"
 name: called
 on:
   workflow_call:

@@ -720,3 +720,35 @@ fn daemon_runs_actions_checkout_as_a_real_action_from_the_default_actions_url() 
     assert_eq!(task.step_rows(1), ["yes"], "{}", task.log());
     daemon.stop();
 }
+
+#[test]
+fn daemon_runs_a_local_reusable_workflow_from_the_repository_at_the_runs_commit() {
+    // The run's repository (acme/widgets) is served by a local git server standing in for the
+    // instance: the called workflow is read at the run's commit, not from any workspace.
+    let server = crate::actions::GitServer::start();
+    let sha = server.publish(
+        "acme/widgets",
+        &[(".github/workflows/called.yml", crate::actions::CALLED)],
+        "main",
+    );
+    let fake = FakeForgejo::start();
+    let runner = Runner::register(&fake, "");
+    let wf = "on: push\njobs:\n  call:\n    uses: ./.github/workflows/called.yml\n    with:\n      name: daemon\n    secrets:\n      token: s3cr3t-value\n";
+    let mut spec = JobSpec::new(wf, 0);
+    spec.repository_at = Some((server.url(), sha));
+    let job = fake.enqueue(spec);
+    let mut daemon = runner.daemon();
+    let task = fake.wait_finished(job, 60);
+    assert_eq!(task.short_result(), "success", "{}\n{}", task.log(), daemon.log());
+    let log = task.log();
+    assert!(log.contains("called with daemon loud=false count=2 event=push"), "{log}");
+    assert!(log.contains("token is ***") && !log.contains("s3cr3t-value"), "{log}");
+    assert_eq!(
+        task.outputs,
+        [
+            ("result".to_owned(), "success".to_owned()),
+            ("shout".to_owned(), "HELLO-daemon".to_owned())
+        ]
+    );
+    daemon.stop();
+}

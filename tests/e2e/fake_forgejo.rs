@@ -47,6 +47,9 @@ pub(crate) struct JobSpec {
     pub(crate) needs: Value,
     /// The instance's default actions URL (`forgejo_default_actions_url`).
     pub(crate) actions_url: String,
+    /// `server_url` and `sha` of the context, when not the fake's own URL and a fixed SHA (the
+    /// repository of the run served by a local git server).
+    pub(crate) repository_at: Option<(String, String)>,
 }
 
 impl JobSpec {
@@ -60,6 +63,7 @@ impl JobSpec {
             vars: BTreeMap::new(),
             needs: json!({}),
             actions_url: "https://data.forgejo.org".into(),
+            repository_at: None,
         }
     }
 }
@@ -591,7 +595,7 @@ fn task_json(st: &State, task: &TaskView) -> Value {
         secrets.insert(k.into(), json!(task.token));
     }
     let url = &st.url;
-    let context = json!({
+    let mut context = json!({
         "action": "", "actor": "alice", "api_url": format!("{url}/api/v1"),
         "base_ref": "", "event": {"ref": "refs/heads/main"}, "event_name": "push",
         "event_path": "", "graphql_url": "", "head_ref": "", "job": "build",
@@ -607,6 +611,10 @@ fn task_json(st: &State, task: &TaskView) -> Value {
         "gitea_default_actions_url": spec.actions_url,
         "forgejo_default_actions_url": spec.actions_url,
     });
+    if let Some((server_url, sha)) = &spec.repository_at {
+        context["server_url"] = json!(server_url);
+        context["sha"] = json!(sha);
+    }
     let mut v = json!({
         "id": task.id.to_string(),
         "workflowPayload": base64::engine::general_purpose::STANDARD.encode(spec.yaml.as_bytes()),
