@@ -2,6 +2,7 @@
 //! the jobs it `needs` are done (a true DAG, not stage barriers), expands matrices, honours
 //! `max-parallel` and `fail-fast`, and collects results.
 
+mod docker_step;
 mod job;
 mod step;
 
