@@ -233,12 +233,17 @@ pub(crate) fn check_path(path: &str, field: &str) -> Result<()> {
     Ok(())
 }
 
-/// The host path of a container path under `/__kiln`, when no component on the host is a
-/// symlink (a container may plant symlinks there; those paths go through the engine, which
+/// The host path of a container path under `/__kiln` (or a delegate environment's
+/// `host_dir`), when no component on the host is a symlink (a container may plant symlinks there; those paths go through the engine, which
 /// resolves them inside the container).
 pub(crate) fn host_path(env: &EnvInfo, path: &str) -> Option<PathBuf> {
-    let rel = Path::new(path).strip_prefix(KILN_MOUNT).ok()?;
-    let mut cur = env.dir.clone();
+    let path = Path::new(path);
+    let (mut cur, rel) = match (path.strip_prefix(KILN_MOUNT), &env.host_dir) {
+        (Ok(rel), _) => (env.dir.clone(), rel),
+        // A delegate environment's host directory is mounted at its own path.
+        (Err(_), Some(d)) => (d.clone(), path.strip_prefix(d).ok()?),
+        (Err(_), None) => return None,
+    };
     for comp in rel.components() {
         let Component::Normal(c) = comp else { return None };
         cur.push(c);
