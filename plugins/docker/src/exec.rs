@@ -695,7 +695,18 @@ async fn recreate_with_env(
         entrypoint: config.entrypoint,
         labels: config.labels,
         exposed_ports: config.exposed_ports,
-        host_config: inspect.host_config,
+        host_config: inspect.host_config.map(|mut h| {
+            // Podman's inspect names ulimits `RLIMIT_NOFILE` but its create accepts only
+            // `nofile` (Docker's spelling, unchanged by this).
+            for u in h.ulimits.iter_mut().flatten() {
+                if let Some(name) = &mut u.name
+                    && let Some(short) = name.strip_prefix("RLIMIT_")
+                {
+                    *name = short.to_lowercase();
+                }
+            }
+            h
+        }),
         networking_config: Some(bollard::models::NetworkingConfig { endpoints_config: Some(net) }),
         ..Default::default()
     };
