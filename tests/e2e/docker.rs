@@ -202,3 +202,273 @@ fn job_container_reaches_a_healthy_service_by_its_alias() {
     assert!(port.parse::<u16>().is_ok_and(|p| p > 0), "no published port: {}", run.show());
     assert_nothing_left(&runner_id(&repo));
 }
+
+const DOCKER_URI_STEP: &str = r#"
+on: push
+jobs:
+  d:
+    runs-on: ubuntu-latest
+    env:
+      JOB_VAR: job-level
+    steps:
+      - id: uri
+        uses: docker://kiln-test/busybox:1
+        env:
+          STEP_VAR: step-level
+        with:
+          entrypoint: /bin/sh
+          args: -c "echo \"uri-args $JOB_VAR $STEP_VAR $INPUT_GREETING in $PWD\"; echo from_uri=yes >> $GITHUB_OUTPUT; echo URI_ENV=carried >> $GITHUB_ENV"
+          greeting: hello
+      - uses: docker://kiln-test/busybox:1
+        with:
+          args: echo image-default-entrypoint "two words"
+      - run: echo "uri output ${{ steps.uri.outputs.from_uri }} env $URI_ENV"
+"#;
+
+#[test]
+fn a_docker_uri_step_runs_its_image_with_args_env_and_env_files() {
+    if !docker_ready("a_docker_uri_step_runs_its_image_with_args_env_and_env_files") {
+        return;
+    }
+    let repo = Repo::with_workflow("uri.yml", DOCKER_URI_STEP);
+    let run = exec_on_docker(&repo);
+    run.assert_code(0).assert_stdout(&[
+        "uri-args job-level step-level hello in /github/workspace",
+        "image-default-entrypoint two words",
+        "uri output yes env carried",
+        "Workflow success",
+    ]);
+    assert_nothing_left(&runner_id(&repo));
+}
+
+const DOCKER_ACTION_WORKFLOW: &str = r#"
+on: push
+jobs:
+  d:
+    runs-on: ubuntu-latest
+    steps:
+      - id: greet
+        uses: ./.github/actions/greet
+        with:
+          who: world
+      - run: echo "got ${{ steps.greet.outputs.greeting }} and $FROM_ACTION"
+      - run: echo "last main step"
+"#;
+
+const GREET_ACTION: &str = r#"
+name: greet
+inputs:
+  who:
+    required: true
+  punctuation:
+    default: "!"
+outputs:
+  greeting:
+    description: the greeting
+runs:
+  using: docker
+  image: Dockerfile
+  args:
+    - ${{ inputs.who }}
+  env:
+    FROM_RUNS_ENV: runs-env-${{ inputs.who }}
+  pre-entrypoint: /pre.sh
+  post-entrypoint: /post.sh
+"#;
+
+/// Writes the files of a local Dockerfile action under `dir` (executables 0755).
+fn write_action(dir: &std::path::Path, files: &[(&str, &str)]) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).unwrap();
+    for (name, text) in files {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        if name.ends_with(".sh") {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_local_dockerfile_action_gets_inputs_and_sets_outputs_with_pre_and_post() {
+    if !docker_ready("a_local_dockerfile_action_gets_inputs_and_sets_outputs_with_pre_and_post") {
+        return;
+    }
+    let repo = Repo::with_workflow("action.yml", DOCKER_ACTION_WORKFLOW);
+    write_action(
+        &repo.path().join(".github/actions/greet"),
+        &[
+            ("action.yml", GREET_ACTION),
+            (
+                "Dockerfile",
+                "FROM kiln-test/busybox:1\nCOPY *.sh /\nENTRYPOINT [\"/entrypoint.sh\"]\n",
+            ),
+            (
+                "entrypoint.sh",
+                "#!/bin/sh\necho \"main arg=$1 input=$INPUT_WHO punct=$INPUT_PUNCTUATION \
+                 env=$FROM_RUNS_ENV state=$STATE_phase ws=$PWD\"\n\
+                 echo \"greeting=hello $1$INPUT_PUNCTUATION\" >> \"$GITHUB_OUTPUT\"\n\
+                 echo FROM_ACTION=set-by-action >> \"$GITHUB_ENV\"\n\
+                 echo main=main-done >> \"$GITHUB_STATE\"\n",
+            ),
+            ("pre.sh", "#!/bin/sh\necho \"pre ran\"\necho phase=pre-done >> \"$GITHUB_STATE\"\n"),
+            ("post.sh", "#!/bin/sh\necho \"post ran state=$STATE_phase main=$STATE_main\"\n"),
+        ],
+    );
+    let run = exec_on_docker(&repo);
+    run.assert_code(0).assert_stdout(&[
+        "pre ran",
+        "main arg=world input=world punct=! env=runs-env-world state=pre-done ws=/github/workspace",
+        "got hello world! and set-by-action",
+        "post ran state=pre-done main=main-done",
+        "Workflow success",
+    ]);
+    let at = |needle: &str| run.stdout.find(needle).unwrap_or(usize::MAX);
+    assert!(
+        at("last main step") < at("post ran"),
+        "the post ran before the main steps\n{}",
+        run.show()
+    );
+    assert_nothing_left(&runner_id(&repo));
+}
+
+#[test]
+fn a_docker_step_on_a_backend_without_step_containers_fails_before_anything_runs() {
+    let repo = Repo::with_workflow(
+        "host.yml",
+        "on: push\njobs:\n  j:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo never-ran\n      - uses: docker://kiln-test/busybox:1\n",
+    );
+    let run = repo.exec(&[]);
+    run.assert_code(1).assert_no_stdout(&["never-ran"]);
+    assert!(
+        run.stdout.contains("step containers (uses: docker://kiln-test/busybox:1)")
+            && run.stdout.contains("backend \"host\" does not support"),
+        "the preflight error names neither the capability nor the backend\n{}",
+        run.show()
+    );
+}
+
+#[test]
+fn a_killed_kiln_leaves_no_docker_resources_after_the_next_run() {
+    if !docker_ready("a_killed_kiln_leaves_no_docker_resources_after_the_next_run") {
+        return;
+    }
+    let repo = Repo::with_workflow(
+        "kill.yml",
+        r#"
+on: push
+jobs:
+  j:
+    runs-on: ubuntu-latest
+    services:
+      web:
+        image: kiln-test/httpd:1
+    steps:
+      - uses: docker://kiln-test/busybox:1
+        with:
+          entrypoint: /bin/sh
+          args: -c "echo step-started; exec sleep 300"
+"#,
+    );
+    let plugin = format!("docker={} plugin docker", kiln_bin());
+    let label = format!("ubuntu-latest=docker://{IMAGE}");
+    let mut child = repo
+        .kiln()
+        .args(["exec", "-P", &label, "--plugin", &plugin])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let started = std::io::BufRead::lines(std::io::BufReader::new(stdout))
+        .map_while(Result::ok)
+        .any(|l| l.contains("step-started"));
+    assert!(started, "the docker step never started");
+    child.kill().unwrap();
+    let _ = child.wait();
+    let id = runner_id(&repo);
+    let filter = format!("label=dev.kiln.runner-id={id}");
+    let left = Command::new("docker").args(["ps", "-aq", "--filter", &filter]).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&left.stdout).trim().is_empty(),
+        "the killed run's containers should still be there"
+    );
+    // The next run of the same runner (same state directory) removes what the dead one left.
+    let repo2 = Repo { dir: tempfile::tempdir().unwrap(), state: repo.state };
+    std::fs::create_dir_all(repo2.path().join(".github/workflows")).unwrap();
+    std::fs::write(
+        repo2.path().join(".github/workflows/ok.yml"),
+        "on: push\njobs:\n  ok:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo fine\n",
+    )
+    .unwrap();
+    repo2.exec(&["-P", &label, "--plugin", &plugin]).assert_code(0).assert_stdout(&["fine"]);
+    assert_nothing_left(&id);
+}
+
+const HOST_WITH_CONTAINERS: &str = r#"
+on: push
+jobs:
+  j:
+    runs-on: ubuntu-latest
+    container:
+      image: kiln-test/busybox:1
+    steps:
+      - run: |
+          test -x /bin/busybox && echo "in the job container, ws=$PWD"
+          echo made > made-in-container.txt
+      - id: d
+        uses: docker://kiln-test/busybox:1
+        with:
+          entrypoint: /bin/sh
+          args: -c "echo docker step sees $(cat made-in-container.txt); echo out=ok >> $GITHUB_OUTPUT"
+      - run: echo "docker step output ${{ steps.d.outputs.out }}"
+"#;
+
+#[test]
+fn a_host_job_delegates_its_container_and_docker_steps_to_the_docker_plugin() {
+    if !docker_ready("a_host_job_delegates_its_container_and_docker_steps_to_the_docker_plugin") {
+        return;
+    }
+    let repo = Repo::with_workflow("delegated.yml", HOST_WITH_CONTAINERS);
+    // No -P: ubuntu-latest is a host label; the configured docker plugin takes its containers.
+    let plugin = format!("docker={} plugin docker", kiln_bin());
+    let run = repo.exec(&["--plugin", &plugin]);
+    let host_root = repo.state.path().join("kiln/host");
+    run.assert_code(0).assert_stdout(&[
+        "in the job container, ws=",
+        "docker step sees made",
+        "docker step output ok",
+        "Workflow success",
+    ]);
+    let ws = run
+        .stdout
+        .lines()
+        .find_map(|l| l.split("in the job container, ws=/").nth(1))
+        .map(|s| format!("/{s}"))
+        .unwrap_or_default();
+    assert!(
+        ws.starts_with(&*std::fs::canonicalize(&host_root).unwrap().to_string_lossy()),
+        "the job container's workspace is not the host environment's ({ws})\n{}",
+        run.show()
+    );
+    assert_nothing_left(&runner_id(&repo));
+    let left: Vec<_> =
+        std::fs::read_dir(&host_root).map(|d| d.flatten().count()).into_iter().collect();
+    assert_eq!(left, vec![0], "host environments left behind\n{}", run.show());
+}
+
+#[test]
+fn a_host_job_with_a_container_fails_preflight_without_a_docker_plugin() {
+    let repo = Repo::with_workflow(
+        "nodocker.yml",
+        "on: push\njobs:\n  j:\n    runs-on: ubuntu-latest\n    container: kiln-test/busybox:1\n    steps:\n      - run: echo never-ran\n",
+    );
+    let run = repo.exec(&[]);
+    run.assert_code(1).assert_no_stdout(&["never-ran"]);
+    assert!(
+        run.stdout.contains("job containers (container:)")
+            && run.stdout.contains("backend \"host\" does not support")
+            && run.stdout.contains("configure a docker plugin"),
+        "the preflight error names neither the capability nor the backend\n{}",
+        run.show()
+    );
+}

@@ -78,6 +78,8 @@ pub(crate) struct EnvInfo {
     pub(crate) has_primary: bool,
     /// The host directory bind-mounted at [`KILN_MOUNT`].
     pub(crate) dir: PathBuf,
+    /// Option `host_dir` (a delegate environment): a host directory mounted at the same path.
+    pub(crate) host_dir: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for DockerBackend {
@@ -238,6 +240,7 @@ impl DockerBackend {
             spec_hash: l.get(labels::SPEC_HASH).cloned().unwrap_or_default(),
             has_primary: l.get(labels::KIND).map(String::as_str) == Some("with-primary"),
             dir: self.inner.state_dir.join(id),
+            host_dir: l.get(labels::HOST_DIR).filter(|d| !d.is_empty()).map(PathBuf::from),
         });
         lock(&self.inner.envs).insert(id.to_owned(), Arc::clone(&info));
         Ok(Some(info))
@@ -389,11 +392,15 @@ impl DockerBackend {
     }
 
     /// Mounts every container of the environment gets (`mount_workspace` and the primary).
-    fn env_binds(env: &str, dir: &Path) -> Vec<String> {
-        vec![
-            format!("{}:{WORKSPACE}", labels::workspace_volume(env)),
-            format!("{}:{KILN_MOUNT}", dir.display()),
-        ]
+    fn env_binds(env: &EnvInfo) -> Vec<String> {
+        let mut binds = vec![
+            format!("{}:{WORKSPACE}", labels::workspace_volume(&env.id)),
+            format!("{}:{KILN_MOUNT}", env.dir.display()),
+        ];
+        if let Some(d) = &env.host_dir {
+            binds.push(format!("{0}:{0}", d.display()));
+        }
+        binds
     }
 
     async fn network_exists(&self, env: &str) -> Result<bool> {
@@ -482,7 +489,7 @@ impl DockerBackend {
                 host_config: Some(HostConfig {
                     init: Some(true),
                     network_mode: net.clone(),
-                    binds: Some(Self::env_binds(&env.id, &env.dir)),
+                    binds: Some(Self::env_binds(env)),
                     ..Default::default()
                 }),
                 networking_config: net.map(|net| NetworkingConfig {
@@ -746,7 +753,7 @@ impl DockerBackend {
         let mut host = parsed.host;
         let mut binds = host.binds.take().unwrap_or_default();
         if spec.mount_workspace || kind == ContainerKind::Step {
-            binds.extend(Self::env_binds(&env.id, &env.dir));
+            binds.extend(Self::env_binds(&env));
         }
         host.binds = (!binds.is_empty()).then_some(binds);
         host.network_mode = Some(net.clone());
@@ -907,9 +914,26 @@ impl Backend for DockerBackend {
         let id = request.environment_id.clone();
         validate_id(&id, "environment_id")?;
         let mut image = None;
+        let mut host_dir = None;
         for (k, v) in &request.options {
             match (k.as_str(), v) {
                 ("image", serde_json::Value::String(s)) if !s.is_empty() => image = Some(s.clone()),
+                ("host_dir", serde_json::Value::String(s))
+                    if Path::new(s).is_absolute()
+                        && !Path::new(s)
+                            .components()
+                            .any(|c| c == std::path::Component::ParentDir) =>
+                {
+                    host_dir = Some(s.clone())
+                }
+                ("host_dir", _) => {
+                    return Err(Error::invalid_argument(
+                        "options.host_dir must be an absolute path without '..' (the delegating \
+                         environment's directory)",
+                    )
+                    .field("options.host_dir")
+                    .fault(Fault::Config));
+                }
                 ("image", _) => {
                     return Err(Error::invalid_argument(
                         "options.image must be a non-empty string, e.g. {\"image\": \"debian:12\"}",
@@ -919,14 +943,32 @@ impl Backend for DockerBackend {
                 }
                 _ => {
                     return Err(Error::invalid_argument(format!(
-                        "unknown option {k:?} for the docker backend: it takes only \"image\""
+                        "unknown option {k:?} for the docker backend: it takes \"image\" and \
+                         \"host_dir\""
                     ))
                     .field(format!("options.{k}"))
                     .fault(Fault::Config));
                 }
             }
         }
-        let with_primary = !request.hints.job_container;
+        if let Some(d) = &host_dir {
+            let policy = spec::Policy {
+                valid_volumes: &self.inner.config.valid_volumes,
+                allowed_options: &self.inner.config.allowed_options,
+            };
+            if !policy.volume_allowed(d) {
+                return Err(Error::permission_denied(format!(
+                    "options.host_dir {d:?} is refused by the docker plugin's policy; an operator \
+                     may allow it with --valid-volume (kiln does so for its embedded host \
+                     plugin's directory)"
+                ))
+                .field("options.host_dir")
+                .fault(Fault::Config));
+            }
+        }
+        // A delegate environment (host_dir) without an image has no primary container: its
+        // jobs run in the delegating environment, only inner containers are created here.
+        let with_primary = !request.hints.job_container && (image.is_some() || host_dir.is_none());
         if with_primary && image.is_none() {
             return Err(Error::invalid_argument(format!(
                 "label {:?} has no image: map it like {0}=docker://IMAGE",
@@ -965,6 +1007,9 @@ impl Backend for DockerBackend {
         let mut record_labels = base.clone();
         record_labels.insert(labels::ROLE.to_owned(), "environment".to_owned());
         record_labels.insert(labels::RUNS_ON.to_owned(), request.label.clone());
+        if let Some(d) = &host_dir {
+            record_labels.insert(labels::HOST_DIR.to_owned(), d.clone());
+        }
         record_labels.insert(
             labels::KIND.to_owned(),
             if with_primary { "with-primary" } else { "without-primary" }.to_owned(),
@@ -992,6 +1037,7 @@ impl Backend for DockerBackend {
             spec_hash: hash,
             has_primary: with_primary,
             dir: dir.clone(),
+            host_dir: host_dir.map(PathBuf::from),
         });
         Self::make_host_dir(&dir)?;
         let hints = &request.hints;

@@ -233,12 +233,17 @@ pub(crate) fn check_path(path: &str, field: &str) -> Result<()> {
     Ok(())
 }
 
-/// The host path of a container path under `/__kiln`, when no component on the host is a
-/// symlink (a container may plant symlinks there; those paths go through the engine, which
+/// The host path of a container path under `/__kiln` (or a delegate environment's
+/// `host_dir`), when no component on the host is a symlink (a container may plant symlinks there; those paths go through the engine, which
 /// resolves them inside the container).
 pub(crate) fn host_path(env: &EnvInfo, path: &str) -> Option<PathBuf> {
-    let rel = Path::new(path).strip_prefix(KILN_MOUNT).ok()?;
-    let mut cur = env.dir.clone();
+    let path = Path::new(path);
+    let (mut cur, rel) = match (path.strip_prefix(KILN_MOUNT), &env.host_dir) {
+        (Ok(rel), _) => (env.dir.clone(), rel),
+        // A delegate environment's host directory is mounted at its own path.
+        (Err(_), Some(d)) => (d.clone(), path.strip_prefix(d).ok()?),
+        (Err(_), None) => return None,
+    };
     for comp in rel.components() {
         let Component::Normal(c) = comp else { return None };
         cur.push(c);
@@ -690,7 +695,18 @@ async fn recreate_with_env(
         entrypoint: config.entrypoint,
         labels: config.labels,
         exposed_ports: config.exposed_ports,
-        host_config: inspect.host_config,
+        host_config: inspect.host_config.map(|mut h| {
+            // Podman's inspect names ulimits `RLIMIT_NOFILE` but its create accepts only
+            // `nofile` (Docker's spelling, unchanged by this).
+            for u in h.ulimits.iter_mut().flatten() {
+                if let Some(name) = &mut u.name
+                    && let Some(short) = name.strip_prefix("RLIMIT_")
+                {
+                    *name = short.to_lowercase();
+                }
+            }
+            h
+        }),
         networking_config: Some(bollard::models::NetworkingConfig { endpoints_config: Some(net) }),
         ..Default::default()
     };

@@ -17,6 +17,8 @@ pub(crate) const CREATED_AT: &str = "dev.kiln.created-at";
 pub(crate) const EXPIRES_AT: &str = "dev.kiln.expires-at";
 pub(crate) const SPEC_HASH: &str = "dev.kiln.spec-hash";
 pub(crate) const RUNS_ON: &str = "dev.kiln.runs-on";
+/// On the record: the `host_dir` option of a delegate environment.
+pub(crate) const HOST_DIR: &str = "dev.kiln.host-dir";
 /// Set on the environment's network, the record of the environment.
 pub(crate) const ROLE: &str = "dev.kiln.role";
 pub(crate) const CONTAINER_ID: &str = "dev.kiln.container-id";

@@ -25,6 +25,15 @@
 //! The image is pulled only when missing (or with `force_pull`); when it is missing and no
 //! registry answers, the error names the image and says how to provide it.
 //!
+//! Option `{"host_dir": "/abs/dir"}` makes a **delegate environment** (the host plugin's
+//! delegation names it): the directory of the daemon's host is bind-mounted at the same path
+//! into every container of the environment that mounts the workspace (job and step containers,
+//! the primary), so they see the delegating environment's workspace and runner files. It must
+//! match a `--valid-volume` glob (PERMISSION_DENIED otherwise), is kept in the record's label
+//! `dev.kiln.host-dir`, and paths under it are staged, collected and read as build contexts
+//! directly on the host, like those under `/__kiln`. Without `image` such an environment has
+//! no primary container. Files containers write there belong to their user (root, usually).
+//!
 //! # Labels (rule 9)
 //!
 //! Every container, network and volume carries `dev.kiln.runner-id`, `dev.kiln.boot-id`,

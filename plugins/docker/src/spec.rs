@@ -59,7 +59,7 @@ pub(crate) struct Policy<'a> {
 }
 
 impl Policy<'_> {
-    fn volume_allowed(&self, host_path: &str) -> bool {
+    pub(crate) fn volume_allowed(&self, host_path: &str) -> bool {
         self.valid_volumes.iter().any(|g| {
             glob::Pattern::new(g).is_ok_and(|p| {
                 p.matches_with(

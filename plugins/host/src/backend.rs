@@ -46,6 +46,8 @@ struct Inner {
     kernel_boot: String,
     /// The real HOME of this user.
     home: String,
+    /// Where container layers are delegated.
+    delegate: Option<String>,
     envs: Mutex<HashMap<String, Arc<Env>>>,
     execs: Mutex<HashMap<String, Arc<ExecHandle>>>,
 }
@@ -85,6 +87,7 @@ impl HostBackend {
                 tool_cache,
                 kernel_boot: procs::kernel_boot_id(),
                 home,
+                delegate: config.delegate.clone(),
                 envs: Mutex::new(HashMap::new()),
                 execs: Mutex::new(HashMap::new()),
             }),
@@ -104,9 +107,9 @@ impl HostBackend {
             protocol_version: PROTOCOL_VERSION,
             instance_id: String::new(),
             environment: LayerSupport::Native,
-            job_container: LayerSupport::Unsupported(NO_CONTAINERS.to_owned()),
-            service_containers: LayerSupport::Unsupported(NO_CONTAINERS.to_owned()),
-            step_containers: LayerSupport::Unsupported(NO_CONTAINERS.to_owned()),
+            job_container: self.container_layer(),
+            service_containers: self.container_layer(),
+            step_containers: self.container_layer(),
             features: Features {
                 stdin: true,
                 tty: false,
@@ -120,6 +123,27 @@ impl HostBackend {
             arch: crate::go_arch().to_owned(),
             max_message_bytes: 0,
         }
+    }
+
+    /// The support of the three container layers: delegated with `--delegate`, else none.
+    fn container_layer(&self) -> LayerSupport {
+        match &self.inner.delegate {
+            Some(backend) => LayerSupport::Delegated { backend: backend.clone() },
+            None => LayerSupport::Unsupported(NO_CONTAINERS.to_owned()),
+        }
+    }
+
+    /// An environment as returned, with the delegation when container layers are delegated:
+    /// the delegate mounts the environment's directory at the same path (`host_dir`).
+    fn returned(&self, mut environment: Environment) -> Environment {
+        if let Some(backend) = &self.inner.delegate {
+            let dir = self.inner.root.join(&environment.id);
+            let mut options = serde_json::Map::new();
+            options.insert("host_dir".into(), dir.to_string_lossy().into_owned().into());
+            environment.delegation =
+                Some(kiln_plugin_sdk::Delegation { backend: backend.clone(), options });
+        }
+        environment
     }
 
     /// The environment `id`, from memory or (after a restart) from its directory.
@@ -274,7 +298,7 @@ impl Backend for HostBackend {
                 .field("environment_id"));
             }
             env.ensure_tree()?;
-            return Ok(env.meta.environment());
+            return Ok(self.returned(env.meta.environment()));
         }
         let env = Env::create(
             &self.inner.root,
@@ -283,7 +307,7 @@ impl Backend for HostBackend {
             &self.inner.home,
             self.inner.tool_cache.as_deref(),
         )?;
-        let environment = env.meta.environment();
+        let environment = self.returned(env.meta.environment());
         envs.insert(id.clone(), Arc::new(env));
         tracing::info!(env = %id, runner = %request.owner.runner_id, job = %request.owner.job_id, "environment created");
         Ok(environment)

@@ -6,8 +6,13 @@
 //!   the spec hash (replayed creates are idempotent, a different spec is ALREADY_EXISTS) and
 //!   the paths. HOME is the real user's HOME, as in act's host mode.
 //! - The primary container id is `"host"`: the environment's own process space. There are no
-//!   other containers; the three container layers are unsupported (delegation to a docker
-//!   plugin is the runner's job).
+//!   other containers. The three container layers are unsupported, or, with `--delegate NAME`
+//!   (kiln adds `--delegate docker` to its embedded host plugin when a docker plugin is
+//!   configured), delegated to the plugin the runner calls NAME: every environment then
+//!   returns `delegation {backend: NAME, options: {"host_dir": "<the environment's
+//!   directory>"}}`, and the runner creates `container:`, `services:` and docker steps in an
+//!   environment of that plugin which bind-mounts the directory at the same path (the docker
+//!   plugin's `host_dir` option), so workspace and runner files are shared.
 //! - Each exec is one process in a new process group, with exactly the requested environment
 //!   (plus `path_prepend`). The groups are recorded in memory and in `root/<id>/pgids`, so
 //!   Remove kills them even after a plugin restart — after checking in `/proc` that each group
@@ -42,12 +47,15 @@ pub struct HostConfig {
     /// A tool cache shared by all environments (`RUNNER_TOOL_CACHE`), so tools set up by one
     /// job are reused by the next; `None` gives each environment its own `tool-cache/`.
     pub tool_cache: Option<PathBuf>,
+    /// The backend (the runner's name for another plugin) that container layers are delegated
+    /// to; `None` leaves them unsupported.
+    pub delegate: Option<String>,
 }
 
 impl HostConfig {
     /// A configuration with environments under `root` and per-environment tool caches.
     pub fn new(root: impl Into<PathBuf>) -> HostConfig {
-        HostConfig { root: root.into(), tool_cache: None }
+        HostConfig { root: root.into(), tool_cache: None, delegate: None }
     }
 
     /// The default root of a plugin called `name`: `$XDG_STATE_HOME/kiln/<name>`, else
@@ -80,6 +88,11 @@ pub struct HostArgs {
     /// A tool cache shared by all jobs (default: one per environment).
     #[arg(long)]
     pub tool_cache: Option<PathBuf>,
+    /// Delegate container:, services: and docker steps to the plugin the runner calls NAME
+    /// (e.g. docker), which must accept the option host_dir (the environment's directory,
+    /// mounted at the same path).
+    #[arg(long, value_name = "NAME")]
+    pub delegate: Option<String>,
 }
 
 impl HostArgs {
@@ -88,6 +101,7 @@ impl HostArgs {
         HostConfig {
             root: self.root.clone().unwrap_or_else(|| HostConfig::default_root(name)),
             tool_cache: self.tool_cache.clone(),
+            delegate: self.delegate.clone(),
         }
     }
 }

@@ -153,13 +153,18 @@ async fn setup(path: Option<&Path>) -> anyhow::Result<Setup> {
     if !specs.contains_key("docker") && labels.iter().any(|l| l.backend == "docker") {
         specs.insert("docker".into(), kiln_runner::backends::embedded_plugin("docker")?);
     }
-    // Start only the plugins some label uses (host is the default backend).
-    let used: Vec<&str> = labels
+    // Start only the plugins some label uses (host is the default backend), and a configured
+    // docker plugin for the host plugin to delegate container layers to.
+    let mut used: Vec<&str> = labels
         .iter()
         .map(|l| if l.backend.is_empty() { "host" } else { l.backend.as_str() })
         .collect();
-    let specs: BTreeMap<_, _> =
+    if used.contains(&"host") && config.plugins.contains_key("docker") {
+        used.push("docker");
+    }
+    let mut specs: BTreeMap<_, _> =
         specs.into_iter().filter(|(name, _)| used.contains(&name.as_str())).collect();
+    crate::wire_delegation(&mut specs)?;
     let identity = Identity::new(&file.uuid);
     let backends = Arc::new(Backends::start(specs, &identity).await?);
     backends.check_labels(&labels)?;

@@ -381,6 +381,7 @@ pub(crate) async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
+    crate::wire_delegation(&mut specs)?;
     let identity = Identity::for_exec();
     let backends = Arc::new(Backends::start(specs, &identity).await?);
     backends.check_labels(&label_configs)?;

@@ -69,3 +69,33 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         },
     }
 }
+
+/// When a docker plugin is configured next to kiln's embedded host plugin, the host plugin
+/// delegates `container:`, `services:` and docker steps to it (`--delegate docker`), and a
+/// managed docker plugin may mount the host plugin's environment directories
+/// (`--valid-volume ROOT/*`), where the delegated containers find the job's workspace and
+/// runner files. A host plugin with another command is left as configured.
+pub(crate) fn wire_delegation(
+    specs: &mut std::collections::BTreeMap<String, kiln_runner::backends::PluginSpec>,
+) -> anyhow::Result<()> {
+    use kiln_runner::backends::PluginSpec;
+    if !specs.contains_key("docker") {
+        return Ok(());
+    }
+    let PluginSpec::Managed { command: embedded, .. } = kiln_runner::backends::embedded_host()?
+    else {
+        return Ok(());
+    };
+    match specs.get_mut("host") {
+        Some(PluginSpec::Managed { command, .. }) if *command == embedded => {
+            command.extend(["--delegate".to_owned(), "docker".to_owned()]);
+        }
+        _ => return Ok(()),
+    }
+    if let Some(PluginSpec::Managed { command, .. }) = specs.get_mut("docker") {
+        let root = kiln_plugin_host::HostConfig::default_root("host");
+        let root = std::fs::canonicalize(&root).unwrap_or(root);
+        command.extend(["--valid-volume".to_owned(), format!("{}/*", root.display())]);
+    }
+    Ok(())
+}

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use indexmap::IndexMap;
 use kiln_plugin_sdk::{
-    Backend, ContainerKind, ContainerRef, ContainerRequest, ContainerSpec, ContainerState,
-    Environment, EnvironmentHints, EnvironmentRequest, ExecEvent, ExecRequest, Health, Owner,
-    RegistryCredentials, RemoveRequest, StagedFile,
+    Backend, Capabilities, ContainerKind, ContainerRef, ContainerRequest, ContainerSpec,
+    ContainerState, Environment, EnvironmentHints, EnvironmentRequest, ExecEvent, ExecRequest,
+    Health, LayerSupport, Owner, RegistryCredentials, RemoveRequest, StagedFile,
 };
 use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
@@ -209,37 +209,49 @@ async fn run_job_inner(shared: Arc<Shared>, run: JobRun) -> ComboResult {
         })
         .map(|(id, _)| id.clone())
         .collect();
-    // Preflight: nothing is created when the backend lacks a layer the job needs.
-    let docker_steps = job
-        .steps
-        .iter()
-        .flatten()
-        .any(|s| s.uses.as_deref().is_some_and(|u| u.starts_with("docker://")));
-    let mut missing = Vec::new();
-    if job.container.is_some() && !caps.job_container.is_supported() {
-        missing.push(("job containers (container:)", &caps.job_container));
+    // Preflight: nothing is created when the backend (or its delegate) lacks a layer the job
+    // needs.
+    let docker_needs = super::docker_step::needs(
+        job.steps.as_deref().unwrap_or(&[]),
+        shared.opts.workspace.as_deref(),
+    );
+    let docker_steps = docker_needs.step_containers.is_some();
+    let step_what = format!(
+        "step containers (uses: {})",
+        docker_needs.step_containers.as_deref().unwrap_or("docker://")
+    );
+    let layers: [(bool, &str, Layer); 3] = [
+        (job.container.is_some(), "job containers (container:)", |c| &c.job_container),
+        (!services.is_empty(), "service containers (services:)", |c| &c.service_containers),
+        (docker_steps, &step_what, |c| &c.step_containers),
+    ];
+    let mut delegate: Option<&crate::backends::Plugin> = None;
+    for (needed, what, layer) in layers {
+        if !needed {
+            continue;
+        }
+        match layer_plugin(&shared, plugin, layer, what) {
+            Ok(p) if p.name != plugin.name => delegate = Some(p),
+            Ok(_) => {}
+            Err(message) => return finish(&shared, &name, &timer, Outcome::Failure, Some(message)),
+        }
     }
-    if !services.is_empty() && !caps.service_containers.is_supported() {
-        missing.push(("service containers (services:)", &caps.service_containers));
-    }
-    if docker_steps && !caps.step_containers.is_supported() {
-        missing.push(("step containers (uses: docker://)", &caps.step_containers));
-    }
-    if let Some((what, support)) = missing.first() {
-        let detail = match support {
-            kiln_plugin_sdk::LayerSupport::Unsupported(d) if !d.is_empty() => format!(": {d}"),
-            _ => String::new(),
-        };
-        return finish(
-            &shared,
-            &name,
-            &timer,
-            Outcome::Failure,
-            Some(format!(
-                "the job needs {what}, which backend {:?} does not support{detail}",
-                plugin.name
-            )),
-        );
+    if let Some(uses) = &docker_needs.image_build {
+        let builder =
+            layer_plugin(&shared, plugin, |c| &c.step_containers, &step_what).unwrap_or(plugin);
+        if !builder.capabilities.features.image_build {
+            return finish(
+                &shared,
+                &name,
+                &timer,
+                Outcome::Failure,
+                Some(format!(
+                    "the job needs image builds (uses: {uses} is built from a Dockerfile), which \
+                     backend {:?} does not support: it does not declare the feature image_build",
+                    builder.name
+                )),
+            );
+        }
     }
 
     let identity = &shared.opts.identity;
@@ -271,6 +283,7 @@ async fn run_job_inner(shared: Arc<Shared>, run: JobRun) -> ComboResult {
             step_containers: docker_steps,
         },
     };
+    let base_request = request.clone();
     shared.backends.claim(&env_id);
     let env = tokio::select! {
         r = create_with_retry(plugin, request) => r,
@@ -300,10 +313,77 @@ async fn run_job_inner(shared: Arc<Shared>, run: JobRun) -> ComboResult {
 
     // The client after the create: a restarted plugin has a new one.
     let backend: Arc<dyn Backend> = plugin.client();
+    // Delegated layers go in an environment of the delegate, with this one as parent.
+    let inner = match delegate {
+        None => None,
+        Some(dp) => {
+            let inner_id = kiln_plugin_sdk::ids::make_id(&[
+                &identity.runner_id,
+                &run.job_id,
+                &run.index.to_string(),
+                &format!("{}-d", &nonce[..8]),
+            ]);
+            shared.backends.claim(&inner_id);
+            let created = tokio::select! {
+                r = create_delegate(dp, &env, &base_request, &inner_id) => r,
+                _ = run.cancel.cancelled() => Err("cancelled".into()),
+            };
+            match created {
+                Ok(e) => Some(Delegated { plugin: dp, backend: dp.client(), env: e }),
+                Err(e) => {
+                    remove_env(dp, &inner_id, &log).await;
+                    shared.backends.release(&inner_id);
+                    remove_env(plugin, &env.id, &log).await;
+                    shared.backends.release(&env.id);
+                    let result = if run.cancel.is_cancelled() {
+                        Outcome::Cancelled
+                    } else {
+                        Outcome::Failure
+                    };
+                    let message = format!(
+                        "creating the environment of backend {:?}'s delegated layers on backend \
+                         {:?}: {e}",
+                        plugin.name, dp.name
+                    );
+                    return finish(&shared, &name, &timer, result, Some(message));
+                }
+            }
+        }
+    };
+    let own = Delegated { plugin, backend: backend.clone(), env: env.clone() };
+    let delegated = |l: &LayerSupport| matches!(l, LayerSupport::Delegated { .. });
+    let containers_on = match &inner {
+        Some(d) if delegated(&caps.job_container) || delegated(&caps.service_containers) => d,
+        _ => &own,
+    };
     let containers = tokio::select! {
-        r = create_containers(&backend, &env, job, &services, &contexts, &nonce[..8], &log) => r,
+        r = create_containers(
+            &containers_on.backend,
+            &containers_on.env,
+            &env.primary_container_id,
+            job,
+            &services,
+            &contexts,
+            &nonce[..8],
+            &log,
+        ) => r,
         _ = run.cancel.cancelled() => Err("cancelled while creating containers".into()),
     };
+    // Steps run in the job container where it is, else in this environment's primary.
+    let steps_on = if job.container.is_some() { containers_on } else { &own };
+    let step_host = match (&caps.step_containers, &inner) {
+        (LayerSupport::Native, _) => Some((plugin, backend.clone(), env.clone())),
+        (LayerSupport::Delegated { .. }, Some(d)) => {
+            Some((d.plugin, d.backend.clone(), d.env.clone()))
+        }
+        _ => None,
+    }
+    .map(|(p, backend, env)| super::docker_step::StepContainerHost {
+        backend,
+        plugin: p.name.clone(),
+        env,
+        image_build: p.capabilities.features.image_build,
+    });
     let result = match containers {
         Ok(containers) => {
             run_in_env(
@@ -311,26 +391,115 @@ async fn run_job_inner(shared: Arc<Shared>, run: JobRun) -> ComboResult {
                 &run,
                 &name,
                 job,
-                &backend,
-                &plugin.name,
-                &env,
+                &steps_on.backend,
+                &steps_on.plugin.name,
+                &steps_on.env,
                 contexts,
                 timeout,
                 containers,
+                step_host,
             )
             .await
         }
         Err(e) => {
-            log(format!("on backend {:?}: {e}", plugin.name), LineKind::RunnerError);
+            log(format!("on backend {:?}: {e}", containers_on.plugin.name), LineKind::RunnerError);
             let result =
                 if run.cancel.is_cancelled() { Outcome::Cancelled } else { Outcome::Failure };
             ComboResult { result, outputs: Map::new() }
         }
     };
+    // The delegate's environment goes with its parent (cascade).
+    if let Some(d) = &inner {
+        remove_env(d.plugin, &d.env.id, &log).await;
+        shared.backends.release(&d.env.id);
+    }
     remove_env(plugin, &env.id, &log).await;
     shared.backends.release(&env.id);
     finish(&shared, &name, &timer, result.result, None);
     result
+}
+
+/// An environment on a plugin, as the job's steps and containers use it: the job's own, or
+/// the one of its delegate.
+struct Delegated<'a> {
+    plugin: &'a crate::backends::Plugin,
+    backend: Arc<dyn Backend>,
+    /// For a delegate: its id, with the paths of the delegating environment (the delegate
+    /// mounts them at the same paths).
+    env: Environment,
+}
+
+/// Creates the delegate environment `id` for `env` (its parent), with the options of
+/// `env.delegation`; returns it with `env`'s paths.
+async fn create_delegate(
+    delegate: &crate::backends::Plugin,
+    env: &Environment,
+    base: &EnvironmentRequest,
+    id: &str,
+) -> Result<Environment, String> {
+    let Some(d) = &env.delegation else {
+        return Err(format!(
+            "environment {} declares delegated layers but its Create returned no delegation",
+            env.id
+        ));
+    };
+    if d.backend != delegate.name {
+        return Err(format!(
+            "the environment delegates to backend {:?}, but its capabilities name {:?}",
+            d.backend, delegate.name
+        ));
+    }
+    let request = EnvironmentRequest {
+        environment_id: id.to_owned(),
+        owner: Owner { parent_environment_id: env.id.clone(), ..base.owner.clone() },
+        label: base.label.clone(),
+        options: d.options.clone(),
+        hints: base.hints,
+    };
+    let created = create_with_retry(delegate, request).await.map_err(|e| e.to_string())?;
+    Ok(Environment { paths: env.paths.clone(), ..created })
+}
+
+/// Picks one container layer's support out of capabilities.
+type Layer = fn(&Capabilities) -> &LayerSupport;
+
+/// The plugin that creates a container layer for a job on `plugin`: `plugin` itself when the
+/// layer is native, its delegate when delegated (configured, and native there). The error
+/// names the capability and the backend.
+fn layer_plugin<'a>(
+    shared: &'a Shared,
+    plugin: &'a crate::backends::Plugin,
+    layer: Layer,
+    what: &str,
+) -> Result<&'a crate::backends::Plugin, String> {
+    match layer(&plugin.capabilities) {
+        LayerSupport::Native => Ok(plugin),
+        LayerSupport::Delegated { backend } => {
+            let Some(delegate) = shared.backends.get(backend) else {
+                return Err(format!(
+                    "the job needs {what}, which backend {:?} delegates to backend {backend:?}, \
+                     which is not configured; add it under plugins: in the config file (or \
+                     --plugin {backend}=COMMAND)",
+                    plugin.name
+                ));
+            };
+            match layer(&delegate.capabilities) {
+                LayerSupport::Native => Ok(delegate),
+                _ => Err(format!(
+                    "the job needs {what}, which backend {:?} delegates to backend {backend:?}, \
+                     which does not support it natively",
+                    plugin.name
+                )),
+            }
+        }
+        LayerSupport::Unsupported(detail) => {
+            let detail = if detail.is_empty() { String::new() } else { format!(": {detail}") };
+            Err(format!(
+                "the job needs {what}, which backend {:?} does not support{detail}",
+                plugin.name
+            ))
+        }
+    }
 }
 
 fn fail_early(shared: &Shared, name: &str, message: String) -> ComboResult {
@@ -528,9 +697,11 @@ const SERVICE_HEALTH_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// Creates and starts the service containers (waiting until each is healthy) and the job
 /// container. Their resources belong to the environment: removing it removes them.
+#[allow(clippy::too_many_arguments)]
 async fn create_containers(
     backend: &Arc<dyn Backend>,
     env: &Environment,
+    primary: &str,
     job: &Job,
     services: &[String],
     contexts: &Map<String, Value>,
@@ -579,7 +750,7 @@ async fn create_containers(
     job_context.insert("services".into(), Value::Object(services_ctx));
     let Some(container) = &job.container else {
         job_context.insert("container".into(), json!({}));
-        return Ok(Containers { target: env.primary_container_id.clone(), job_context });
+        return Ok(Containers { target: primary.to_owned(), job_context });
     };
     let mut spec =
         container_spec(container, contexts, &host).map_err(|e| format!("container: {e}"))?;
@@ -691,6 +862,7 @@ async fn run_in_env(
     mut contexts: Map<String, Value>,
     timeout: Duration,
     containers: Containers,
+    step_containers: Option<super::docker_step::StepContainerHost>,
 ) -> ComboResult {
     let sink = &shared.sink;
     let log = |text: String, kind: LineKind| {
@@ -901,6 +1073,7 @@ async fn run_in_env(
         },
         workflow_defaults: wf.defaults.clone(),
         job_defaults: job.defaults.clone(),
+        step_containers,
     };
     let steps = job.steps.as_deref().unwrap_or(&[]);
     let frame = step::Frame::default();

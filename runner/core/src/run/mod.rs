@@ -4,6 +4,7 @@
 
 mod action;
 mod call;
+mod docker_step;
 mod job;
 mod step;
 

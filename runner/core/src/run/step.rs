@@ -48,6 +48,9 @@ pub(crate) struct StepContext {
     pub(crate) hash_root: Option<std::path::PathBuf>,
     pub(crate) workflow_defaults: Option<Defaults>,
     pub(crate) job_defaults: Option<Defaults>,
+    /// Where docker steps create their containers; `None` when the backend has no step
+    /// containers.
+    pub(crate) step_containers: Option<super::docker_step::StepContainerHost>,
 }
 
 static EXEC_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -61,8 +64,8 @@ pub(crate) fn exec_id() -> String {
 
 /// A status host for step expressions.
 pub(crate) struct StepHost<'a> {
-    status: JobStatus,
-    workspace: Option<&'a std::path::Path>,
+    pub(crate) status: JobStatus,
+    pub(crate) workspace: Option<&'a std::path::Path>,
 }
 
 impl<'a> StepHost<'a> {
@@ -121,13 +124,16 @@ impl Frame {
 /// GitHub's limit on nested composite actions.
 pub(crate) const MAX_COMPOSITE_DEPTH: usize = 10;
 
-/// A post step registered by a node action's `post:`, run after the main steps.
+/// A post step registered by a node action's `post:` (or a docker action's
+/// `post-entrypoint`), run after the main steps.
 #[derive(Debug, Clone)]
 pub(crate) struct PostStep {
     pub(crate) name: String,
     pub(crate) condition: String,
     pub(crate) argv: Vec<String>,
     pub(crate) env: IndexMap<String, String>,
+    /// A docker action's post: run in a step container instead of `argv`.
+    pub(crate) container: Option<Box<super::docker_step::DockerPost>>,
 }
 
 /// Runs one step and records it in `state` and the `steps` context.
@@ -919,18 +925,18 @@ fn memchr(data: &[u8]) -> Option<usize> {
 
 /// What `run_uses` needs from the step being run.
 pub(crate) struct UsesStep<'a> {
-    key: &'a str,
-    name: &'a str,
-    timer: &'a Timer,
-    env_ctx: &'a IndexMap<String, String>,
-    step_env: &'a IndexMap<String, String>,
-    continue_on_error: bool,
-    timeout: Option<Duration>,
-    cancelled: bool,
+    pub(crate) key: &'a str,
+    pub(crate) name: &'a str,
+    pub(crate) timer: &'a Timer,
+    pub(crate) env_ctx: &'a IndexMap<String, String>,
+    pub(crate) step_env: &'a IndexMap<String, String>,
+    pub(crate) continue_on_error: bool,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) cancelled: bool,
 }
 
-/// Runs a `uses:` step: a local (`./path`) or remote (`owner/repo@ref`) action, composite or
-/// node, or the local checkout.
+/// Runs a `uses:` step: a local (`./path`) or remote (`owner/repo@ref`) action (composite,
+/// node or docker), a `docker://` image, or the local checkout.
 #[allow(clippy::too_many_arguments)]
 async fn run_uses(
     cx: &StepContext,
@@ -964,6 +970,13 @@ async fn run_uses(
     let fail = |state: &mut JobState, message: String| {
         done(state, Outcome::Failure, Map::new(), Some(message));
     };
+    if uses.starts_with("docker://") {
+        let (outcome, outputs, message) = super::docker_step::run_docker_uri(
+            cx, state, contexts, index, step, uses, job_cancel, &u,
+        )
+        .await;
+        return done(state, outcome, outputs, message);
+    }
     // actions/checkout of the repository being run: the workspace already holds the local
     // checkout (act does the same).
     if super::action::is_local_checkout(cx, step, contexts) {
@@ -1027,6 +1040,7 @@ async fn run_uses(
                     condition: node.post_if.clone().unwrap_or_else(|| "always()".into()),
                     argv: vec!["node".into(), format!("{action_path}/{post}")],
                     env,
+                    container: None,
                 });
             }
             done(state, outcome, outputs, message);
@@ -1092,12 +1106,23 @@ async fn run_uses(
             };
             done(state, outcome, outputs, message);
         }
-        workflow::Runs::Docker(_) => fail(
-            state,
-            format!(
-                "uses: {uses}: docker actions need the docker plugin, which this build of kiln does not have yet"
-            ),
-        ),
+        workflow::Runs::Docker(_) => {
+            let (outcome, outputs, message) = super::docker_step::run_docker_action(
+                cx,
+                frame,
+                state,
+                contexts,
+                index,
+                uses,
+                &action_path,
+                &action,
+                &inputs,
+                job_cancel,
+                &u,
+            )
+            .await;
+            done(state, outcome, outputs, message);
+        }
     }
 }
 
@@ -1159,16 +1184,23 @@ pub(crate) async fn run_posts(
             continue;
         }
         announce(cx, &frame, index, &post.name);
-        let plan = ExecPlan {
-            argv: post.argv.clone(),
-            script: None,
-            env_ctx: post.env.clone(),
-            extra_env: IndexMap::new(),
-            working_dir: cx.env.paths.workspace.clone(),
-            timeout: None,
+        let (outcome, message) = if let Some(docker) = &post.container {
+            super::docker_step::run_post(cx, state, index, &post, docker, job_cancel, cancelled)
+                .await
+        } else {
+            let plan = ExecPlan {
+                argv: post.argv.clone(),
+                script: None,
+                env_ctx: post.env.clone(),
+                extra_env: IndexMap::new(),
+                working_dir: cx.env.paths.workspace.clone(),
+                timeout: None,
+            };
+            let (outcome, _, _, message) =
+                exec_command(cx, state, index, "post", &post.name, plan, job_cancel, cancelled)
+                    .await;
+            (outcome, message)
         };
-        let (outcome, _, _, message) =
-            exec_command(cx, state, index, "post", &post.name, plan, job_cancel, cancelled).await;
         if let Some(message) = message {
             cx.shared.sink.event(Event::Line {
                 job: cx.job_name.clone(),
