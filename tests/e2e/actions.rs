@@ -433,8 +433,10 @@ jobs:
 }
 
 #[test]
-fn remote_composite_action_and_reusable_workflow_on_docker() {
-    if !crate::docker::docker_ready("remote_composite_action_and_reusable_workflow_on_docker") {
+fn remote_composite_and_dockerfile_actions_and_a_reusable_workflow_on_docker() {
+    if !crate::docker::docker_ready(
+        "remote_composite_and_dockerfile_actions_and_a_reusable_workflow_on_docker",
+    ) {
         return;
     }
     let server = GitServer::start();
@@ -446,6 +448,15 @@ fn remote_composite_action_and_reusable_workflow_on_docker() {
                 "name: say\ninputs:\n  text: { required: true }\noutputs:\n  said:\n    value: ${{ steps.s.outputs.said }}\nruns:\n  using: composite\n  steps:\n    - id: s\n      shell: sh\n      run: |\n        echo \"saying $TEXT from $GITHUB_ACTION_PATH\"\n        echo \"said=$TEXT\" >> \"$GITHUB_OUTPUT\"\n      env:\n        TEXT: ${{ inputs.text }}\n",
             ),
             (".github/workflows/called.yml", CALLED.replace("runs-on: ubuntu-latest", "runs-on: linux").as_str()),
+            (
+                "dock/action.yml",
+                "name: dock\ninputs:\n  who: { required: true }\nruns:\n  using: docker\n  image: Dockerfile\n  args: [\"${{ inputs.who }}\"]\n",
+            ),
+            ("dock/Dockerfile", "FROM kiln-test/busybox:1\nCOPY entrypoint.sh /\nENTRYPOINT [\"sh\", \"/entrypoint.sh\"]\n"),
+            (
+                "dock/entrypoint.sh",
+                "echo \"built from a remote Dockerfile: $1/$INPUT_WHO\"\necho \"v=docked-$1\" >> \"$GITHUB_OUTPUT\"\n",
+            ),
         ],
         "v1",
     );
@@ -460,6 +471,11 @@ jobs:
         with:
           text: in-a-container
       - run: echo "composite said ${{ steps.say.outputs.said }}"
+      - id: dock
+        uses: acme/tools/dock@v1
+        with:
+          who: remote
+      - run: echo "docker action said ${{ steps.dock.outputs.v }}"
   call:
     uses: acme/tools/.github/workflows/called.yml@v1
     with:
