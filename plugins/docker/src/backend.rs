@@ -13,8 +13,8 @@ use bollard::models::{
     NetworkCreateRequest, NetworkingConfig, VolumeCreateRequest,
 };
 use bollard::query_parameters::{
-    CreateContainerOptions, CreateImageOptions, InspectContainerOptions, InspectNetworkOptions,
-    ListContainersOptions, ListVolumesOptions, RemoveContainerOptions, RemoveVolumeOptions,
+    CreateContainerOptions, CreateImageOptions, InspectNetworkOptions, ListContainersOptions,
+    ListVolumesOptions, RemoveContainerOptions, RemoveVolumeOptions,
 };
 use futures::StreamExt;
 use kiln_plugin_sdk::ids::validate_id;
@@ -266,7 +266,7 @@ impl DockerBackend {
     ) -> Result<(String, bollard::models::ContainerInspectResponse)> {
         validate_id(container_id, "container_id")?;
         let name = labels::container_name(&env.id, container_id);
-        match self.inner.docker.inspect_container(&name, None::<InspectContainerOptions>).await {
+        match crate::compat::inspect_container(&self.inner.docker, &name).await {
             Ok(c) => {
                 let owner = c
                     .config
@@ -462,7 +462,7 @@ impl DockerBackend {
     ) -> Result<()> {
         let docker = &self.inner.docker;
         let name = labels::container_name(&env.id, PRIMARY);
-        let exists = match docker.inspect_container(&name, None::<InspectContainerOptions>).await {
+        let exists = match crate::compat::inspect_container(docker, &name).await {
             Ok(c) => Some(c.state.and_then(|s| s.running).unwrap_or(false)),
             Err(e) if is_not_found(&e) => None,
             Err(e) => return Err(docker_err("inspecting the primary container", e)),
@@ -523,14 +523,16 @@ impl DockerBackend {
     async fn remove_env(&self, id: &str, grace: Duration) -> Result<bool> {
         let docker = &self.inner.docker;
         let filter = labels::filter(&[format!("{}={id}", labels::ENVIRONMENT_ID)]);
-        let containers = docker
-            .list_containers(Some(ListContainersOptions {
+        let containers = crate::compat::list_containers(
+            docker,
+            ListContainersOptions {
                 all: true,
                 filters: Some(filter.clone()),
                 ..Default::default()
-            }))
-            .await
-            .map_err(|e| docker_err("listing the environment's containers", e))?;
+            },
+        )
+        .await
+        .map_err(|e| docker_err("listing the environment's containers", e))?;
         let dir = self.inner.state_dir.join(id);
         let mut existed = !containers.is_empty() || dir.exists();
         // Background processes and in-flight execs die with their containers.
@@ -636,18 +638,18 @@ impl DockerBackend {
         if env.has_primary {
             return Ok(Some(labels::container_name(&env.id, PRIMARY)));
         }
-        let jobs = self
-            .inner
-            .docker
-            .list_containers(Some(ListContainersOptions {
+        let jobs = crate::compat::list_containers(
+            &self.inner.docker,
+            ListContainersOptions {
                 filters: Some(labels::filter(&[
                     format!("{}={}", labels::ENVIRONMENT_ID, env.id),
                     format!("{}=job", labels::KIND),
                 ])),
                 ..Default::default()
-            }))
-            .await
-            .map_err(|e| docker_err("listing job containers", e))?;
+            },
+        )
+        .await
+        .map_err(|e| docker_err("listing job containers", e))?;
         Ok(jobs.into_iter().find_map(|c| c.id))
     }
 
@@ -680,7 +682,7 @@ impl DockerBackend {
         let hash = container_spec_hash(kind, spec);
         let name = labels::container_name(&env.id, &request.container_id);
         let docker = &self.inner.docker;
-        match docker.inspect_container(&name, None::<InspectContainerOptions>).await {
+        match crate::compat::inspect_container(docker, &name).await {
             Ok(c) => {
                 let l = c.config.as_ref().and_then(|c| c.labels.clone()).unwrap_or_default();
                 if l.get(labels::CONTAINER_SPEC_HASH) != Some(&hash)
@@ -698,17 +700,19 @@ impl DockerBackend {
             Err(e) => return Err(docker_err("inspecting the container", e)),
         }
         if kind == ContainerKind::Job {
-            let others = docker
-                .list_containers(Some(ListContainersOptions {
+            let others = crate::compat::list_containers(
+                docker,
+                ListContainersOptions {
                     all: true,
                     filters: Some(labels::filter(&[
                         format!("{}={}", labels::ENVIRONMENT_ID, env.id),
                         format!("{}=job", labels::KIND),
                     ])),
                     ..Default::default()
-                }))
-                .await
-                .map_err(|e| docker_err("listing job containers", e))?;
+                },
+            )
+            .await
+            .map_err(|e| docker_err("listing job containers", e))?;
             if !others.is_empty() {
                 return Err(Error::failed_precondition(format!(
                     "environment {:?} already has a job container",
@@ -1089,8 +1093,7 @@ impl Backend for DockerBackend {
                 return Err(docker_err(format!("starting container {:?}", target.container_id), e));
             }
         }
-        let c = docker
-            .inspect_container(&name, None::<InspectContainerOptions>)
+        let c = crate::compat::inspect_container(docker, &name)
             .await
             .map_err(|e| docker_err("inspecting the started container", e))?;
         Ok(container_of(&target.container_id, &env.id, &c))
@@ -1183,7 +1186,7 @@ impl Backend for DockerBackend {
             let name = labels::container_name(&id, container);
             lock(&self.inner.step_specs).remove(&name);
             let docker = &self.inner.docker;
-            let c = match docker.inspect_container(&name, None::<InspectContainerOptions>).await {
+            let c = match crate::compat::inspect_container(docker, &name).await {
                 Ok(c) => c,
                 Err(e) if is_not_found(&e) => return Ok(false),
                 Err(e) => return Err(docker_err("inspecting the container", e)),
@@ -1243,14 +1246,16 @@ impl Backend for DockerBackend {
             .map_err(|e| docker_err("listing environments", e))?
             .volumes
             .unwrap_or_default();
-        let containers = docker
-            .list_containers(Some(ListContainersOptions {
+        let containers = crate::compat::list_containers(
+            docker,
+            ListContainersOptions {
                 all: true,
                 filters: Some(labels::filter(&[labels::ENVIRONMENT_ID.to_owned()])),
                 ..Default::default()
-            }))
-            .await
-            .map_err(|e| docker_err("listing containers", e))?;
+            },
+        )
+        .await
+        .map_err(|e| docker_err("listing containers", e))?;
         let mut by_env: HashMap<String, Vec<String>> = HashMap::new();
         for c in containers {
             let l = c.labels.unwrap_or_default();

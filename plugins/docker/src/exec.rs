@@ -14,8 +14,8 @@ use bollard::Docker;
 use bollard::container::LogOutput;
 use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
 use bollard::query_parameters::{
-    AttachContainerOptions, DownloadFromContainerOptions, InspectContainerOptions,
-    KillContainerOptions, UploadToContainerOptions,
+    AttachContainerOptions, DownloadFromContainerOptions, KillContainerOptions,
+    UploadToContainerOptions,
 };
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -641,7 +641,7 @@ async fn start_step(
         let docker = docker.clone();
         let name = name.clone();
         async move {
-            match docker.inspect_container(&name, None::<InspectContainerOptions>).await {
+            match crate::compat::inspect_container(&docker, &name).await {
                 Ok(c) => {
                     let st = c.state.unwrap_or_default();
                     if st.running.unwrap_or(false)

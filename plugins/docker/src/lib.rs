@@ -117,6 +117,7 @@
 
 mod backend;
 mod build;
+mod compat;
 mod copy;
 mod exec;
 mod labels;
