@@ -411,10 +411,14 @@ jobs:
     runs-on: ubuntu-latest
     container:
       image: kiln-test/busybox:1
+    services:
+      web:
+        image: kiln-test/httpd:1
     steps:
       - run: |
           test -x /bin/busybox && echo "in the job container, ws=$PWD"
           echo made > made-in-container.txt
+          echo "service says $(wget -q -O- http://web:8080/)"
       - id: d
         uses: docker://kiln-test/busybox:1
         with:
@@ -424,8 +428,10 @@ jobs:
 "#;
 
 #[test]
-fn a_host_job_delegates_its_container_and_docker_steps_to_the_docker_plugin() {
-    if !docker_ready("a_host_job_delegates_its_container_and_docker_steps_to_the_docker_plugin") {
+fn a_host_job_delegates_its_container_services_and_docker_steps_to_the_docker_plugin() {
+    if !docker_ready(
+        "a_host_job_delegates_its_container_services_and_docker_steps_to_the_docker_plugin",
+    ) {
         return;
     }
     let repo = Repo::with_workflow("delegated.yml", HOST_WITH_CONTAINERS);
@@ -435,6 +441,7 @@ fn a_host_job_delegates_its_container_and_docker_steps_to_the_docker_plugin() {
     let host_root = repo.state.path().join("kiln/host");
     run.assert_code(0).assert_stdout(&[
         "in the job container, ws=",
+        "service says service-ok",
         "docker step sees made",
         "docker step output ok",
         "Workflow success",
