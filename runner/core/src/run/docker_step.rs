@@ -142,7 +142,7 @@ pub(crate) async fn run_docker_action(
         Some(image) => base.image = image.trim().to_owned(),
         None => {
             let Some(target) = &cx.step_containers else {
-                return fail(no_step_containers(cx, uses));
+                return fail(no_step_containers(cx, &format!("uses: {uses}")));
             };
             if !target.image_build {
                 return fail(format!(
@@ -339,9 +339,10 @@ fn line(cx: &StepContext, index: usize, text: String) {
     });
 }
 
-fn no_step_containers(cx: &StepContext, uses: &str) -> String {
+/// The error of a docker step on a job whose backend has no step containers; `what` names it.
+fn no_step_containers(cx: &StepContext, what: &str) -> String {
     format!(
-        "uses: {uses}: docker steps need step containers, which backend {:?} does not support; \
+        "{what}: docker steps need step containers, which backend {:?} does not support; \
          run the job on a docker label (-P LABEL=docker://IMAGE) or configure a docker plugin",
         cx.plugin
     )
@@ -363,7 +364,12 @@ async fn run_container(
     job_cancel: &CancellationToken,
 ) -> (Outcome, Map<String, Value>, IndexMap<String, String>, Option<String>) {
     let Some(target) = &cx.step_containers else {
-        return (Outcome::Failure, Map::new(), IndexMap::new(), Some(no_step_containers(cx, name)));
+        return (
+            Outcome::Failure,
+            Map::new(),
+            IndexMap::new(),
+            Some(no_step_containers(cx, &format!("step {name:?}"))),
+        );
     };
     let container_id = kiln_plugin_sdk::ids::make_id(&[
         "step",
