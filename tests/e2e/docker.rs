@@ -479,3 +479,34 @@ fn a_host_job_with_a_container_fails_preflight_without_a_docker_plugin() {
         run.show()
     );
 }
+
+const HOST_WITH_A_LATE_DOCKER_ACTION: &str = r#"
+on: push
+jobs:
+  j:
+    runs-on: ubuntu-latest
+    steps:
+      - run: |
+          mkdir -p .github/actions/late
+          printf 'name: late\ninputs:\n  word: {}\nruns:\n  using: docker\n  image: docker://kiln-test/busybox:1\n  entrypoint: /bin/sh\n  args: ["-c", "echo late action says $INPUT_WORD"]\n' > .github/actions/late/action.yml
+      - uses: ./.github/actions/late
+        with:
+          word: hello
+"#;
+
+#[test]
+fn a_docker_action_unknown_before_a_host_job_starts_gets_its_delegate_on_first_use() {
+    if !docker_ready(
+        "a_docker_action_unknown_before_a_host_job_starts_gets_its_delegate_on_first_use",
+    ) {
+        return;
+    }
+    // The action only exists once the first step wrote it: preflight cannot see it, so the
+    // delegate environment is created by the docker step itself.
+    let repo = Repo::with_workflow("late.yml", HOST_WITH_A_LATE_DOCKER_ACTION);
+    let plugin = format!("docker={} plugin docker", kiln_bin());
+    repo.exec(&["--plugin", &plugin])
+        .assert_code(0)
+        .assert_stdout(&["late action says hello", "Workflow success"]);
+    assert_nothing_left(&runner_id(&repo));
+}

@@ -24,7 +24,8 @@ use std::time::Duration;
 
 use indexmap::IndexMap;
 use kiln_plugin_sdk::{
-    Backend, ContainerKind, ContainerRequest, ContainerSpec, Environment, ImageBuild, RemoveRequest,
+    Backend, ContainerKind, ContainerRequest, ContainerSpec, Environment, EnvironmentRequest,
+    ImageBuild, RemoveRequest,
 };
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
@@ -52,6 +53,40 @@ pub(crate) struct StepContainerHost {
     pub(crate) env: Environment,
     /// The plugin builds images (Dockerfile actions).
     pub(crate) image_build: bool,
+    /// A delegate environment nobody created yet (the job was not known to have docker steps
+    /// when it started): the first docker step creates it. `env` already holds its id and the
+    /// job's paths.
+    pub(crate) pending: Option<Arc<PendingEnv>>,
+}
+
+/// A delegate environment created on first use, once.
+pub(crate) struct PendingEnv {
+    request: EnvironmentRequest,
+    created: tokio::sync::OnceCell<Result<(), String>>,
+}
+
+impl PendingEnv {
+    pub(crate) fn new(request: EnvironmentRequest) -> Arc<PendingEnv> {
+        Arc::new(PendingEnv { request, created: tokio::sync::OnceCell::new() })
+    }
+}
+
+impl StepContainerHost {
+    /// Makes sure the environment exists: creates a pending delegate environment (once).
+    async fn ready(&self) -> Result<(), String> {
+        let Some(p) = &self.pending else { return Ok(()) };
+        p.created
+            .get_or_init(|| async {
+                self.backend.create_environment(p.request.clone()).await.map(|_| ()).map_err(|e| {
+                    format!(
+                        "creating the environment for docker steps on backend {:?}: {e}",
+                        self.plugin
+                    )
+                })
+            })
+            .await
+            .clone()
+    }
 }
 
 /// A registered `post-entrypoint`: the container to run after the main steps.
@@ -387,8 +422,16 @@ async fn run_container(
     };
     // The step's token, as exec_command chooses it.
     let token = if u.cancelled { cx.shared.force.clone() } else { job_cancel.clone() };
+    let create = async {
+        target.ready().await?;
+        target
+            .backend
+            .create_container(ContainerKind::Step, request)
+            .await
+            .map_err(|e| e.to_string())
+    };
     let created = tokio::select! {
-        r = target.backend.create_container(ContainerKind::Step, request) => r.map_err(|e| e.to_string()),
+        r = create => r,
         _ = token.cancelled() => Err("cancelled while creating the step container".to_owned()),
     };
     let result = match created {
