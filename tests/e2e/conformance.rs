@@ -3,7 +3,8 @@
 
 use crate::support::{conformance_bin, kiln_bin};
 
-fn run_suite(plugin_args: &str) {
+/// Runs the suite against `kiln plugin PLUGIN_ARGS`; returns its report.
+fn run_suite(plugin_args: &str) -> String {
     let root = tempfile::tempdir().unwrap();
     let junit = root.path().join("junit.xml");
     let command =
@@ -25,11 +26,25 @@ fn run_suite(plugin_args: &str) {
     assert!(summary.contains(" passed, 0 failed"), "{summary}");
     let xml = std::fs::read_to_string(&junit).unwrap();
     assert!(xml.contains("<testsuite"), "{xml}");
+    stdout.into_owned()
 }
 
 #[test]
 fn host_plugin_passes_conformance() {
     run_suite("host");
+}
+
+#[test]
+fn a_delegating_host_plugin_passes_conformance() {
+    // Its container layers are delegated: they answer UNIMPLEMENTED and every environment
+    // names the delegate (no docker engine is involved).
+    let report = run_suite("host --delegate docker");
+    assert!(
+        report
+            .lines()
+            .any(|l| l.starts_with("PASS") && l.contains("protocol/containers/unimplemented")),
+        "{report}"
+    );
 }
 
 #[test]

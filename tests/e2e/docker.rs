@@ -411,10 +411,14 @@ jobs:
     runs-on: ubuntu-latest
     container:
       image: kiln-test/busybox:1
+    services:
+      web:
+        image: kiln-test/httpd:1
     steps:
       - run: |
           test -x /bin/busybox && echo "in the job container, ws=$PWD"
           echo made > made-in-container.txt
+          echo "service says $(wget -q -O- http://web:8080/)"
       - id: d
         uses: docker://kiln-test/busybox:1
         with:
@@ -424,8 +428,10 @@ jobs:
 "#;
 
 #[test]
-fn a_host_job_delegates_its_container_and_docker_steps_to_the_docker_plugin() {
-    if !docker_ready("a_host_job_delegates_its_container_and_docker_steps_to_the_docker_plugin") {
+fn a_host_job_delegates_its_container_services_and_docker_steps_to_the_docker_plugin() {
+    if !docker_ready(
+        "a_host_job_delegates_its_container_services_and_docker_steps_to_the_docker_plugin",
+    ) {
         return;
     }
     let repo = Repo::with_workflow("delegated.yml", HOST_WITH_CONTAINERS);
@@ -435,6 +441,7 @@ fn a_host_job_delegates_its_container_and_docker_steps_to_the_docker_plugin() {
     let host_root = repo.state.path().join("kiln/host");
     run.assert_code(0).assert_stdout(&[
         "in the job container, ws=",
+        "service says service-ok",
         "docker step sees made",
         "docker step output ok",
         "Workflow success",
@@ -471,4 +478,35 @@ fn a_host_job_with_a_container_fails_preflight_without_a_docker_plugin() {
         "the preflight error names neither the capability nor the backend\n{}",
         run.show()
     );
+}
+
+const HOST_WITH_A_LATE_DOCKER_ACTION: &str = r#"
+on: push
+jobs:
+  j:
+    runs-on: ubuntu-latest
+    steps:
+      - run: |
+          mkdir -p .github/actions/late
+          printf 'name: late\ninputs:\n  word: {}\nruns:\n  using: docker\n  image: docker://kiln-test/busybox:1\n  entrypoint: /bin/sh\n  args: ["-c", "echo late action says $INPUT_WORD"]\n' > .github/actions/late/action.yml
+      - uses: ./.github/actions/late
+        with:
+          word: hello
+"#;
+
+#[test]
+fn a_docker_action_unknown_before_a_host_job_starts_gets_its_delegate_on_first_use() {
+    if !docker_ready(
+        "a_docker_action_unknown_before_a_host_job_starts_gets_its_delegate_on_first_use",
+    ) {
+        return;
+    }
+    // The action only exists once the first step wrote it: preflight cannot see it, so the
+    // delegate environment is created by the docker step itself.
+    let repo = Repo::with_workflow("late.yml", HOST_WITH_A_LATE_DOCKER_ACTION);
+    let plugin = format!("docker={} plugin docker", kiln_bin());
+    repo.exec(&["--plugin", &plugin])
+        .assert_code(0)
+        .assert_stdout(&["late action says hello", "Workflow success"]);
+    assert_nothing_left(&runner_id(&repo));
 }

@@ -1,7 +1,7 @@
 //! Protocol tier: negotiation, caller-chosen ids, idempotent create and remove, exec ids,
 //! listing by owner, and every documented error code.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use crate::backend::*;
@@ -549,19 +549,40 @@ pub(crate) async fn list_selectors(ctx: &Ctx<'_>) -> Check {
     Ok(())
 }
 
-/// Every container layer declared unsupported answers UNIMPLEMENTED.
+/// Every container layer declared unsupported or delegated answers UNIMPLEMENTED (§3.3); with
+/// delegated layers, they name one backend and environments carry that delegation (§3.5).
 pub(crate) async fn unimplemented_layers(ctx: &Ctx<'_>) -> Check {
     let layers = [
         (ContainerKind::Job, &ctx.caps.job_container),
         (ContainerKind::Service, &ctx.caps.service_containers),
         (ContainerKind::Step, &ctx.caps.step_containers),
     ];
-    let unsupported: Vec<_> = layers.iter().filter(|l| !l.1.is_supported()).map(|l| l.0).collect();
-    if unsupported.is_empty() {
-        return Err(Stop::Skip("every container layer is supported".to_owned()));
+    let not_native: Vec<_> =
+        layers.iter().filter(|l| *l.1 != LayerSupport::Native).map(|l| l.0).collect();
+    if not_native.is_empty() {
+        return Err(Stop::Skip("every container layer is native".to_owned()));
     }
     let env = ctx.env().await?;
-    for kind in unsupported {
+    let delegates: BTreeSet<&str> = layers
+        .iter()
+        .filter_map(|l| match l.1 {
+            LayerSupport::Delegated { backend } => Some(backend.as_str()),
+            _ => None,
+        })
+        .collect();
+    ensure!(
+        delegates.len() <= 1,
+        "delegated layers name different backends {delegates:?}; v1 allows one delegate"
+    );
+    if let Some(backend) = delegates.first() {
+        let named = env.delegation.as_ref().map(|d| d.backend.as_str());
+        ensure!(
+            named == Some(*backend),
+            "layers are delegated to {backend:?}, but the created environment's delegation \
+             names {named:?}"
+        );
+    }
+    for kind in not_native {
         let req = ContainerRequest {
             environment_id: env.id.clone(),
             container_id: ctx.new_id(),
@@ -570,8 +591,10 @@ pub(crate) async fn unimplemented_layers(ctx: &Ctx<'_>) -> Check {
                 ..ContainerSpec::default()
             },
         };
-        let what =
-            format!("create_container({kind}) on a backend declaring the {kind} layer unsupported");
+        let what = format!(
+            "create_container({kind}) on a backend declaring the {kind} layer unsupported or \
+             delegated"
+        );
         let r = within(&what, CREATE_TIMEOUT, ctx.backend().create_container(kind, req)).await?;
         expect_code(what, r, &[Code::Unimplemented])?;
     }

@@ -910,9 +910,17 @@ pub(crate) async fn copy_local_path(ctx: &Ctx<'_>) -> Check {
 }
 
 fn layer_check(ctx: &Ctx<'_>, name: &str, layer: &LayerSupport) -> Check<String> {
-    if let LayerSupport::Unsupported(detail) = layer {
-        let detail = if detail.is_empty() { String::new() } else { format!(": {detail}") };
-        return Err(Stop::Skip(format!("layer {name} unsupported{detail}")));
+    match layer {
+        LayerSupport::Unsupported(detail) => {
+            let detail = if detail.is_empty() { String::new() } else { format!(": {detail}") };
+            return Err(Stop::Skip(format!("layer {name} unsupported{detail}")));
+        }
+        LayerSupport::Delegated { backend } => {
+            return Err(Stop::Skip(format!(
+                "layer {name} delegated to {backend:?}: run the suite against that plugin"
+            )));
+        }
+        LayerSupport::Native => {}
     }
     ctx.config.container_image.clone().ok_or_else(|| {
         Stop::Skip(format!(

@@ -111,6 +111,15 @@
 //! - No tty or local-path copies yet, and no stdin for a step container's main process; a daemon that
 //!   does not share the plugin's filesystem is not supported yet (see Exec above).
 //!
+//! - **Podman** (4.3.1, Debian 12, `podman system service --time=0 unix:///tmp/podman.sock`,
+//!   the plugin pointed at it with `DOCKER_HOST`/`--docker-host`, images copied in with
+//!   `docker save | podman load`): `run:` jobs, failing jobs and the missing-image error work,
+//!   and nothing labelled is left. Docker steps do not yet: Podman's compat inspect reports an
+//!   exited container's state as `stopped`, which the engine client's state enum rejects
+//!   (`unknown variant stopped`), so the end of a step container cannot be read. Services with
+//!   a `HEALTHCHECK` never become healthy under `podman system service` here (no systemd to
+//!   run the checks), so the runner's health wait times out.
+//!
 //! When the plugin runs as a user other than root, files written by root in a container
 //! into `/__kiln` cannot be deleted by the plugin; `Remove` then empties the directory from
 //! inside the primary container first.

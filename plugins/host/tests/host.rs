@@ -257,7 +257,12 @@ async fn signal_kills_the_process_group() {
     create(&b, "env-sig").await;
     let mut stream = b.exec(sh("env-sig", "e1", "echo $$; sleep 100 & sleep 100")).await.unwrap();
     let pgid = first_line(&mut stream).await;
-    assert!(group_members(pgid).len() >= 2);
+    // The shell prints its pid before it has forked both sleeps: wait for them.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while group_members(pgid).len() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(group_members(pgid).len() >= 2, "{:?}", group_members(pgid));
     let signal = |sig| SignalRequest {
         exec_id: "e1".into(),
         signal: sig,

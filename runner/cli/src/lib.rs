@@ -99,3 +99,54 @@ pub(crate) fn wire_delegation(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use kiln_runner::backends::{PluginSpec, embedded_host, embedded_plugin};
+
+    fn command(specs: &BTreeMap<String, PluginSpec>, name: &str) -> Vec<String> {
+        match &specs[name] {
+            PluginSpec::Managed { command, .. } => command.clone(),
+            PluginSpec::Standalone { .. } => Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_embedded_host_plugin_delegates_to_a_configured_docker_plugin() {
+        let mut specs = BTreeMap::from([
+            ("host".to_owned(), embedded_host().unwrap()),
+            ("docker".to_owned(), embedded_plugin("docker").unwrap()),
+        ]);
+        super::wire_delegation(&mut specs).unwrap();
+        assert!(command(&specs, "host").ends_with(&["--delegate".into(), "docker".into()]));
+        let docker = command(&specs, "docker");
+        assert_eq!(docker[docker.len() - 2], "--valid-volume");
+        assert!(docker[docker.len() - 1].ends_with("/*"), "{docker:?}");
+
+        // No docker plugin: nothing to delegate to.
+        let mut specs = BTreeMap::from([("host".to_owned(), embedded_host().unwrap())]);
+        super::wire_delegation(&mut specs).unwrap();
+        assert_eq!(
+            command(&specs, "host"),
+            command(&BTreeMap::from([("host".to_owned(), embedded_host().unwrap())]), "host")
+        );
+
+        // A host plugin with its own command is left as configured.
+        let custom = PluginSpec::Managed { command: vec!["my-host".into()], env: BTreeMap::new() };
+        let mut specs = BTreeMap::from([
+            ("host".to_owned(), custom),
+            ("docker".to_owned(), embedded_plugin("docker").unwrap()),
+        ]);
+        super::wire_delegation(&mut specs).unwrap();
+        assert_eq!(command(&specs, "host"), vec!["my-host".to_owned()]);
+        assert_eq!(
+            command(&specs, "docker"),
+            command(
+                &BTreeMap::from([("docker".to_owned(), embedded_plugin("docker").unwrap())]),
+                "docker"
+            )
+        );
+    }
+}

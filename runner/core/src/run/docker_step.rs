@@ -24,7 +24,8 @@ use std::time::Duration;
 
 use indexmap::IndexMap;
 use kiln_plugin_sdk::{
-    Backend, ContainerKind, ContainerRequest, ContainerSpec, Environment, ImageBuild, RemoveRequest,
+    Backend, ContainerKind, ContainerRequest, ContainerSpec, Environment, EnvironmentRequest,
+    ImageBuild, RemoveRequest,
 };
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
@@ -50,6 +51,40 @@ pub(crate) struct StepContainerHost {
     pub(crate) env: Environment,
     /// The plugin builds images (Dockerfile actions).
     pub(crate) image_build: bool,
+    /// A delegate environment nobody created yet (the job was not known to have docker steps
+    /// when it started): the first docker step creates it. `env` already holds its id and the
+    /// job's paths.
+    pub(crate) pending: Option<Arc<PendingEnv>>,
+}
+
+/// A delegate environment created on first use, once.
+pub(crate) struct PendingEnv {
+    request: EnvironmentRequest,
+    created: tokio::sync::OnceCell<Result<(), String>>,
+}
+
+impl PendingEnv {
+    pub(crate) fn new(request: EnvironmentRequest) -> Arc<PendingEnv> {
+        Arc::new(PendingEnv { request, created: tokio::sync::OnceCell::new() })
+    }
+}
+
+impl StepContainerHost {
+    /// Makes sure the environment exists: creates a pending delegate environment (once).
+    async fn ready(&self) -> Result<(), String> {
+        let Some(p) = &self.pending else { return Ok(()) };
+        p.created
+            .get_or_init(|| async {
+                self.backend.create_environment(p.request.clone()).await.map(|_| ()).map_err(|e| {
+                    format!(
+                        "creating the environment for docker steps on backend {:?}: {e}",
+                        self.plugin
+                    )
+                })
+            })
+            .await
+            .clone()
+    }
 }
 
 /// A registered `post-entrypoint`: the container to run after the main steps.
@@ -139,7 +174,7 @@ pub(crate) async fn run_docker_action(
         Some(image) => base.image = image.trim().to_owned(),
         None => {
             let Some(target) = &cx.step_containers else {
-                return fail(no_step_containers(cx, uses));
+                return fail(no_step_containers(cx, &format!("uses: {uses}")));
             };
             if !target.image_build {
                 return fail(format!(
@@ -335,9 +370,10 @@ fn line(cx: &StepContext, index: usize, text: String) {
     });
 }
 
-fn no_step_containers(cx: &StepContext, uses: &str) -> String {
+/// The error of a docker step on a job whose backend has no step containers; `what` names it.
+fn no_step_containers(cx: &StepContext, what: &str) -> String {
     format!(
-        "uses: {uses}: docker steps need step containers, which backend {:?} does not support; \
+        "{what}: docker steps need step containers, which backend {:?} does not support; \
          run the job on a docker label (-P LABEL=docker://IMAGE) or configure a docker plugin",
         cx.plugin
     )
@@ -359,7 +395,12 @@ async fn run_container(
     job_cancel: &CancellationToken,
 ) -> (Outcome, Map<String, Value>, IndexMap<String, String>, Option<String>) {
     let Some(target) = &cx.step_containers else {
-        return (Outcome::Failure, Map::new(), IndexMap::new(), Some(no_step_containers(cx, name)));
+        return (
+            Outcome::Failure,
+            Map::new(),
+            IndexMap::new(),
+            Some(no_step_containers(cx, &format!("step {name:?}"))),
+        );
     };
     let container_id = kiln_plugin_sdk::ids::make_id(&[
         "step",
@@ -377,8 +418,16 @@ async fn run_container(
     };
     // The step's token, as exec_command chooses it.
     let token = if u.cancelled { cx.shared.force.clone() } else { job_cancel.clone() };
+    let create = async {
+        target.ready().await?;
+        target
+            .backend
+            .create_container(ContainerKind::Step, request)
+            .await
+            .map_err(|e| e.to_string())
+    };
     let created = tokio::select! {
-        r = target.backend.create_container(ContainerKind::Step, request) => r.map_err(|e| e.to_string()),
+        r = create => r,
         _ = token.cancelled() => Err("cancelled while creating the step container".to_owned()),
     };
     let result = match created {

@@ -314,15 +314,28 @@ async fn run_job_inner(shared: Arc<Shared>, run: JobRun) -> ComboResult {
     // The client after the create: a restarted plugin has a new one.
     let backend: Arc<dyn Backend> = plugin.client();
     // Delegated layers go in an environment of the delegate, with this one as parent.
+    let inner_id = kiln_plugin_sdk::ids::make_id(&[
+        &identity.runner_id,
+        &run.job_id,
+        &run.index.to_string(),
+        &format!("{}-d", &nonce[..8]),
+    ]);
+    // A delegated step layer the job was not known to need (a docker action found only when
+    // its step runs): its environment is created by the first docker step, if any.
+    let lazy_steps = match (delegate, &caps.step_containers) {
+        (None, LayerSupport::Delegated { .. }) => {
+            layer_plugin(&shared, plugin, |c| &c.step_containers, "step containers").ok().and_then(
+                |dp| Some((dp, delegate_request(dp, &env, &base_request, &inner_id).ok()?)),
+            )
+        }
+        _ => None,
+    };
+    if lazy_steps.is_some() {
+        shared.backends.claim(&inner_id);
+    }
     let inner = match delegate {
         None => None,
         Some(dp) => {
-            let inner_id = kiln_plugin_sdk::ids::make_id(&[
-                &identity.runner_id,
-                &run.job_id,
-                &run.index.to_string(),
-                &format!("{}-d", &nonce[..8]),
-            ]);
             shared.backends.claim(&inner_id);
             let created = tokio::select! {
                 r = create_delegate(dp, &env, &base_request, &inner_id) => r,
@@ -371,18 +384,30 @@ async fn run_job_inner(shared: Arc<Shared>, run: JobRun) -> ComboResult {
     };
     // Steps run in the job container where it is, else in this environment's primary.
     let steps_on = if job.container.is_some() { containers_on } else { &own };
-    let step_host = match (&caps.step_containers, &inner) {
-        (LayerSupport::Native, _) => Some((plugin, backend.clone(), env.clone())),
-        (LayerSupport::Delegated { .. }, Some(d)) => {
-            Some((d.plugin, d.backend.clone(), d.env.clone()))
+    let step_host = match (&caps.step_containers, &inner, &lazy_steps) {
+        (LayerSupport::Native, _, _) => Some((plugin, backend.clone(), env.clone(), None)),
+        (LayerSupport::Delegated { .. }, Some(d), _) => {
+            Some((d.plugin, d.backend.clone(), d.env.clone(), None))
+        }
+        (LayerSupport::Delegated { .. }, None, Some((dp, request))) => {
+            let inner_env = Environment {
+                id: inner_id.clone(),
+                paths: env.paths.clone(),
+                ..Environment::default()
+            };
+            let mut request = request.clone();
+            request.hints.step_containers = true;
+            let pending = super::docker_step::PendingEnv::new(request);
+            Some((*dp, dp.client() as Arc<dyn Backend>, inner_env, Some(pending)))
         }
         _ => None,
     }
-    .map(|(p, backend, env)| super::docker_step::StepContainerHost {
+    .map(|(p, backend, env, pending)| super::docker_step::StepContainerHost {
         backend,
         plugin: p.name.clone(),
         env,
         image_build: p.capabilities.features.image_build,
+        pending,
     });
     let result = match containers {
         Ok(containers) => {
@@ -408,10 +433,15 @@ async fn run_job_inner(shared: Arc<Shared>, run: JobRun) -> ComboResult {
             ComboResult { result, outputs: Map::new() }
         }
     };
-    // The delegate's environment goes with its parent (cascade).
+    // The delegate's environment goes with its parent (cascade); removing one a lazy step
+    // layer never created is a no-op.
     if let Some(d) = &inner {
         remove_env(d.plugin, &d.env.id, &log).await;
         shared.backends.release(&d.env.id);
+    }
+    if let Some((dp, _)) = &lazy_steps {
+        remove_env(dp, &inner_id, &log).await;
+        shared.backends.release(&inner_id);
     }
     remove_env(plugin, &env.id, &log).await;
     shared.backends.release(&env.id);
@@ -437,6 +467,19 @@ async fn create_delegate(
     base: &EnvironmentRequest,
     id: &str,
 ) -> Result<Environment, String> {
+    let request = delegate_request(delegate, env, base, id)?;
+    let created = create_with_retry(delegate, request).await.map_err(|e| e.to_string())?;
+    Ok(Environment { paths: env.paths.clone(), ..created })
+}
+
+/// The request of the delegate environment `id` for `env` (its parent): `env`'s owner with
+/// the parent set, the options of `env.delegation`.
+fn delegate_request(
+    delegate: &crate::backends::Plugin,
+    env: &Environment,
+    base: &EnvironmentRequest,
+    id: &str,
+) -> Result<EnvironmentRequest, String> {
     let Some(d) = &env.delegation else {
         return Err(format!(
             "environment {} declares delegated layers but its Create returned no delegation",
@@ -449,15 +492,13 @@ async fn create_delegate(
             d.backend, delegate.name
         ));
     }
-    let request = EnvironmentRequest {
+    Ok(EnvironmentRequest {
         environment_id: id.to_owned(),
         owner: Owner { parent_environment_id: env.id.clone(), ..base.owner.clone() },
         label: base.label.clone(),
         options: d.options.clone(),
         hints: base.hints,
-    };
-    let created = create_with_retry(delegate, request).await.map_err(|e| e.to_string())?;
-    Ok(Environment { paths: env.paths.clone(), ..created })
+    })
 }
 
 /// Picks one container layer's support out of capabilities.
