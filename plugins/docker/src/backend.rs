@@ -67,6 +67,8 @@ pub(crate) struct Inner {
     pub(crate) execs: Mutex<HashMap<String, Arc<ExecHandle>>>,
     /// Specs of step containers created by this process, to add an exec's env at start.
     pub(crate) step_specs: Mutex<HashMap<String, ContainerSpec>>,
+    /// When each container was first seen `starting` (see [`crate::compat::overdue_health`]).
+    starting_since: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 /// What the plugin knows about an environment (all of it also in the network's labels).
@@ -159,6 +161,7 @@ impl DockerBackend {
                 exec_ids: Mutex::new(HashSet::new()),
                 execs: Mutex::new(HashMap::new()),
                 step_specs: Mutex::new(HashMap::new()),
+                starting_since: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -1101,9 +1104,24 @@ impl Backend for DockerBackend {
 
     async fn inspect(&self, target: ContainerRef) -> Result<ContainerStatus> {
         let env = self.live_env(&target.environment_id).await?;
-        let (_, c) = self.container(&env, &target.container_id).await?;
+        let (name, c) = self.container(&env, &target.container_id).await?;
         let st = c.state.clone().unwrap_or_default();
-        let health = match st.health.as_ref().and_then(|h| h.status) {
+        let mut status = st.health.as_ref().and_then(|h| h.status);
+        if status == Some(HealthStatusEnum::STARTING) {
+            let first_seen = {
+                let mut since = lock(&self.inner.starting_since);
+                // Containers removed while starting are forgotten after an hour.
+                since.retain(|_, t| t.elapsed() < std::time::Duration::from_secs(3600));
+                *since.entry(name.clone()).or_insert_with(std::time::Instant::now)
+            };
+            status = Some(
+                crate::compat::overdue_health(&self.inner.docker, &name, &c, first_seen).await,
+            );
+        }
+        if status != Some(HealthStatusEnum::STARTING) {
+            lock(&self.inner.starting_since).remove(&name);
+        }
+        let health = match status {
             Some(HealthStatusEnum::STARTING) => Health::Starting,
             Some(HealthStatusEnum::HEALTHY) => Health::Healthy,
             Some(HealthStatusEnum::UNHEALTHY) => Health::Unhealthy,
