@@ -111,14 +111,14 @@
 //! - No tty or local-path copies yet, and no stdin for a step container's main process; a daemon that
 //!   does not share the plugin's filesystem is not supported yet (see Exec above).
 //!
-//! - **Podman** (4.3.1, Debian 12, `podman system service --time=0 unix:///tmp/podman.sock`,
-//!   the plugin pointed at it with `DOCKER_HOST`/`--docker-host`, images copied in with
-//!   `docker save | podman load`): `run:` jobs, failing jobs and the missing-image error work,
-//!   and nothing labelled is left. Docker steps do not yet: Podman's compat inspect reports an
-//!   exited container's state as `stopped`, which the engine client's state enum rejects
-//!   (`unknown variant stopped`), so the end of a step container cannot be read. Services with
-//!   a `HEALTHCHECK` never become healthy under `podman system service` here (no systemd to
-//!   run the checks), so the runner's health wait times out.
+//! - **Podman** (4.3.1, Debian 12; `tests/docker/podman.sh` serves its Docker-compatible API
+//!   and CI runs the docker e2e tests and the conformance suite on it): everything works, with
+//!   three differences handled in `compat.rs` and the list: Podman's transient `stopped` state
+//!   (which the engine client rejects) is read again; its health checks, scheduled by systemd,
+//!   never run without systemd, so an overdue first check is run by the plugin through an exec;
+//!   and its volume list ORs label filters, so listed environments are checked against every
+//!   label of the selector. Podman needs `catatonit` for the containers' init process, and
+//!   ulimits the machine allows in `containers.conf` (runc cannot raise them on these machines).
 //!
 //! When the plugin runs as a user other than root, files written by root in a container
 //! into `/__kiln` cannot be deleted by the plugin; `Remove` then empties the directory from
