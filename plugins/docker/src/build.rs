@@ -2,12 +2,16 @@
 //! from the environment (the host directory under `/__kiln`, else through the archive API of
 //! the primary or job container), and built by the engine. The image is tagged by the hash
 //! of its context and Dockerfile (`kiln-build:<hash>`), so an unchanged action is built once
-//! and reused by later jobs; build output goes to the plugin's log.
+//! and reused by later jobs; build output goes to the plugin's log. Built images carry the
+//! label `dev.kiln.role=build-cache`; after each build the cache keeps the
+//! [`BUILD_CACHE_KEEP`] newest and removes the rest (an image a container still uses stays).
 
 use std::io::Read;
 use std::path::{Component, Path};
 
-use bollard::query_parameters::{BuildImageOptions, DownloadFromContainerOptions};
+use bollard::query_parameters::{
+    BuildImageOptions, DownloadFromContainerOptions, ListImagesOptions, RemoveImageOptions,
+};
 use bytes::Bytes;
 use futures::StreamExt;
 use kiln_plugin_sdk::{Error, Fault, ImageBuild, Result};
@@ -18,6 +22,12 @@ use crate::exec::{check_path, host_path};
 
 /// Largest build context read into memory.
 const MAX_CONTEXT: usize = 256 * 1024 * 1024;
+
+/// How many built action images the cache keeps.
+pub(crate) const BUILD_CACHE_KEEP: usize = 20;
+
+/// The label value of built images (under [`labels::ROLE`](crate::labels::ROLE)).
+const BUILD_CACHE_ROLE: &str = "build-cache";
 
 /// Builds (or finds in the cache) the image of `build`; returns its tag.
 pub(crate) async fn build(
@@ -68,6 +78,7 @@ pub(crate) async fn build(
         t: Some(tag.clone()),
         rm: true,
         forcerm: true,
+        labels: Some([(crate::labels::ROLE.to_owned(), BUILD_CACHE_ROLE.to_owned())].into()),
         ..Default::default()
     };
     let mut stream =
@@ -99,7 +110,41 @@ pub(crate) async fn build(
             }
         }
     }
+    prune_cache(docker, &tag).await;
     Ok(tag)
+}
+
+/// Removes built images beyond the [`BUILD_CACHE_KEEP`] newest (never `keep`, the one just
+/// built). Failures are logged: an image in use stays until a later prune.
+async fn prune_cache(docker: &bollard::Docker, keep: &str) {
+    let filter = crate::labels::filter(&[format!("{}={BUILD_CACHE_ROLE}", crate::labels::ROLE)]);
+    let images = match docker
+        .list_images(Some(ListImagesOptions { filters: Some(filter), ..Default::default() }))
+        .await
+    {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::warn!(error = %e, "listing the build cache failed");
+            return;
+        }
+    };
+    for image in stale(images, keep) {
+        let options = RemoveImageOptions { force: false, ..Default::default() };
+        if let Err(e) = docker.remove_image(&image, Some(options), None).await {
+            tracing::debug!(%image, error = %e, "a cached build image stays");
+        }
+    }
+}
+
+/// The tags to remove: all but the newest [`BUILD_CACHE_KEEP`], never `keep`.
+fn stale(mut images: Vec<bollard::models::ImageSummary>, keep: &str) -> Vec<String> {
+    images.sort_by_key(|i| std::cmp::Reverse(i.created));
+    images
+        .into_iter()
+        .skip(BUILD_CACHE_KEEP)
+        .flat_map(|i| i.repo_tags)
+        .filter(|t| t.starts_with("kiln-build:") && t != keep)
+        .collect()
 }
 
 /// The context directory as a tar with its contents at the root, through the archive API
@@ -155,4 +200,28 @@ fn strip_first(tar: &[u8]) -> Result<Vec<u8>> {
         }
     }
     out.into_inner().map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(tag: &str, created: i64) -> bollard::models::ImageSummary {
+        bollard::models::ImageSummary {
+            repo_tags: vec![tag.to_owned()],
+            created,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_cache_keeps_the_newest_and_the_one_just_built() {
+        let n = BUILD_CACHE_KEEP as i64;
+        let mut images: Vec<_> = (0..n + 3).map(|i| image(&format!("kiln-build:{i}"), i)).collect();
+        // The image just built was a cache hit long ago: it is the oldest, and it stays.
+        images.push(image("kiln-build:hit", -1));
+        images.push(image("other:tag", -2));
+        let stale = stale(images, "kiln-build:hit");
+        assert_eq!(stale, ["kiln-build:2", "kiln-build:1", "kiln-build:0"]);
+    }
 }
