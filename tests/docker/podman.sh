@@ -2,7 +2,7 @@
 # Serves Podman's Docker-compatible API on a unix socket, for running the docker plugin's
 # conformance suite and e2e tests against Podman instead of dockerd:
 #
-#   bash tests/docker/podman.sh            # prints the socket: unix:///run/kiln-podman.sock
+#   bash tests/docker/podman.sh            # prints the socket (only that, on stdout)
 #   DOCKER_HOST=unix:///run/kiln-podman.sock cargo nextest run -p kiln-e2e -E 'test(docker)'
 #
 # Installs Debian's podman and catatonit (the docker plugin runs its primary containers with an
@@ -14,7 +14,7 @@
 # containers.conf with ulimits the machine allows is written, unless one exists.
 set -euo pipefail
 sock=/run/kiln-podman.sock
-log() { printf 'podman-setup: %s\n' "$*"; }
+log() { printf 'podman-setup: %s\n' "$*" >&2; }
 
 if ! command -v podman >/dev/null 2>&1 || [ ! -x /usr/libexec/podman/catatonit ]; then
     log "installing podman and catatonit"
