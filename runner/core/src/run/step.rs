@@ -366,7 +366,10 @@ pub(crate) async fn exec_command(
     cancelled: bool,
 ) -> (Outcome, Map<String, Value>, IndexMap<String, String>, Option<String>) {
     let exec_id = exec_id();
-    let dir = format!("{}/steps/{exec_id}", cx.env.paths.runner_files.trim_end_matches('/'));
+    // The same files for every step of the job (steps run one at a time): staging truncates
+    // them instead of creating new ones, and a new inode per file and step was most of a
+    // step's cost on the host backend (ext4 allocating inodes after many deletions).
+    let dir = format!("{}/step", cx.env.paths.runner_files.trim_end_matches('/'));
     let files = ["env", "output", "path", "state", "summary"].map(|f| format!("{dir}/{f}"));
     let mut staged: Vec<StagedFile> = Vec::with_capacity(6);
     let mut argv = plan.argv;
