@@ -151,7 +151,7 @@ async fn run_step_inner(
     let workspace_local = cx.hash_root.as_deref();
     let host = StepHost { status, workspace: workspace_local };
 
-    contexts.insert("steps".into(), Value::Object(state.steps.clone()));
+    sync_steps(contexts, &state.steps);
     contexts.insert(
         "job".into(),
         json!({
@@ -335,6 +335,33 @@ async fn run_step_inner(
         outputs,
         message,
     );
+}
+
+/// Makes the `steps` context equal to `steps` without cloning the entries it already holds:
+/// a job of n steps would otherwise copy n² entries.
+fn sync_steps(contexts: &mut Map<String, Value>, steps: &Map<String, Value>) {
+    if let Some(Value::Object(ctx)) = contexts.get_mut("steps")
+        && ctx.len() <= steps.len()
+    {
+        let held = ctx.len();
+        let mut prefix = true;
+        for ((ck, cv), (k, v)) in ctx.iter_mut().zip(steps) {
+            if ck != k {
+                prefix = false;
+                break;
+            }
+            if cv != v {
+                *cv = v.clone();
+            }
+        }
+        if prefix {
+            for (k, v) in steps.iter().skip(held) {
+                ctx.insert(k.clone(), v.clone());
+            }
+            return;
+        }
+    }
+    contexts.insert("steps".into(), Value::Object(steps.clone()));
 }
 
 /// One process of a step: the command, its script (staged with it) and environment.
