@@ -404,7 +404,7 @@ def main():
     fname = "`cat`" if a.mode == "host" else "`docker exec` stdout (Engine API)"
     emit(f"| 100 MB of step stdout, masking on (time over steps-1) | {fmt_t(kx)} ({100 / kx:.0f} MB/s) | "
          f"{fmt_t(ax) + f' ({100 / ax:.0f} MB/s)' if ax else '–'} | {ratio(kx, ax)} (throughput ×{ax / kx:.1f}) | {fname} {fx:.0f} MB/s; kiln ÷ floor time = {fx / (100 / kx):.2f} |"
-         if kx and ax else f"| 100 MB of step stdout | {fmt_t(kx)} | {fmt_t(ax)} | – | {fname} {fx:.0f} MB/s |")
+         if kx and ax else f"| 100 MB of step stdout, masking on (time over steps-1) | {fmt_t(kx)}{f' ({100 / kx:.0f} MB/s)' if kx else ''} | {fmt_t(ax)} | – | {fname} {fx:.0f} MB/s |")
     kx, ax = diff("workspace-2000", "steps-1", 1, 0), diff("workspace-2000", "steps-1", 1, 1)
     wfl = fl["tar c | tar x of the workspace"] if a.mode == "host" else fl["tar c | docker cp - of the workspace"]
     wname = "`tar c | tar x`" if a.mode == "host" else "`tar c | docker cp -`"
