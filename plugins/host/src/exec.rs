@@ -310,7 +310,8 @@ fn lookup(program: &str, path: &str, cwd: &Path) -> Option<PathBuf> {
         return None;
     }
     path.split(':').find_map(|dir| {
-        let candidate = if dir.is_empty() { cwd.join(program) } else { Path::new(dir).join(program) };
+        let candidate =
+            if dir.is_empty() { cwd.join(program) } else { Path::new(dir).join(program) };
         let meta = std::fs::metadata(&candidate).ok()?;
         (meta.is_file() && meta.permissions().mode() & 0o111 != 0).then_some(candidate)
     })

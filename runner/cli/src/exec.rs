@@ -146,10 +146,7 @@ fn github_context(
         format!("local/{name}")
     });
     let owner = repository.split('/').next().unwrap_or("").to_owned();
-    let actor = actor
-        .map(str::to_owned)
-        .or(user)
-        .unwrap_or_else(|| "kiln".into());
+    let actor = actor.map(str::to_owned).or(user).unwrap_or_else(|| "kiln".into());
     let run_id = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
