@@ -331,7 +331,7 @@ def main():
          f"Linux {platform.release()}; kiln {rev}{' (dirty)' if dirty else ''}; {act_v}; docker {docker_v}; "
          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     emit(f"runs: {runs} interleaved after one warm-up (fewer where the row says); times are medians\n")
-    emit("| workflow | kiln median | kiln min – max | act median | act min – max | kiln/act | kiln runner / plugin peak RSS | act peak RSS |")
+    emit("| workflow | kiln median | kiln min – max | act median | act min – max | kiln/act | kiln peak RSS (runner, each plugin) | act peak RSS |")
     emit("|---|---|---|---|---|---|---|---|")
     res = {}
     tree = None
@@ -358,7 +358,7 @@ def main():
             if i < aruns:
                 t.append(timed(act_cmd, repo, env)[0])
         res[name] = (med(k), med(t), kmem, amem)
-        kmem_s = " / ".join(f"{v:.1f}" for _, v in sorted(kmem.items(), key=lambda kv: kv[0] != "runner")) + " MiB"
+        kmem_s = ", ".join(f"{r.removeprefix('plugin ')} {v:.1f}" for r, v in sorted(kmem.items(), key=lambda kv: (kv[0] != "runner", kv[0]))) + " MiB"
         amem_s = f"{amem['runner']:.1f} MiB" if amem else "–"
         note = "" if (kruns, aruns) == (runs, runs) else f" ({kruns}/{aruns} runs)"
         emit(f"| {name}{note} | {fmt_t(med(k))} | {fmt_mm(k)} | {fmt_t(med(t))} | {fmt_mm(t)} | {ratio(med(k), med(t))} | {kmem_s} | {amem_s} |")
@@ -408,7 +408,7 @@ def main():
     kx, ax = diff("workspace-2000", "steps-1", 1, 0), diff("workspace-2000", "steps-1", 1, 1)
     wfl = fl["tar c | tar x of the workspace"] if a.mode == "host" else fl["tar c | docker cp - of the workspace"]
     wname = "`tar c | tar x`" if a.mode == "host" else "`tar c | docker cp -`"
-    act_note = " (act copies nothing on the host)" if a.mode == "host" else ""
+    act_note = " (act copies no workspace without actions/checkout)"
     emit(f"| workspace copy, {files:,} files / {size / MB:.0f} MB (time over steps-1) | {fmt_t(kx)} | {fmt_t(ax)}{act_note} | {ratio(kx, ax)} | "
          f"{wname} {fmt_t(wfl)}{f'; kiln ÷ floor = {kx / wfl:.2f}' if kx else ''} |")
     k16, k1 = m("concurrent-16", 0), m("steps-1", 0)
