@@ -295,6 +295,7 @@ def main():
     ap.add_argument("workflows", nargs="*")
     a = ap.parse_args()
     runs = 3 if a.quick else a.runs
+    a.kiln = os.path.abspath(a.kiln)  # the runs happen in scratch directories
     act = None if a.no_act else ensure_act(a.act)
     names = a.workflows or sorted(f.rsplit(".", 1)[0] for f in os.listdir(os.path.join(HERE, "workflows")))
     if a.quick:
