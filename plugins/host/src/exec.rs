@@ -164,19 +164,33 @@ pub(crate) fn start(
         })?;
     }
 
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.args(&req.argv[1..]).env_clear();
-    let mut path_seen = false;
+    let mut path = None;
     for v in &req.env {
         if v.name == "PATH" {
-            path_seen = true;
-            cmd.env("PATH", prepend_path(&req.path_prepend, &v.value));
-        } else {
+            path = Some(prepend_path(&req.path_prepend, &v.value));
+        }
+    }
+    if path.is_none() && !req.path_prepend.is_empty() {
+        path = Some(prepend_path(&req.path_prepend, ""));
+    }
+    // The program is looked up here, in the step's PATH, so that the child is started with
+    // posix_spawn (vfork) instead of fork + execvp.
+    let mut cmd = match path.as_deref().and_then(|p| lookup(program, p, &cwd)) {
+        Some(found) => {
+            let mut cmd = tokio::process::Command::new(found);
+            cmd.arg0(program);
+            cmd
+        }
+        None => tokio::process::Command::new(program),
+    };
+    cmd.args(&req.argv[1..]).env_clear();
+    for v in &req.env {
+        if v.name != "PATH" {
             cmd.env(&v.name, &v.value);
         }
     }
-    if !path_seen && !req.path_prepend.is_empty() {
-        cmd.env("PATH", prepend_path(&req.path_prepend, ""));
+    if let Some(path) = path {
+        cmd.env("PATH", path);
     }
     cmd.current_dir(&cwd)
         .stdin(if req.stdin { Stdio::piped() } else { Stdio::null() })
@@ -288,13 +302,32 @@ fn prepend_path(prepend: &[String], path: &str) -> String {
     out
 }
 
+/// The first executable regular file named `program` in `path`, as `execvp` would find it;
+/// `None` when `program` holds a slash or is not found (the spawn then reports it). An empty
+/// entry of `path` is the working directory.
+fn lookup(program: &str, path: &str, cwd: &Path) -> Option<PathBuf> {
+    if program.contains('/') || program.is_empty() {
+        return None;
+    }
+    path.split(':').find_map(|dir| {
+        let candidate =
+            if dir.is_empty() { cwd.join(program) } else { Path::new(dir).join(program) };
+        let meta = std::fs::metadata(&candidate).ok()?;
+        (meta.is_file() && meta.permissions().mode() & 0o111 != 0).then_some(candidate)
+    })
+}
+
 /// Writes a staged file with exactly `mode` (0 = 0644), creating its parent directories.
+///
+/// An existing file (the runner stages the same paths step after step) is overwritten in
+/// place and then cut to length, not truncated first: freeing its block and allocating a new
+/// one each step costs more than the step's own process on some filesystems (ext4 with
+/// `discard`).
 fn stage(path: &Path, content: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write;
     let mode = if mode == 0 { 0o644 } else { mode & 0o7777 };
-    let open = || {
-        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(path)
-    };
+    #[allow(clippy::suspicious_open_options)] // set_len below does the truncation
+    let open = || std::fs::OpenOptions::new().write(true).create(true).mode(mode).open(path);
     let mut f = match open() {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -306,7 +339,14 @@ fn stage(path: &Path, content: &[u8], mode: u32) -> std::io::Result<()> {
         Err(e) => return Err(e),
     };
     f.write_all(content)?;
-    f.set_permissions(std::fs::Permissions::from_mode(mode))
+    let meta = f.metadata()?;
+    if meta.len() != content.len() as u64 {
+        f.set_len(content.len() as u64)?;
+    }
+    if meta.permissions().mode() & 0o7777 != mode {
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
 }
 
 /// Reads the files to collect, each bounded by the request's limit and all by

@@ -122,24 +122,31 @@ fn github_context(
     event: Value,
     actor: Option<&str>,
 ) -> Map<String, Value> {
-    let sha = git(root, &["rev-parse", "HEAD"]).unwrap_or_else(|| "0".repeat(40));
-    let branch = git(root, &["symbolic-ref", "--short", "-q", "HEAD"]);
-    let tag = git(root, &["describe", "--tags", "--exact-match", "HEAD"]);
+    // The git queries are independent processes: run them side by side.
+    let [sha, branch, tag, remote, user] = std::thread::scope(|s| {
+        let queries: [&[&str]; 5] = [
+            &["rev-parse", "HEAD"],
+            &["symbolic-ref", "--short", "-q", "HEAD"],
+            &["describe", "--tags", "--exact-match", "HEAD"],
+            &["remote", "get-url", "origin"],
+            if actor.is_none() { &["config", "user.name"] } else { &[] },
+        ];
+        queries
+            .map(|q| s.spawn(move || if q.is_empty() { None } else { git(root, q) }))
+            .map(|h| h.join().ok().flatten())
+    });
+    let sha = sha.unwrap_or_else(|| "0".repeat(40));
     let (r#ref, ref_name, ref_type) = match (branch, tag) {
         (Some(b), _) => (format!("refs/heads/{b}"), b, "branch"),
         (None, Some(t)) => (format!("refs/tags/{t}"), t, "tag"),
         (None, None) => ("refs/heads/main".to_owned(), "main".to_owned(), "branch"),
     };
-    let remote = git(root, &["remote", "get-url", "origin"]);
     let repository = remote.as_deref().and_then(repo_from_url).unwrap_or_else(|| {
         let name = root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         format!("local/{name}")
     });
     let owner = repository.split('/').next().unwrap_or("").to_owned();
-    let actor = actor
-        .map(str::to_owned)
-        .or_else(|| git(root, &["config", "user.name"]))
-        .unwrap_or_else(|| "kiln".into());
+    let actor = actor.map(str::to_owned).or(user).unwrap_or_else(|| "kiln".into());
     let run_id = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -220,6 +220,19 @@ impl EventSink for ConsolePrinter {
         let Ok(mut st) = self.state.lock() else { return };
         let st = &mut *st;
         let is_line = matches!(event, Event::Line { .. });
+        // The hot path (a step's output line) is written in pieces, with no allocation.
+        if let Event::Line { job, text, kind: LineKind::Output, .. } = &event {
+            let out = &mut st.out;
+            let _ = out.write_all(b"[");
+            let _ = out.write_all(job.as_bytes());
+            let _ = out.write_all(b"] ");
+            for _ in 0..=st.group_depth {
+                let _ = out.write_all(b"  ");
+            }
+            let _ = out.write_all(text.as_bytes());
+            let _ = out.write_all(b"\n");
+            return;
+        }
         let line = match event {
             Event::JobStarted { job, runs_on } => {
                 format!(

@@ -173,7 +173,7 @@ async fn run_step_inner(
     let workspace_local = cx.hash_root.as_deref();
     let host = StepHost { status, workspace: workspace_local };
 
-    contexts.insert("steps".into(), Value::Object(state.steps.clone()));
+    sync_steps(contexts, &state.steps);
     contexts.insert(
         "job".into(),
         json!({
@@ -359,6 +359,33 @@ async fn run_step_inner(
     );
 }
 
+/// Makes the `steps` context equal to `steps` without cloning the entries it already holds:
+/// a job of n steps would otherwise copy n² entries.
+fn sync_steps(contexts: &mut Map<String, Value>, steps: &Map<String, Value>) {
+    if let Some(Value::Object(ctx)) = contexts.get_mut("steps")
+        && ctx.len() <= steps.len()
+    {
+        let held = ctx.len();
+        let mut prefix = true;
+        for ((ck, cv), (k, v)) in ctx.iter_mut().zip(steps) {
+            if ck != k {
+                prefix = false;
+                break;
+            }
+            if cv != v {
+                *cv = v.clone();
+            }
+        }
+        if prefix {
+            for (k, v) in steps.iter().skip(held) {
+                ctx.insert(k.clone(), v.clone());
+            }
+            return;
+        }
+    }
+    contexts.insert("steps".into(), Value::Object(steps.clone()));
+}
+
 /// One process of a step: the command, its script (staged with it) and environment.
 pub(crate) struct ExecPlan {
     /// The command; `{0}` (the shell template's placeholder) becomes the script's path.
@@ -388,7 +415,10 @@ pub(crate) async fn exec_command(
     cancelled: bool,
 ) -> (Outcome, Map<String, Value>, IndexMap<String, String>, Option<String>) {
     let exec_id = exec_id();
-    let dir = format!("{}/steps/{exec_id}", cx.env.paths.runner_files.trim_end_matches('/'));
+    // The same files for every step of the job (steps run one at a time): staging truncates
+    // them instead of creating new ones, and a new inode per file and step was most of a
+    // step's cost on the host backend (ext4 allocating inodes after many deletions).
+    let dir = format!("{}/step", cx.env.paths.runner_files.trim_end_matches('/'));
     let files = ["env", "output", "path", "state", "summary"].map(|f| format!("{dir}/{f}"));
     let mut staged: Vec<StagedFile> = Vec::with_capacity(6);
     let mut argv = plan.argv;
