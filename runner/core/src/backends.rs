@@ -392,11 +392,14 @@ async fn wait_connect(
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut delay = Duration::from_millis(2);
     loop {
+        let mut pause = delay;
         if let Endpoint::Unix(path) = endpoint
             && !path.exists()
             && child.is_some()
         {
-            // Not bound yet.
+            // Not bound yet: a stat is cheap, and the plugin binds within milliseconds, so look
+            // again soon (a start-up is on every `kiln exec`'s critical path).
+            pause = Duration::from_millis(1);
         } else {
             match client::connect(endpoint, name, Duration::from_secs(5)).await {
                 Ok(b) => return Ok(b),
@@ -414,7 +417,9 @@ async fn wait_connect(
         if Instant::now() > deadline {
             bail!("plugin {name:?} did not create its socket {endpoint} within 15s");
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_millis(100));
+        tokio::time::sleep(pause).await;
+        if pause == delay {
+            delay = (delay * 2).min(Duration::from_millis(100));
+        }
     }
 }

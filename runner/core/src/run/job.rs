@@ -1175,8 +1175,8 @@ async fn run_in_env(
     ComboResult { result, outputs }
 }
 
-/// Copies the workspace in and runs one probe exec that also writes the event file. Returns
-/// whether `bash` is on the environment's PATH.
+/// Copies the workspace in and, at the same time, runs one probe exec that also writes the
+/// event file. Returns whether `bash` is on the environment's PATH.
 async fn setup_environment(
     shared: &Arc<Shared>,
     backend: &Arc<dyn Backend>,
@@ -1185,19 +1185,36 @@ async fn setup_environment(
     path: &str,
     cancel: &CancellationToken,
 ) -> Result<bool, String> {
-    if let Some(dir) = &shared.opts.workspace {
+    let copy = async {
+        let Some(workspace) = &shared.workspace else { return Ok(()) };
         let target = kiln_plugin_sdk::CopyInTarget {
             environment_id: env.id.clone(),
             container_id: container.to_owned(),
             dest_path: env.paths.workspace.clone(),
             local_path: None,
         };
-        let data = crate::workspace::tar_stream(dir.clone());
-        tokio::select! {
-            r = backend.copy_in(target, data) => { r.map_err(|e| format!("copying the workspace in: {e}"))?; }
-            _ = cancel.cancelled() => return Err("cancelled".into()),
+        backend
+            .copy_in(target, workspace.tar_stream())
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("copying the workspace in: {e}"))
+    };
+    tokio::select! {
+        r = async { tokio::try_join!(copy, probe_shell(shared, backend, env, container, path)) } => {
+            r.map(|((), bash)| bash)
         }
+        _ = cancel.cancelled() => Err("cancelled".into()),
     }
+}
+
+/// One exec that writes the event file and tells whether `bash` is on the PATH.
+async fn probe_shell(
+    shared: &Arc<Shared>,
+    backend: &Arc<dyn Backend>,
+    env: &Environment,
+    container: &str,
+    path: &str,
+) -> Result<bool, String> {
     let event = shared.opts.github.get("event").cloned().unwrap_or_else(|| json!({}));
     let event_json = serde_json::to_vec_pretty(&event).unwrap_or_default();
     let request = ExecRequest {
@@ -1228,18 +1245,13 @@ async fn setup_environment(
     let mut stream = backend.exec(request).await.map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     use futures::StreamExt;
-    loop {
-        let event = tokio::select! {
-            e = stream.next() => e,
-            _ = cancel.cancelled() => return Err("cancelled".into()),
-        };
+    while let Some(event) = stream.next().await {
         match event {
-            Some(Ok(ExecEvent::Output { data, .. })) => out.extend_from_slice(&data),
-            Some(Ok(ExecEvent::Exited(_))) => break,
-            Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(e.to_string()),
-            None => return Err("the setup exec ended without an exit status".into()),
+            Ok(ExecEvent::Output { data, .. }) => out.extend_from_slice(&data),
+            Ok(ExecEvent::Exited(_)) => return Ok(String::from_utf8_lossy(&out).trim() == "bash"),
+            Ok(_) => {}
+            Err(e) => return Err(e.to_string()),
         }
     }
-    Ok(String::from_utf8_lossy(&out).trim() == "bash")
+    Err("the setup exec ended without an exit status".into())
 }

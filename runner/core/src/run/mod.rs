@@ -86,6 +86,8 @@ pub(crate) struct Shared {
     pub(crate) force: CancellationToken,
     /// How many reusable-workflow calls enclose this run (0 at the top).
     pub(crate) depth: usize,
+    /// The workspace copied into each job (its file list taken once).
+    pub(crate) workspace: Option<Arc<crate::workspace::Workspace>>,
 }
 
 /// What a finished job (one combination) reports to the scheduler.
@@ -134,7 +136,8 @@ async fn run_nested(
 ) -> RunResult {
     let wf = opts.workflow.clone();
     let selected = select_jobs(&wf, opts.only_jobs.as_deref());
-    let shared = Arc::new(Shared { opts, backends, sink, force, depth });
+    let workspace = opts.workspace.clone().map(crate::workspace::Workspace::new);
+    let shared = Arc::new(Shared { opts, backends, sink, force, depth, workspace });
     let mut states: IndexMap<String, JobState> =
         selected.iter().map(|id| (id.clone(), JobState::Pending)).collect();
     let mut tasks: JoinSet<(String, ComboResult)> = JoinSet::new();
