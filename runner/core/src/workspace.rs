@@ -67,14 +67,14 @@ fn write_tar(dir: &Path, out: ChunkWriter, files: Option<&[PathBuf]>) -> std::io
                 builder.append_dir_all(".git", &git)?;
             }
             for f in files {
-                let full = dir.join(&f);
+                let full = dir.join(f);
                 // Deleted but still in the index: skip.
                 let Ok(meta) = std::fs::symlink_metadata(&full) else { continue };
                 if meta.is_dir() {
                     // A submodule or nested repository: copy it whole.
-                    builder.append_dir_all(&f, &full)?;
+                    builder.append_dir_all(f, &full)?;
                 } else {
-                    builder.append_path_with_name(&full, &f)?;
+                    builder.append_path_with_name(&full, f)?;
                 }
             }
         }
