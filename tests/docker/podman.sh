@@ -31,14 +31,19 @@ default_ulimits = ["nofile=${nofile}:${nofile}", "nproc=20000:20000"]
 EOF
     log "wrote /etc/containers/containers.conf (ulimits this machine allows)"
 fi
-if ! DOCKER_HOST="unix://$sock" docker version >/dev/null 2>&1; then
-    log "starting podman system service on $sock"
-    nohup podman system service --time=0 "unix://$sock" >/tmp/kiln-podman.log 2>&1 &
-    for _ in $(seq 1 30); do
-        DOCKER_HOST="unix://$sock" docker version >/dev/null 2>&1 && break
-        sleep 1
-    done
+# Always a fresh service, started from `/`: one left by an earlier run may have a working
+# directory that is gone, and then every container it starts fails ("write child: broken pipe").
+if pkill -f "podman system service --time=0 unix://$sock" 2>/dev/null; then
+    log "stopped the service of an earlier run"
+    sleep 1
 fi
+log "starting podman system service on $sock"
+cd /
+nohup podman system service --time=0 "unix://$sock" </dev/null >/tmp/kiln-podman.log 2>&1 &
+for _ in $(seq 1 30); do
+    DOCKER_HOST="unix://$sock" docker version >/dev/null 2>&1 && break
+    sleep 1
+done
 for image in kiln-test/busybox:1 kiln-test/httpd:1; do
     if ! podman image exists "$image" && docker image inspect "$image" >/dev/null 2>&1; then
         log "copying $image from dockerd"
