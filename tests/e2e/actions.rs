@@ -143,6 +143,14 @@ const POST_JS: &str = r#"
 console.log(`post: state ${process.env.STATE_phase}/${process.env.STATE_main}`);
 "#;
 
+/// The files of the node action `acme/greet`.
+const GREET: &[(&str, &str)] = &[
+    ("action.yml", NODE_ACTION_YML),
+    ("pre.js", PRE_JS),
+    ("main.js", MAIN_JS),
+    ("post.js", POST_JS),
+];
+
 const USES_GREET: &str = r#"
 name: remote
 on: push
@@ -161,16 +169,7 @@ jobs:
 #[test]
 fn remote_node_action_with_pre_and_post_then_offline_from_the_cache() {
     let mut server = GitServer::start();
-    server.publish(
-        "acme/greet",
-        &[
-            ("action.yml", NODE_ACTION_YML),
-            ("pre.js", PRE_JS),
-            ("main.js", MAIN_JS),
-            ("post.js", POST_JS),
-        ],
-        "v1",
-    );
+    server.publish("acme/greet", GREET, "v1");
     let repo = Repo::with_workflow("remote.yml", USES_GREET);
     let url = server.url();
     let run = repo.exec(&["--actions-url", &url]);
@@ -247,12 +246,7 @@ jobs:
 fn local_repository_overrides_replace_a_remote_action() {
     let repo = Repo::with_workflow("remote.yml", USES_GREET);
     let dir = tempfile::tempdir().unwrap();
-    for (name, text) in [
-        ("action.yml", NODE_ACTION_YML),
-        ("pre.js", PRE_JS),
-        ("main.js", MAIN_JS),
-        ("post.js", POST_JS),
-    ] {
+    for (name, text) in GREET {
         std::fs::write(dir.path().join(name), text).unwrap();
     }
     let over = format!("acme/greet@v1={}", dir.path().display());
@@ -517,16 +511,7 @@ jobs:
 #[test]
 fn pre_and_post_of_a_node_action_inside_a_remote_composite_action() {
     let server = GitServer::start();
-    server.publish(
-        "acme/greet",
-        &[
-            ("action.yml", NODE_ACTION_YML),
-            ("pre.js", PRE_JS),
-            ("main.js", MAIN_JS),
-            ("post.js", POST_JS),
-        ],
-        "v1",
-    );
+    server.publish("acme/greet", GREET, "v1");
     server.publish(
         "acme/wrap",
         &[(

@@ -393,13 +393,11 @@ jobs:
         "the killed run's containers should still be there"
     );
     // The next run of the same runner (same state directory) removes what the dead one left.
-    let repo2 = Repo { dir: tempfile::tempdir().unwrap(), state: repo.state };
-    std::fs::create_dir_all(repo2.path().join(".github/workflows")).unwrap();
-    std::fs::write(
-        repo2.path().join(".github/workflows/ok.yml"),
+    let repo2 = Repo::next_run(
+        repo,
+        "ok.yml",
         "on: push\njobs:\n  ok:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo fine\n",
-    )
-    .unwrap();
+    );
     repo2.exec(&["-P", &label, "--plugin", &plugin]).assert_code(0).assert_stdout(&["fine"]);
     assert_nothing_left(&id);
 }

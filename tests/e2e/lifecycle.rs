@@ -305,13 +305,11 @@ jobs:
     let envs = || entries(root.path());
     assert!(!envs().is_empty(), "the killed run's environment should still be there");
     // The next run of the same runner removes what the dead one left.
-    let repo2 = Repo { dir: tempfile::tempdir().unwrap(), state: repo.state };
-    std::fs::create_dir_all(repo2.path().join(".github/workflows")).unwrap();
-    std::fs::write(
-        repo2.path().join(".github/workflows/ok.yml"),
+    let repo2 = Repo::next_run(
+        repo,
+        "ok.yml",
         "on: push\njobs:\n  ok:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo fine\n",
-    )
-    .unwrap();
+    );
     repo2.exec(&["--plugin", &plugin, "-P", "ubuntu-latest=test"]).assert_code(0);
     assert!(envs().is_empty(), "left behind: {:?}", envs());
     assert!(

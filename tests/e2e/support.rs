@@ -50,6 +50,16 @@ impl Repo {
         Repo { dir, state: tempfile::tempdir().expect("state dir") }
     }
 
+    /// A new repository with one workflow that shares `previous`'s state directory: the next
+    /// run of the same runner (same runner id).
+    pub(crate) fn next_run(previous: Repo, name: &str, yaml: &str) -> Repo {
+        let repo = Repo { dir: tempfile::tempdir().expect("temp dir"), state: previous.state };
+        let wf = repo.path().join(".github/workflows");
+        std::fs::create_dir_all(&wf).expect("mkdir");
+        std::fs::write(wf.join(name), yaml).expect("write workflow");
+        repo
+    }
+
     pub(crate) fn path(&self) -> &Path {
         self.dir.path()
     }
