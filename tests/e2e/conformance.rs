@@ -52,24 +52,33 @@ fn test_plugin_passes_conformance() {
     run_suite("test");
 }
 
-#[test]
-fn docker_plugin_passes_conformance() {
+/// Runs the suite against `kiln plugin docker PLUGIN_ARGS`, every environment with the
+/// options `image=IMAGE` and `options`; checks that the container layers passed and that
+/// nothing is left.
+fn docker_suite(test: &str, plugin_args: &str, options: &[String]) {
     use crate::docker::{IMAGE, assert_nothing_left, docker_ready};
-    if !docker_ready("docker_plugin_passes_conformance") {
+    if !docker_ready(test) {
         return;
     }
     let root = tempfile::tempdir().unwrap();
     let junit = root.path().join("junit.xml");
     let namespace = format!("conformance-e2e-{}", std::process::id());
-    let command =
-        format!("{} plugin docker --state-dir {}/state", kiln_bin(), root.path().display());
-    let out = std::process::Command::new(conformance_bin())
-        .args(["--command", &command, "--namespace", &namespace])
-        .args(["--option", &format!("image={IMAGE}"), "--container-image", IMAGE, "--junit"])
-        .arg(&junit)
-        .env("KILN_LOG", "warn")
-        .output()
-        .unwrap();
+    let command = format!(
+        "{} plugin docker --state-dir {}/state {plugin_args}",
+        kiln_bin(),
+        root.path().display()
+    );
+    let mut cmd = std::process::Command::new(conformance_bin());
+    cmd.args(["--command", &command, "--namespace", &namespace]).args([
+        "--option",
+        &format!("image={IMAGE}"),
+        "--container-image",
+        IMAGE,
+    ]);
+    for o in options {
+        cmd.args(["--option", o]);
+    }
+    let out = cmd.arg("--junit").arg(&junit).env("KILN_LOG", "warn").output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     println!("{stdout}");
     assert!(
@@ -88,4 +97,23 @@ fn docker_plugin_passes_conformance() {
         );
     }
     assert_nothing_left(&namespace);
+}
+
+#[test]
+fn docker_plugin_passes_conformance() {
+    docker_suite("docker_plugin_passes_conformance", "", &[]);
+}
+
+#[test]
+fn docker_plugin_passes_conformance_on_a_remote_daemon() {
+    // The plugin's own daemon, over TCP and declared remote: /__kiln is a volume and every
+    // file goes through the engine's API. (Environments naming their own daemon with the
+    // option docker_host take the same path: see docker.rs.)
+    let engine = crate::docker::tcp_engine();
+    docker_suite(
+        "docker_plugin_passes_conformance_on_a_remote_daemon",
+        &format!("--docker-host {} --remote-daemon", engine.url),
+        &[],
+    );
+    assert!(engine.connections.load(std::sync::atomic::Ordering::SeqCst) > 0);
 }

@@ -508,3 +508,332 @@ fn a_docker_action_unknown_before_a_host_job_starts_gets_its_delegate_on_first_u
         .assert_stdout(&["late action says hello", "Workflow success"]);
     assert_nothing_left(&runner_id(&repo));
 }
+
+/// A docker daemon the plugin reaches over TCP: a listener on 127.0.0.1 forwarding every
+/// connection to the local engine's unix socket. For the plugin it is a remote engine (a
+/// `tcp://` endpoint shares no files with it), so `/__kiln` is a volume there and staged and
+/// collected files, pid files and build contexts all go through the engine's API.
+pub(crate) struct TcpEngine {
+    pub(crate) url: String,
+    pub(crate) connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// The local engine's socket: `DOCKER_HOST` when it is a unix socket (Podman), else Docker's.
+fn engine_socket() -> std::path::PathBuf {
+    match std::env::var("DOCKER_HOST") {
+        Ok(h) if h.starts_with("unix://") => h.trim_start_matches("unix://").into(),
+        _ => "/var/run/docker.sock".into(),
+    }
+}
+
+/// Starts a [`TcpEngine`]; it forwards until the test process exits.
+pub(crate) fn tcp_engine() -> TcpEngine {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::os::unix::net::UnixStream;
+    let listener = TcpListener::bind("127.0.0.1:0").expect("binding a TCP port");
+    let url = format!("tcp://{}", listener.local_addr().expect("local address"));
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = std::sync::Arc::clone(&connections);
+    let socket = engine_socket();
+    // One direction of a connection; the end of one side half-closes the other.
+    fn pump(mut from: impl Read, mut to: impl Write, done: impl FnOnce()) {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        done();
+    }
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(tcp) = conn else { continue };
+            let Ok(unix) = UnixStream::connect(&socket) else { continue };
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let (tcp2, unix2) = (tcp.try_clone().expect("clone"), unix.try_clone().expect("clone"));
+            let (tcp3, unix3) = (tcp.try_clone().expect("clone"), unix.try_clone().expect("clone"));
+            std::thread::spawn(move || {
+                pump(&tcp, &unix, move || {
+                    let _ = unix3.shutdown(Shutdown::Write);
+                })
+            });
+            std::thread::spawn(move || {
+                pump(&unix2, &tcp2, move || {
+                    let _ = TcpStream::shutdown(&tcp3, Shutdown::Write);
+                })
+            });
+        }
+    });
+    TcpEngine { url, connections }
+}
+
+/// A docker daemon the plugin reaches over TCP with mutual TLS: like [`tcp_engine`], with a
+/// TLS server in front (its certificate for 127.0.0.1, client certificates required from
+/// the test CA). The directory holds what the plugin needs: `ca.pem`, `cert.pem`, `key.pem`.
+pub(crate) fn tls_engine() -> (TcpEngine, tempfile::TempDir) {
+    use rcgen::ExtendedKeyUsagePurpose as Usage;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (ca, issuer) = crate::tls::new_ca("docker e2e ca");
+    let (server_cert, server_key) =
+        crate::tls::issue(&issuer, "dockerd", &["localhost", "127.0.0.1"], Usage::ServerAuth);
+    let (client_cert, client_key) =
+        crate::tls::issue(&issuer, "kiln docker plugin", &[], Usage::ClientAuth);
+    for (name, pem) in [("ca.pem", &ca), ("cert.pem", &client_cert), ("key.pem", &client_key)] {
+        std::fs::write(dir.path().join(name), pem).expect("write pem");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+        roots.add(c.expect("ca pem")).expect("ca cert");
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::clone(&provider),
+    )
+    .build()
+    .expect("client verifier");
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(server_cert.as_bytes())
+        .map(|c| c.expect("server pem"))
+        .collect();
+    let key = PrivateKeyDer::from_pem_slice(server_key.as_bytes()).expect("server key");
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a TCP port");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let url = format!("tcp://{}", listener.local_addr().expect("local address"));
+    let connections = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&connections);
+    let socket = engine_socket();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, socket, count) =
+                    (acceptor.clone(), socket.clone(), Arc::clone(&count));
+                tokio::spawn(async move {
+                    // A client the TLS server refuses reaches nothing.
+                    let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                    let Ok(mut unix) = tokio::net::UnixStream::connect(&socket).await else {
+                        return;
+                    };
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut unix).await;
+                });
+            }
+        });
+    });
+    (TcpEngine { url, connections }, dir)
+}
+
+/// `--plugin` values for a host plugin delegating to a docker plugin that reaches the engine
+/// at `engine` (its `docker_host` option) and may mount the host plugin's directories.
+fn over_tcp(repo: &Repo, engine: &TcpEngine) -> [String; 2] {
+    let state = std::fs::canonicalize(repo.state.path()).expect("state dir");
+    [
+        format!(
+            "host={} plugin host --delegate docker --delegate-option docker_host={}",
+            kiln_bin(),
+            engine.url
+        ),
+        format!(
+            "docker={} plugin docker --allow-docker-host tcp://127.0.0.1:* --valid-volume {}/kiln/host/*",
+            kiln_bin(),
+            state.display()
+        ),
+    ]
+}
+
+/// The endpoints the docker plugin of `repo`'s state directory remembers.
+fn remembered_endpoints(repo: &Repo) -> String {
+    std::fs::read_to_string(repo.state.path().join("kiln/docker/endpoints.json"))
+        .unwrap_or_default()
+}
+
+const OVER_TCP: &str = r#"
+on: push
+jobs:
+  j:
+    runs-on: ubuntu-latest
+    container:
+      image: kiln-test/busybox:1
+    services:
+      web:
+        image: kiln-test/httpd:1
+    steps:
+      - id: one
+        run: |
+          echo "in the job container, ws=$PWD"
+          echo made > made-in-container.txt
+          echo "service says $(wget -q -O- http://web:8080/)"
+          echo "v=42" >> "$GITHUB_OUTPUT"
+          echo "FOO=bar" >> "$GITHUB_ENV"
+      - run: echo "got ${{ steps.one.outputs.v }} FOO=$FOO"
+      - id: d
+        uses: docker://kiln-test/busybox:1
+        with:
+          entrypoint: /bin/sh
+          args: -c "echo docker step sees $(cat made-in-container.txt); echo out=ok >> $GITHUB_OUTPUT"
+      - run: echo "docker step output ${{ steps.d.outputs.out }}"
+      - name: a step past its timeout is stopped with its background children
+        run: |
+          sleep 300 &
+          echo $! > bg.pid
+          sleep 300
+        timeout-minutes: 0.05
+        continue-on-error: true
+      - run: |
+          pid=$(cat bg.pid)
+          if kill -0 "$pid" 2>/dev/null; then echo "still-alive $pid"; exit 1; fi
+          echo "tree-gone"
+"#;
+
+#[test]
+fn a_host_job_delegates_to_a_docker_daemon_reached_over_tcp() {
+    if !docker_ready("a_host_job_delegates_to_a_docker_daemon_reached_over_tcp") {
+        return;
+    }
+    let engine = tcp_engine();
+    let repo = Repo::with_workflow("tcp.yml", OVER_TCP);
+    let [host, docker] = over_tcp(&repo, &engine);
+    let run = repo.exec(&["--plugin", &host, "--plugin", &docker]);
+    run.assert_code(0).assert_stdout(&[
+        "in the job container, ws=",
+        "service says service-ok",
+        "got 42 FOO=bar",
+        "docker step sees made",
+        "docker step output ok",
+        "tree-gone",
+        "Workflow success",
+    ]);
+    assert!(
+        engine.connections.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "the docker plugin never used the TCP endpoint\n{}",
+        run.show()
+    );
+    assert_nothing_left(&runner_id(&repo));
+    assert_eq!(remembered_endpoints(&repo).trim(), "", "the endpoint is not forgotten");
+}
+
+#[test]
+fn a_killed_kiln_leaves_nothing_on_a_docker_daemon_reached_over_tcp_after_the_next_run() {
+    if !docker_ready(
+        "a_killed_kiln_leaves_nothing_on_a_docker_daemon_reached_over_tcp_after_the_next_run",
+    ) {
+        return;
+    }
+    let engine = tcp_engine();
+    let repo = Repo::with_workflow(
+        "kill.yml",
+        "on: push\njobs:\n  j:\n    runs-on: ubuntu-latest\n    container: kiln-test/busybox:1\n    steps:\n      - run: echo step-started; exec sleep 300\n",
+    );
+    let [host, docker] = over_tcp(&repo, &engine);
+    let mut child = repo
+        .kiln()
+        .args(["exec", "--plugin", &host, "--plugin", &docker])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let started = std::io::BufRead::lines(std::io::BufReader::new(stdout))
+        .map_while(Result::ok)
+        .any(|l| l.contains("step-started"));
+    assert!(started, "the step never started");
+    child.kill().unwrap();
+    let _ = child.wait();
+    let id = runner_id(&repo);
+    let filter = format!("label=dev.kiln.runner-id={id}");
+    let left = Command::new("docker").args(["ps", "-aq", "--filter", &filter]).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&left.stdout).trim().is_empty(),
+        "the killed run's job container should still be there"
+    );
+    assert!(remembered_endpoints(&repo).contains(&engine.url), "the endpoint is not remembered");
+    // The next run's docker plugin finds the endpoint in its state directory and removes
+    // what the killed run left there.
+    let repo2 = Repo::next_run(
+        repo,
+        "ok.yml",
+        "on: push\njobs:\n  ok:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo fine\n",
+    );
+    let run = repo2.exec(&["--plugin", &host, "--plugin", &docker]);
+    run.assert_code(0).assert_stdout(&["fine"]);
+    assert_nothing_left(&id);
+    assert_eq!(
+        remembered_endpoints(&repo2).trim(),
+        "",
+        "the endpoint is not forgotten\n{}",
+        run.show()
+    );
+}
+
+#[test]
+fn a_host_job_delegates_to_a_docker_daemon_over_tcp_with_mutual_tls() {
+    if !docker_ready("a_host_job_delegates_to_a_docker_daemon_over_tcp_with_mutual_tls") {
+        return;
+    }
+    let (engine, tls) = tls_engine();
+    let repo = Repo::with_workflow(
+        "tls.yml",
+        r#"
+on: push
+jobs:
+  j:
+    runs-on: ubuntu-latest
+    container: kiln-test/busybox:1
+    steps:
+      - run: echo "in the job container" && echo made > made.txt
+      - id: d
+        uses: docker://kiln-test/busybox:1
+        with:
+          entrypoint: /bin/sh
+          args: -c "echo docker step sees $(cat made.txt); echo out=ok >> $GITHUB_OUTPUT"
+      - run: echo "docker step output ${{ steps.d.outputs.out }}"
+"#,
+    );
+    let [host, docker] = over_tcp(&repo, &engine);
+    let host = format!("{host} --delegate-option docker_tls_dir={}", tls.path().display());
+    let run = repo.exec(&["--plugin", &host, "--plugin", &docker]);
+    run.assert_code(0).assert_stdout(&[
+        "in the job container",
+        "docker step sees made",
+        "docker step output ok",
+        "Workflow success",
+    ]);
+    assert!(
+        engine.connections.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "the docker plugin never used the TLS endpoint\n{}",
+        run.show()
+    );
+    assert_nothing_left(&runner_id(&repo));
+
+    // A certificate of another CA is refused by the daemon: a clear error naming the
+    // endpoint, and nothing created.
+    let (_other, other_tls) = tls_engine();
+    let host = format!(
+        "{} --delegate-option docker_tls_dir={}",
+        over_tcp(&repo, &engine)[0],
+        other_tls.path().display()
+    );
+    let repo2 = Repo::next_run(
+        repo,
+        "tls.yml",
+        "on: push\njobs:\n  j:\n    runs-on: ubuntu-latest\n    container: kiln-test/busybox:1\n    steps:\n      - run: echo never-ran\n",
+    );
+    let run = repo2.exec(&["--plugin", &host, "--plugin", &docker]);
+    assert_ne!(run.code, Some(0), "{}", run.show());
+    run.assert_no_stdout(&["never-ran"]);
+    let all = format!("{}{}", run.stdout, run.stderr);
+    assert!(all.contains(&engine.url), "the error does not name the endpoint\n{}", run.show());
+    assert_nothing_left(&runner_id(&repo2));
+}

@@ -26,7 +26,7 @@ use crate::python_plugin::python_missing;
 use crate::support::{conformance_bin, kiln_bin, repo_root};
 
 /// A self-signed CA: its certificate (PEM) and the issuer that signs with its key.
-fn new_ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
+pub(crate) fn new_ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
     params.distinguished_name.push(DnType::CommonName, name);
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -41,7 +41,7 @@ fn new_ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
 }
 
 /// A leaf certificate for `names` signed by `issuer`: (certificate PEM, key PEM).
-fn issue(
+pub(crate) fn issue(
     issuer: &Issuer<'_, KeyPair>,
     name: &str,
     names: &[&str],

@@ -26,6 +26,7 @@ use kiln_plugin_sdk::{
     RemoveRequest, Result, Selector, SignalRequest,
 };
 
+use crate::engines::{Engine, Engines};
 use crate::exec::ExecHandle;
 use crate::labels::{self, PRIMARY};
 use crate::{DockerConfig, lock, spec};
@@ -42,8 +43,6 @@ const TOOL_CACHE: &str = "/__kiln/tool-cache";
 const HOST_DIRS: &[&str] = &["runner", "temp", "tool-cache", "execs"];
 /// The keep-alive main process of primary containers: needs only `sh` and `sleep`.
 const KEEPALIVE: &str = "trap 'exit 0' TERM; while :; do sleep 86400 & wait $!; done";
-/// Engine request timeout (long pulls included).
-const DOCKER_TIMEOUT_SECS: u64 = 900;
 
 /// The Docker backend.
 #[derive(Clone)]
@@ -52,13 +51,15 @@ pub struct DockerBackend {
 }
 
 pub(crate) struct Inner {
-    pub(crate) docker: Docker,
+    /// The plugin's own engine and those environments name (option `docker_host`).
+    pub(crate) engines: Engines,
     pub(crate) state_dir: PathBuf,
     config: DockerConfig,
     /// The plugin runs as root: it can delete whatever containers write into `/__kiln`.
     is_root: bool,
-    os: String,
-    arch: String,
+    /// Environments being created on each endpoint other than the plugin's own (an endpoint
+    /// is not forgotten while one is).
+    creating: Mutex<HashMap<String, usize>>,
     envs: Mutex<HashMap<String, Arc<EnvInfo>>>,
     /// Environments being removed: new execs there are NOT_FOUND.
     removing: Mutex<HashSet<String>>,
@@ -78,10 +79,22 @@ pub(crate) struct EnvInfo {
     pub(crate) owner: Owner,
     pub(crate) spec_hash: String,
     pub(crate) has_primary: bool,
-    /// The host directory bind-mounted at [`KILN_MOUNT`].
+    /// The engine the environment lives on.
+    pub(crate) engine: Arc<Engine>,
+    /// The host directory bind-mounted at [`KILN_MOUNT`] (when the engine shares the
+    /// plugin's filesystem; else `/__kiln` is the volume [`labels::kiln_volume`]).
     pub(crate) dir: PathBuf,
     /// Option `host_dir` (a delegate environment): a host directory mounted at the same path.
     pub(crate) host_dir: Option<PathBuf>,
+}
+
+/// The options of an environment request.
+#[derive(Debug, Default)]
+struct EnvOptions {
+    image: Option<String>,
+    host_dir: Option<String>,
+    docker_host: Option<String>,
+    docker_tls_dir: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for DockerBackend {
@@ -122,24 +135,15 @@ fn is_conflict(e: &bollard::errors::Error) -> bool {
     matches!(e, bollard::errors::Error::DockerResponseServerError { status_code: 409, .. })
 }
 
-/// GOARCH of an engine's architecture.
-fn go_arch(arch: &str) -> String {
-    match arch {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    }
-    .to_owned()
-}
-
 impl DockerBackend {
     /// Connects to the daemon (negotiating the API version) and prepares the state directory.
     pub async fn connect(config: DockerConfig) -> anyhow::Result<DockerBackend> {
-        let docker = connect_docker(&config)?
-            .negotiate_version()
-            .await
-            .context("negotiating the API version with the docker daemon (is dockerd running?)")?;
-        let info = docker.info().await.context("asking the docker daemon for its info")?;
+        let engine = Engine::connect(
+            config.docker_host.as_deref(),
+            config.tls_dir.as_deref(),
+            !config.remote_daemon,
+        )
+        .await?;
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -150,12 +154,11 @@ impl DockerBackend {
             .with_context(|| format!("resolving {}", config.state_dir.display()))?;
         Ok(DockerBackend {
             inner: Arc::new(Inner {
-                docker,
+                engines: Engines::new(engine, &state_dir, config.tls_dir.clone()),
                 state_dir,
                 config,
                 is_root: nix::unistd::geteuid().is_root(),
-                os: info.os_type.unwrap_or_else(|| "linux".to_owned()),
-                arch: go_arch(info.architecture.as_deref().unwrap_or("x86_64")),
+                creating: Mutex::new(HashMap::new()),
                 envs: Mutex::new(HashMap::new()),
                 removing: Mutex::new(HashSet::new()),
                 exec_ids: Mutex::new(HashSet::new()),
@@ -171,9 +174,9 @@ impl DockerBackend {
         &self.inner.state_dir
     }
 
-    /// The engine client.
+    /// The client of the plugin's own engine.
     pub fn docker(&self) -> &Docker {
-        &self.inner.docker
+        &self.inner.engines.default.docker
     }
 
     fn caps(&self) -> Capabilities {
@@ -195,8 +198,8 @@ impl DockerBackend {
                 exec_timeout: true,
                 health: true,
             },
-            os: self.inner.os.clone(),
-            arch: self.inner.arch.clone(),
+            os: self.inner.engines.default.os.clone(),
+            arch: self.inner.engines.default.arch.clone(),
             max_message_bytes: 0,
         }
     }
@@ -205,8 +208,8 @@ impl DockerBackend {
         Environment {
             id: info.id.clone(),
             primary_container_id: if info.has_primary { PRIMARY.to_owned() } else { String::new() },
-            os: self.inner.os.clone(),
-            arch: self.inner.arch.clone(),
+            os: info.engine.os.clone(),
+            arch: info.engine.arch.clone(),
             paths: Paths {
                 workspace: WORKSPACE.to_owned(),
                 temp: TEMP.to_owned(),
@@ -221,12 +224,30 @@ impl DockerBackend {
         }
     }
 
-    /// The environment `id` from memory or the engine (its workspace volume's labels).
+    /// The environment `id` from memory or the engines (its workspace volume's labels): the
+    /// plugin's own engine first, then every reachable endpoint of the endpoints file.
     pub(crate) async fn find_env(&self, id: &str) -> Result<Option<Arc<EnvInfo>>> {
         if let Some(e) = lock(&self.inner.envs).get(id) {
             return Ok(Some(Arc::clone(e)));
         }
-        let record = match self.inner.docker.inspect_volume(&labels::workspace_volume(id)).await {
+        let engines = &self.inner.engines;
+        if let Some(info) = self.find_env_on(&engines.default, id).await? {
+            return Ok(Some(info));
+        }
+        if engines.endpoints().is_empty() {
+            return Ok(None);
+        }
+        for engine in engines.reachable().await.into_iter().skip(1) {
+            if let Some(info) = self.find_env_on(&engine, id).await? {
+                return Ok(Some(info));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The environment `id` on one engine.
+    async fn find_env_on(&self, engine: &Arc<Engine>, id: &str) -> Result<Option<Arc<EnvInfo>>> {
+        let record = match engine.docker.inspect_volume(&labels::workspace_volume(id)).await {
             Ok(v) => v,
             Err(e) if is_not_found(&e) => return Ok(None),
             Err(e) => return Err(docker_err(format!("inspecting environment {id:?}"), e)),
@@ -237,11 +258,25 @@ impl DockerBackend {
         {
             return Ok(None);
         }
+        // The same daemon may be reachable under two names (its socket, and tcp): the
+        // environment belongs to the endpoint it was created through, when that answers.
+        let mut engine = Arc::clone(engine);
+        if let Some(named) = l.get(labels::DOCKER_HOST).filter(|h| **h != engine.endpoint)
+            && self.docker_host_allowed(named)
+            && let Ok(Ok(other)) = tokio::time::timeout(
+                crate::engines::LIST_TIMEOUT,
+                self.inner.engines.get(named, None),
+            )
+            .await
+        {
+            engine = other;
+        }
         let info = Arc::new(EnvInfo {
             id: id.to_owned(),
             owner: labels::owner_from(&l),
             spec_hash: l.get(labels::SPEC_HASH).cloned().unwrap_or_default(),
             has_primary: l.get(labels::KIND).map(String::as_str) == Some("with-primary"),
+            engine,
             dir: self.inner.state_dir.join(id),
             host_dir: l.get(labels::HOST_DIR).filter(|d| !d.is_empty()).map(PathBuf::from),
         });
@@ -269,7 +304,7 @@ impl DockerBackend {
     ) -> Result<(String, bollard::models::ContainerInspectResponse)> {
         validate_id(container_id, "container_id")?;
         let name = labels::container_name(&env.id, container_id);
-        match crate::compat::inspect_container(&self.inner.docker, &name).await {
+        match crate::compat::inspect_container(&env.engine.docker, &name).await {
             Ok(c) => {
                 let owner = c
                     .config
@@ -297,12 +332,13 @@ impl DockerBackend {
     /// Makes sure `image` is present: pulled when missing or when `force`.
     async fn ensure_image(
         &self,
+        engine: &Engine,
         image: &str,
         force: bool,
         credentials: Option<&kiln_plugin_sdk::RegistryCredentials>,
         field: &str,
     ) -> Result<()> {
-        let docker = &self.inner.docker;
+        let docker = &engine.docker;
         let present = match docker.inspect_image(image).await {
             Ok(_) => true,
             Err(e) if is_not_found(&e) => false,
@@ -396,9 +432,14 @@ impl DockerBackend {
 
     /// Mounts every container of the environment gets (`mount_workspace` and the primary).
     fn env_binds(env: &EnvInfo) -> Vec<String> {
+        let kiln = if env.engine.shares_fs {
+            env.dir.display().to_string()
+        } else {
+            labels::kiln_volume(&env.id)
+        };
         let mut binds = vec![
             format!("{}:{WORKSPACE}", labels::workspace_volume(&env.id)),
-            format!("{}:{KILN_MOUNT}", env.dir.display()),
+            format!("{kiln}:{KILN_MOUNT}"),
         ];
         if let Some(d) = &env.host_dir {
             binds.push(format!("{0}:{0}", d.display()));
@@ -406,11 +447,11 @@ impl DockerBackend {
         binds
     }
 
-    async fn network_exists(&self, env: &str) -> Result<bool> {
-        match self
-            .inner
+    async fn network_exists(&self, env: &EnvInfo) -> Result<bool> {
+        match env
+            .engine
             .docker
-            .inspect_network(&labels::network_name(env), None::<InspectNetworkOptions>)
+            .inspect_network(&labels::network_name(&env.id), None::<InspectNetworkOptions>)
             .await
         {
             Ok(_) => Ok(true),
@@ -423,10 +464,10 @@ impl DockerBackend {
     /// it, so inner containers and the primary reach each other by name.
     pub(crate) async fn ensure_network(&self, env: &EnvInfo) -> Result<String> {
         let name = labels::network_name(&env.id);
-        if self.network_exists(&env.id).await? {
+        if self.network_exists(env).await? {
             return Ok(name);
         }
-        let docker = &self.inner.docker;
+        let docker = &env.engine.docker;
         let create = NetworkCreateRequest {
             name: name.clone(),
             driver: Some("bridge".to_owned()),
@@ -463,7 +504,7 @@ impl DockerBackend {
         image: &str,
         base_labels: &HashMap<String, String>,
     ) -> Result<()> {
-        let docker = &self.inner.docker;
+        let docker = &env.engine.docker;
         let name = labels::container_name(&env.id, PRIMARY);
         let exists = match crate::compat::inspect_container(docker, &name).await {
             Ok(c) => Some(c.state.and_then(|s| s.running).unwrap_or(false)),
@@ -477,7 +518,7 @@ impl DockerBackend {
             // On the environment's network when it has one, else on the default bridge (the
             // network is created, and the primary connected to it, with the first inner
             // container).
-            let net = if self.network_exists(&env.id).await? {
+            let net = if self.network_exists(env).await? {
                 Some(labels::network_name(&env.id))
             } else {
                 // The engine's default network ("bridge" on Docker, "podman" on Podman).
@@ -502,6 +543,7 @@ impl DockerBackend {
             };
             let options = CreateContainerOptions { name: Some(name.clone()), ..Default::default() };
             match docker.create_container(Some(options), body).await {
+                Ok(_) if !env.engine.shares_fs => self.init_kiln_volume(env, &name).await?,
                 Ok(_) => {}
                 Err(e) if is_conflict(&e) => {}
                 Err(e) => {
@@ -523,8 +565,8 @@ impl DockerBackend {
     /// Removes every engine object labelled with the environment and the host directory, then
     /// the workspace volume (the environment's record, last so an interrupted removal stays
     /// listed).
-    async fn remove_env(&self, id: &str, grace: Duration) -> Result<bool> {
-        let docker = &self.inner.docker;
+    async fn remove_env(&self, engine: &Engine, id: &str, grace: Duration) -> Result<bool> {
+        let docker = &engine.docker;
         let filter = labels::filter(&[format!("{}={id}", labels::ENVIRONMENT_ID)]);
         let containers = crate::compat::list_containers(
             docker,
@@ -540,8 +582,8 @@ impl DockerBackend {
         let mut existed = !containers.is_empty() || dir.exists();
         // Background processes and in-flight execs die with their containers.
         self.fail_execs(id);
-        if !self.inner.is_root && dir.exists() {
-            self.empty_from_inside(id, grace).await;
+        if !self.inner.is_root && engine.shares_fs && dir.exists() {
+            self.empty_from_inside(engine, id, grace).await;
         }
         let removals = containers.iter().filter_map(|c| c.id.clone()).map(|cid| async move {
             match docker
@@ -616,11 +658,11 @@ impl DockerBackend {
 
     /// As a non-root plugin, empties `/__kiln` from inside the primary container (files
     /// written there by root in a container are not deletable from outside).
-    async fn empty_from_inside(&self, id: &str, grace: Duration) {
+    async fn empty_from_inside(&self, engine: &Engine, id: &str, grace: Duration) {
         let name = labels::container_name(id, PRIMARY);
         let script = format!("rm -rf {KILN_MOUNT}/* {KILN_MOUNT}/.[!.]* 2>/dev/null; true");
         let run = crate::exec::run_simple(
-            &self.inner.docker,
+            &engine.docker,
             &name,
             vec!["/bin/sh".to_owned(), "-c".to_owned(), script],
         );
@@ -642,7 +684,7 @@ impl DockerBackend {
             return Ok(Some(labels::container_name(&env.id, PRIMARY)));
         }
         let jobs = crate::compat::list_containers(
-            &self.inner.docker,
+            &env.engine.docker,
             ListContainersOptions {
                 filters: Some(labels::filter(&[
                     format!("{}={}", labels::ENVIRONMENT_ID, env.id),
@@ -654,6 +696,294 @@ impl DockerBackend {
         .await
         .map_err(|e| docker_err("listing job containers", e))?;
         Ok(jobs.into_iter().find_map(|c| c.id))
+    }
+
+    /// The options of an environment request, checked against the plugin's policy.
+    fn env_options(&self, request: &EnvironmentRequest) -> Result<EnvOptions> {
+        let mut o = EnvOptions::default();
+        let absolute = |s: &str| {
+            Path::new(s).is_absolute()
+                && !Path::new(s).components().any(|c| c == std::path::Component::ParentDir)
+        };
+        for (k, v) in &request.options {
+            match (k.as_str(), v) {
+                ("image", serde_json::Value::String(s)) if !s.is_empty() => {
+                    o.image = Some(s.clone())
+                }
+                ("host_dir", serde_json::Value::String(s)) if absolute(s) => {
+                    o.host_dir = Some(s.clone())
+                }
+                ("docker_host", serde_json::Value::String(s)) => {
+                    crate::engines::check_endpoint(s, "options.docker_host")?;
+                    o.docker_host = Some(s.clone());
+                }
+                ("docker_tls_dir", serde_json::Value::String(s)) if absolute(s) => {
+                    o.docker_tls_dir = Some(PathBuf::from(s))
+                }
+                ("host_dir", _) => {
+                    return Err(Error::invalid_argument(
+                        "options.host_dir must be an absolute path without '..' (the delegating \
+                         environment's directory)",
+                    )
+                    .field("options.host_dir")
+                    .fault(Fault::Config));
+                }
+                ("docker_tls_dir", _) => {
+                    return Err(Error::invalid_argument(
+                        "options.docker_tls_dir must be an absolute path without '..' (a \
+                         directory of the plugin's machine with ca.pem, cert.pem and key.pem)",
+                    )
+                    .field("options.docker_tls_dir")
+                    .fault(Fault::Config));
+                }
+                ("image", _) => {
+                    return Err(Error::invalid_argument(
+                        "options.image must be a non-empty string, e.g. {\"image\": \"debian:12\"}",
+                    )
+                    .field("options.image")
+                    .fault(Fault::Config));
+                }
+                ("docker_host", _) => {
+                    return Err(Error::invalid_argument(
+                        "options.docker_host must be a string, e.g. \"tcp://10.0.0.2:2376\"",
+                    )
+                    .field("options.docker_host")
+                    .fault(Fault::Config));
+                }
+                _ => {
+                    return Err(Error::invalid_argument(format!(
+                        "unknown option {k:?} for the docker backend: it takes \"image\", \
+                         \"host_dir\", \"docker_host\" and \"docker_tls_dir\""
+                    ))
+                    .field(format!("options.{k}"))
+                    .fault(Fault::Config));
+                }
+            }
+        }
+        if o.docker_tls_dir.is_some() && o.docker_host.is_none() {
+            return Err(Error::invalid_argument(
+                "options.docker_tls_dir is given without options.docker_host; the plugin's own \
+                 daemon takes its TLS directory from --docker-tls-dir",
+            )
+            .field("options.docker_tls_dir")
+            .fault(Fault::Config));
+        }
+        if let Some(h) = &o.docker_host
+            && !self.docker_host_allowed(h)
+        {
+            return Err(Error::permission_denied(format!(
+                "options.docker_host {h:?} is refused by the docker plugin's policy; an operator \
+                 may allow it with --allow-docker-host GLOB (e.g. 'tcp://10.0.*')"
+            ))
+            .field("options.docker_host")
+            .fault(Fault::Config));
+        }
+        if let Some(d) = &o.host_dir {
+            let policy = spec::Policy {
+                valid_volumes: &self.inner.config.valid_volumes,
+                allowed_options: &self.inner.config.allowed_options,
+            };
+            if !policy.volume_allowed(d) {
+                return Err(Error::permission_denied(format!(
+                    "options.host_dir {d:?} is refused by the docker plugin's policy; an operator \
+                     may allow it with --valid-volume (kiln does so for its embedded host \
+                     plugin's directory)"
+                ))
+                .field("options.host_dir")
+                .fault(Fault::Config));
+            }
+        }
+        Ok(o)
+    }
+
+    /// Whether the policy lets environments name the endpoint `h` (`--allow-docker-host`).
+    fn docker_host_allowed(&self, h: &str) -> bool {
+        let globs = &self.inner.config.allowed_docker_hosts;
+        globs.iter().any(|g| glob::Pattern::new(g).is_ok_and(|p| p.matches(h)))
+    }
+
+    /// Creates (or finds again) the environment of a checked request on its engine.
+    async fn create_env_on(
+        &self,
+        request: EnvironmentRequest,
+        options: EnvOptions,
+    ) -> Result<Environment> {
+        let id = request.environment_id.clone();
+        let EnvOptions { image, host_dir, docker_host, docker_tls_dir } = options;
+        // A delegate environment (host_dir) without an image has no primary container: its
+        // jobs run in the delegating environment, only inner containers are created here.
+        let with_primary = !request.hints.job_container && (image.is_some() || host_dir.is_none());
+        if with_primary && image.is_none() {
+            return Err(Error::invalid_argument(format!(
+                "label {:?} has no image: map it like {0}=docker://IMAGE",
+                request.label
+            ))
+            .field("options.image")
+            .fault(Fault::Config));
+        }
+        if lock(&self.inner.removing).contains(&id) {
+            return Err(Error::unavailable(format!("environment {id:?} is being removed; retry")));
+        }
+        let hash = labels::env_spec_hash(&request);
+        let dir = self.inner.state_dir.join(&id);
+        if let Some(existing) = self.find_env(&id).await? {
+            if existing.spec_hash != hash {
+                return Err(Error::already_exists(format!(
+                    "environment {id:?} exists with a different spec"
+                ))
+                .field("environment_id"));
+            }
+            if existing.engine.shares_fs {
+                Self::make_host_dir(&dir)?;
+            }
+            if let (true, Some(image)) = (existing.has_primary, &image) {
+                let l = labels::owner_labels(&id, &existing.owner, &hash);
+                self.ensure_primary(&existing, image, &l).await?;
+            }
+            return Ok(self.environment(&existing));
+        }
+        let endpoint = docker_host.unwrap_or_default();
+        let engine = self.inner.engines.get(&endpoint, docker_tls_dir.as_deref()).await?;
+        if !endpoint.is_empty() {
+            // Before anything exists there, so that a restarted plugin looks there.
+            self.inner.engines.remember(&endpoint, docker_tls_dir.as_deref())?;
+        }
+        if let Some(image) = &image {
+            self.ensure_image(&engine, image, false, None, "options.image").await?;
+        }
+        let mut owner = request.owner.clone();
+        owner.created_at_unix_ms = labels::now_ms();
+        let base = labels::owner_labels(&id, &owner, &hash);
+        let docker = &engine.docker;
+        // The workspace volume first: it is the environment's record.
+        let mut record_labels = base.clone();
+        record_labels.insert(labels::ROLE.to_owned(), "environment".to_owned());
+        record_labels.insert(labels::RUNS_ON.to_owned(), request.label.clone());
+        if let Some(d) = &host_dir {
+            record_labels.insert(labels::HOST_DIR.to_owned(), d.clone());
+        }
+        if !endpoint.is_empty() {
+            record_labels.insert(labels::DOCKER_HOST.to_owned(), endpoint.clone());
+        }
+        record_labels.insert(
+            labels::KIND.to_owned(),
+            if with_primary { "with-primary" } else { "without-primary" }.to_owned(),
+        );
+        let volume = VolumeCreateRequest {
+            name: Some(labels::workspace_volume(&id)),
+            labels: Some(record_labels),
+            ..Default::default()
+        };
+        // Creating an existing volume returns it: a concurrent create of the same id shows in
+        // its labels.
+        let record = docker
+            .create_volume(volume)
+            .await
+            .map_err(|e| docker_err("creating the workspace volume", e))?;
+        if record.labels.get(labels::SPEC_HASH) != Some(&hash) {
+            return Err(Error::already_exists(format!(
+                "environment {id:?} exists with a different spec"
+            ))
+            .field("environment_id"));
+        }
+        let info = Arc::new(EnvInfo {
+            id: id.clone(),
+            owner: labels::owner_from(&record.labels),
+            spec_hash: hash,
+            has_primary: with_primary,
+            engine: Arc::clone(&engine),
+            dir: dir.clone(),
+            host_dir: host_dir.map(PathBuf::from),
+        });
+        if engine.shares_fs {
+            Self::make_host_dir(&dir)?;
+        } else {
+            // `/__kiln` is a volume of the engine, filled by the first container mounting it.
+            let create = VolumeCreateRequest {
+                name: Some(labels::kiln_volume(&id)),
+                labels: Some(base.clone()),
+                ..Default::default()
+            };
+            docker
+                .create_volume(create)
+                .await
+                .map_err(|e| docker_err("creating the environment's /__kiln volume", e))?;
+        }
+        let hints = &request.hints;
+        if hints.job_container || hints.service_containers > 0 || hints.step_containers {
+            self.ensure_network(&info).await?;
+        }
+        if let (true, Some(image)) = (with_primary, &image) {
+            self.ensure_primary(&info, image, &base).await?;
+        }
+        lock(&self.inner.envs).insert(id.clone(), Arc::clone(&info));
+        tracing::info!(
+            env = %id,
+            image = image.as_deref().unwrap_or(""),
+            engine = engine.name(),
+            "environment created"
+        );
+        Ok(self.environment(&info))
+    }
+
+    /// Drops an environment's endpoint from the endpoints file when no environment is left
+    /// on it (none being created, none in memory, no record on the engine).
+    async fn forget_if_unused(&self, engine: &Engine) {
+        let endpoint = &engine.endpoint;
+        let busy = lock(&self.inner.creating).contains_key(endpoint)
+            || lock(&self.inner.envs).values().any(|e| e.engine.endpoint == *endpoint);
+        if busy {
+            return;
+        }
+        // Records made through this endpoint (other runners' environments on the same
+        // daemon are not this plugin's concern).
+        let filter = labels::filter(&[format!("{}={endpoint}", labels::DOCKER_HOST)]);
+        let records = engine
+            .docker
+            .list_volumes(Some(ListVolumesOptions { filters: Some(filter) }))
+            .await
+            .map(|v| v.volumes.unwrap_or_default());
+        let any = match records {
+            // Podman ORs filters: check the labels here too.
+            Ok(v) => v.iter().any(|v| {
+                v.labels.get(labels::ROLE).map(String::as_str) == Some("environment")
+                    && v.labels.get(labels::DOCKER_HOST) == Some(endpoint)
+            }),
+            Err(_) => true,
+        };
+        let busy = lock(&self.inner.creating).contains_key(endpoint)
+            || lock(&self.inner.envs).values().any(|e| e.engine.endpoint == *endpoint);
+        if !any && !busy {
+            self.inner.engines.forget(endpoint);
+        }
+    }
+
+    /// Creates `/__kiln`'s directories in a remote environment's volume, through `container`
+    /// (created, not necessarily started).
+    async fn init_kiln_volume(&self, env: &EnvInfo, container: &str) -> Result<()> {
+        let mut b = tar::Builder::new(Vec::new());
+        for sub in HOST_DIRS {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_mode(0o777);
+            h.set_size(0);
+            h.set_mtime(labels::now_ms() as u64 / 1000);
+            b.append_data(&mut h, format!("{}/{sub}/", &KILN_MOUNT[1..]), std::io::empty())
+                .map_err(|e| Error::io("archiving /__kiln's directories", &e))?;
+        }
+        let tar = b.into_inner().map_err(|e| Error::io("archiving /__kiln's directories", &e))?;
+        env.engine
+            .docker
+            .upload_to_container(
+                container,
+                Some(bollard::query_parameters::UploadToContainerOptions {
+                    path: "/".to_owned(),
+                    ..Default::default()
+                }),
+                bollard::body_full(bytes::Bytes::from(tar)),
+            )
+            .await
+            .map_err(|e| docker_err("creating /__kiln's directories", e))
     }
 
     async fn create_container_inner(
@@ -684,7 +1014,7 @@ impl DockerBackend {
         let parsed = spec::parse(&env.id, spec, &policy)?;
         let hash = container_spec_hash(kind, spec);
         let name = labels::container_name(&env.id, &request.container_id);
-        let docker = &self.inner.docker;
+        let docker = &env.engine.docker;
         match crate::compat::inspect_container(docker, &name).await {
             Ok(c) => {
                 let l = c.config.as_ref().and_then(|c| c.labels.clone()).unwrap_or_default();
@@ -726,10 +1056,11 @@ impl DockerBackend {
         let image = match &spec.build {
             Some(b) => {
                 let source = self.context_source(&env).await?;
-                crate::build::build(self, &env, source, b).await?
+                crate::build::build(&env, source, b).await?
             }
             None => {
                 self.ensure_image(
+                    &env.engine,
                     &spec.image,
                     spec.force_pull,
                     spec.credentials.as_ref(),
@@ -803,6 +1134,10 @@ impl DockerBackend {
         docker.create_container(Some(options), body).await.map_err(|e| {
             docker_err(format!("creating {kind} container from image {image:?}"), e)
         })?;
+        if kind == ContainerKind::Job && spec.mount_workspace && !env.engine.shares_fs {
+            // Without a primary container, the job container is the first to mount `/__kiln`.
+            self.init_kiln_volume(&env, &name).await?;
+        }
         if kind == ContainerKind::Step {
             lock(&self.inner.step_specs).insert(name, spec.clone());
         }
@@ -814,43 +1149,6 @@ impl DockerBackend {
             ports: Vec::new(),
         })
     }
-}
-
-/// Connects to the configured daemon without negotiating.
-fn connect_docker(config: &DockerConfig) -> anyhow::Result<Docker> {
-    let v = bollard::API_DEFAULT_VERSION;
-    let host = config
-        .docker_host
-        .clone()
-        .or_else(|| std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty()));
-    let docker = match host.as_deref() {
-        None => Docker::connect_with_unix("unix:///var/run/docker.sock", DOCKER_TIMEOUT_SECS, v)
-            .context("connecting to the docker daemon at /var/run/docker.sock (is dockerd running? set --docker-host)")?,
-        Some(h) if h.starts_with("unix://") || h.starts_with('/') => {
-            Docker::connect_with_unix(h, DOCKER_TIMEOUT_SECS, v)
-                .with_context(|| format!("connecting to the docker daemon at {h}"))?
-        }
-        Some(h) if h.starts_with("tcp://") || h.starts_with("https://") => match &config.tls_dir {
-            Some(dir) => Docker::connect_with_ssl(
-                h,
-                &dir.join("key.pem"),
-                &dir.join("cert.pem"),
-                &dir.join("ca.pem"),
-                DOCKER_TIMEOUT_SECS,
-                v,
-            )
-            .with_context(|| format!("connecting to the docker daemon at {h} with TLS from {}", dir.display()))?,
-            None if h.starts_with("tcp://") => Docker::connect_with_http(h, DOCKER_TIMEOUT_SECS, v)
-                .with_context(|| format!("connecting to the docker daemon at {h}"))?,
-            None => anyhow::bail!("--docker-host {h}: https needs --docker-tls-dir"),
-        },
-        Some(h) if h.starts_with("http://") => Docker::connect_with_http(h, DOCKER_TIMEOUT_SECS, v)
-            .with_context(|| format!("connecting to the docker daemon at {h}"))?,
-        Some(h) => anyhow::bail!(
-            "--docker-host {h}: expected unix:///path, tcp://host:port or http://host:port"
-        ),
-    };
-    Ok(docker)
 }
 
 /// The hash of a container spec, for idempotent creates (the password is left out).
@@ -920,143 +1218,22 @@ impl Backend for DockerBackend {
     async fn create_environment(&self, request: EnvironmentRequest) -> Result<Environment> {
         let id = request.environment_id.clone();
         validate_id(&id, "environment_id")?;
-        let mut image = None;
-        let mut host_dir = None;
-        for (k, v) in &request.options {
-            match (k.as_str(), v) {
-                ("image", serde_json::Value::String(s)) if !s.is_empty() => image = Some(s.clone()),
-                ("host_dir", serde_json::Value::String(s))
-                    if Path::new(s).is_absolute()
-                        && !Path::new(s)
-                            .components()
-                            .any(|c| c == std::path::Component::ParentDir) =>
-                {
-                    host_dir = Some(s.clone())
-                }
-                ("host_dir", _) => {
-                    return Err(Error::invalid_argument(
-                        "options.host_dir must be an absolute path without '..' (the delegating \
-                         environment's directory)",
-                    )
-                    .field("options.host_dir")
-                    .fault(Fault::Config));
-                }
-                ("image", _) => {
-                    return Err(Error::invalid_argument(
-                        "options.image must be a non-empty string, e.g. {\"image\": \"debian:12\"}",
-                    )
-                    .field("options.image")
-                    .fault(Fault::Config));
-                }
-                _ => {
-                    return Err(Error::invalid_argument(format!(
-                        "unknown option {k:?} for the docker backend: it takes \"image\" and \
-                         \"host_dir\""
-                    ))
-                    .field(format!("options.{k}"))
-                    .fault(Fault::Config));
-                }
+        let options = self.env_options(&request)?;
+        let endpoint = options.docker_host.clone().unwrap_or_default();
+        if endpoint.is_empty() {
+            return self.create_env_on(request, options).await;
+        }
+        // An endpoint is not forgotten while an environment is being created on it.
+        *lock(&self.inner.creating).entry(endpoint.clone()).or_default() += 1;
+        let result = self.create_env_on(request, options).await;
+        let mut creating = lock(&self.inner.creating);
+        if let Some(n) = creating.get_mut(&endpoint) {
+            *n -= 1;
+            if *n == 0 {
+                creating.remove(&endpoint);
             }
         }
-        if let Some(d) = &host_dir {
-            let policy = spec::Policy {
-                valid_volumes: &self.inner.config.valid_volumes,
-                allowed_options: &self.inner.config.allowed_options,
-            };
-            if !policy.volume_allowed(d) {
-                return Err(Error::permission_denied(format!(
-                    "options.host_dir {d:?} is refused by the docker plugin's policy; an operator \
-                     may allow it with --valid-volume (kiln does so for its embedded host \
-                     plugin's directory)"
-                ))
-                .field("options.host_dir")
-                .fault(Fault::Config));
-            }
-        }
-        // A delegate environment (host_dir) without an image has no primary container: its
-        // jobs run in the delegating environment, only inner containers are created here.
-        let with_primary = !request.hints.job_container && (image.is_some() || host_dir.is_none());
-        if with_primary && image.is_none() {
-            return Err(Error::invalid_argument(format!(
-                "label {:?} has no image: map it like {0}=docker://IMAGE",
-                request.label
-            ))
-            .field("options.image")
-            .fault(Fault::Config));
-        }
-        if lock(&self.inner.removing).contains(&id) {
-            return Err(Error::unavailable(format!("environment {id:?} is being removed; retry")));
-        }
-        let hash = labels::env_spec_hash(&request);
-        let dir = self.inner.state_dir.join(&id);
-        if let Some(existing) = self.find_env(&id).await? {
-            if existing.spec_hash != hash {
-                return Err(Error::already_exists(format!(
-                    "environment {id:?} exists with a different spec"
-                ))
-                .field("environment_id"));
-            }
-            Self::make_host_dir(&dir)?;
-            if let (true, Some(image)) = (existing.has_primary, &image) {
-                let l = labels::owner_labels(&id, &existing.owner, &hash);
-                self.ensure_primary(&existing, image, &l).await?;
-            }
-            return Ok(self.environment(&existing));
-        }
-        if let Some(image) = &image {
-            self.ensure_image(image, false, None, "options.image").await?;
-        }
-        let mut owner = request.owner.clone();
-        owner.created_at_unix_ms = labels::now_ms();
-        let base = labels::owner_labels(&id, &owner, &hash);
-        let docker = &self.inner.docker;
-        // The workspace volume first: it is the environment's record.
-        let mut record_labels = base.clone();
-        record_labels.insert(labels::ROLE.to_owned(), "environment".to_owned());
-        record_labels.insert(labels::RUNS_ON.to_owned(), request.label.clone());
-        if let Some(d) = &host_dir {
-            record_labels.insert(labels::HOST_DIR.to_owned(), d.clone());
-        }
-        record_labels.insert(
-            labels::KIND.to_owned(),
-            if with_primary { "with-primary" } else { "without-primary" }.to_owned(),
-        );
-        let volume = VolumeCreateRequest {
-            name: Some(labels::workspace_volume(&id)),
-            labels: Some(record_labels),
-            ..Default::default()
-        };
-        // Creating an existing volume returns it: a concurrent create of the same id shows in
-        // its labels.
-        let record = docker
-            .create_volume(volume)
-            .await
-            .map_err(|e| docker_err("creating the workspace volume", e))?;
-        if record.labels.get(labels::SPEC_HASH) != Some(&hash) {
-            return Err(Error::already_exists(format!(
-                "environment {id:?} exists with a different spec"
-            ))
-            .field("environment_id"));
-        }
-        let info = Arc::new(EnvInfo {
-            id: id.clone(),
-            owner: labels::owner_from(&record.labels),
-            spec_hash: hash,
-            has_primary: with_primary,
-            dir: dir.clone(),
-            host_dir: host_dir.map(PathBuf::from),
-        });
-        Self::make_host_dir(&dir)?;
-        let hints = &request.hints;
-        if hints.job_container || hints.service_containers > 0 || hints.step_containers {
-            self.ensure_network(&info).await?;
-        }
-        if let (true, Some(image)) = (with_primary, &image) {
-            self.ensure_primary(&info, image, &base).await?;
-        }
-        lock(&self.inner.envs).insert(id.clone(), Arc::clone(&info));
-        tracing::info!(env = %id, image = image.as_deref().unwrap_or(""), "environment created");
-        Ok(self.environment(&info))
+        result
     }
 
     async fn create_container(
@@ -1087,7 +1264,7 @@ impl Backend for DockerBackend {
             }
             _ => {}
         }
-        let docker = &self.inner.docker;
+        let docker = &env.engine.docker;
         match docker.start_container(&name, None).await {
             Ok(()) => {}
             // 304: already started.
@@ -1115,7 +1292,7 @@ impl Backend for DockerBackend {
                 *since.entry(name.clone()).or_insert_with(std::time::Instant::now)
             };
             status = Some(
-                crate::compat::overdue_health(&self.inner.docker, &name, &c, first_seen).await,
+                crate::compat::overdue_health(&env.engine.docker, &name, &c, first_seen).await,
             );
         }
         if status != Some(HealthStatusEnum::STARTING) {
@@ -1203,7 +1380,11 @@ impl Backend for DockerBackend {
             }
             let name = labels::container_name(&id, container);
             lock(&self.inner.step_specs).remove(&name);
-            let docker = &self.inner.docker;
+            let engine = match self.find_env(&id).await? {
+                Some(env) => Arc::clone(&env.engine),
+                None => Arc::clone(&self.inner.engines.default),
+            };
+            let docker = &engine.docker;
             let c = match crate::compat::inspect_container(docker, &name).await {
                 Ok(c) => c,
                 Err(e) if is_not_found(&e) => return Ok(false),
@@ -1231,12 +1412,21 @@ impl Backend for DockerBackend {
                 Err(e) => Err(docker_err(format!("removing container {container:?}"), e)),
             };
         }
+        // Found before it is marked: a live environment's engine (what is left of a partly
+        // created one is on the plugin's own engine, or unreachable).
+        let engine = match self.find_env(&id).await? {
+            Some(env) => Arc::clone(&env.engine),
+            None => Arc::clone(&self.inner.engines.default),
+        };
         lock(&self.inner.removing).insert(id.clone());
-        let result = self.remove_env(&id, grace).await;
+        let result = self.remove_env(&engine, &id, grace).await;
         lock(&self.inner.envs).remove(&id);
         lock(&self.inner.removing).remove(&id);
         if let Ok(true) = result {
-            tracing::info!(env = %id, "environment removed");
+            tracing::info!(env = %id, engine = engine.name(), "environment removed");
+        }
+        if result.is_ok() && !engine.endpoint.is_empty() {
+            self.forget_if_unused(&engine).await;
         }
         result
     }
@@ -1257,9 +1447,32 @@ impl Backend for DockerBackend {
             }
             pairs.push(format!("{}{k}={v}", labels::EXTRA));
         }
-        let docker = &self.inner.docker;
+        let engines = &self.inner.engines;
+        let mut out = self.list_on(&engines.default, &pairs).await?;
+        if !engines.endpoints().is_empty() {
+            for engine in engines.reachable().await.into_iter().skip(1) {
+                match self.list_on(&engine, &pairs).await {
+                    Ok(more) => out.extend(more),
+                    Err(e) => tracing::warn!(
+                        endpoint = %engine.endpoint, error = %e,
+                        "listing a docker endpoint's environments failed; left out"
+                    ),
+                }
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        // One daemon reachable under two endpoints lists its environments twice.
+        out.dedup_by(|a, b| a.id == b.id);
+        Ok(out)
+    }
+}
+
+impl DockerBackend {
+    /// The environments of one engine matching every label pair.
+    async fn list_on(&self, engine: &Engine, pairs: &[String]) -> Result<Vec<EnvironmentSummary>> {
+        let docker = &engine.docker;
         let records = docker
-            .list_volumes(Some(ListVolumesOptions { filters: Some(labels::filter(&pairs)) }))
+            .list_volumes(Some(ListVolumesOptions { filters: Some(labels::filter(pairs)) }))
             .await
             .map_err(|e| docker_err("listing environments", e))?
             .volumes
@@ -1302,7 +1515,6 @@ impl Backend for DockerBackend {
             container_ids.sort();
             out.push(EnvironmentSummary { id, owner: labels::owner_from(&l), container_ids });
         }
-        out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
     }
 }

@@ -17,7 +17,7 @@ use futures::StreamExt;
 use kiln_plugin_sdk::{Error, Fault, ImageBuild, Result};
 use sha2::{Digest, Sha256};
 
-use crate::backend::{DockerBackend, EnvInfo, docker_err};
+use crate::backend::{EnvInfo, docker_err};
 use crate::exec::{check_path, host_path};
 
 /// Largest build context read into memory.
@@ -31,7 +31,6 @@ const BUILD_CACHE_ROLE: &str = "build-cache";
 
 /// Builds (or finds in the cache) the image of `build`; returns its tag.
 pub(crate) async fn build(
-    backend: &DockerBackend,
     env: &EnvInfo,
     source_container: Option<String>,
     build: &ImageBuild,
@@ -59,7 +58,7 @@ pub(crate) async fn build(
                      container (or use an environment with a primary container) first",
                 ));
             };
-            read_context(backend, &container, &build.context_dir).await?
+            read_context(&env.engine.docker, &container, &build.context_dir).await?
         }
     };
     let mut hash = Sha256::new();
@@ -67,7 +66,7 @@ pub(crate) async fn build(
     hash.update([0]);
     hash.update(&context);
     let tag = format!("kiln-build:{}", &hex::encode(hash.finalize())[..24]);
-    let docker = backend.docker();
+    let docker = &env.engine.docker;
     if docker.inspect_image(&tag).await.is_ok() {
         tracing::debug!(%tag, "build cache hit");
         return Ok(tag);
@@ -149,8 +148,8 @@ fn stale(mut images: Vec<bollard::models::ImageSummary>, keep: &str) -> Vec<Stri
 
 /// The context directory as a tar with its contents at the root, through the archive API
 /// (which puts them under the directory's base name).
-async fn read_context(backend: &DockerBackend, container: &str, dir: &str) -> Result<Vec<u8>> {
-    let mut stream = backend.docker().download_from_container(
+async fn read_context(docker: &bollard::Docker, container: &str, dir: &str) -> Result<Vec<u8>> {
+    let mut stream = docker.download_from_container(
         container,
         Some(DownloadFromContainerOptions { path: dir.to_owned() }),
     );

@@ -42,7 +42,7 @@ pub(crate) async fn copy_in(
     check_path(&target.dest_path, "dest_path")?;
     let dest = target.dest_path.trim_end_matches('/').to_owned();
     let dest = if dest.is_empty() { "/".to_owned() } else { dest };
-    let docker = backend.docker().clone();
+    let docker = env.engine.docker.clone();
     let running = inspect.state.and_then(|s| s.running).unwrap_or(false);
     let mut links = HashSet::new();
     if running {
@@ -215,8 +215,9 @@ pub(crate) async fn copy_out(backend: &DockerBackend, source: CopyOutSource) -> 
     let (container, _) = backend.container(&env, &source.container_id).await?;
     check_path(&source.path, "path")?;
     let path = source.path.clone();
-    let mut stream = backend
-        .docker()
+    let mut stream = env
+        .engine
+        .docker
         .download_from_container(
             &container,
             Some(DownloadFromContainerOptions { path: path.clone() }),

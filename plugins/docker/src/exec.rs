@@ -55,7 +55,7 @@ const CHANNEL: usize = 32;
 #[derive(Debug, Clone)]
 pub(crate) enum Target {
     /// A Docker exec in a running container; its process group is in the pid file.
-    Exec { container: String, pidfile: PathBuf },
+    Exec { container: String, pidfile: PidFile },
     /// The main process of a step container.
     Container { container: String },
 }
@@ -72,6 +72,15 @@ pub(crate) struct ExecHandle {
     stdin: Option<tokio::sync::Mutex<Option<Stdin>>>,
 }
 
+/// Where an exec's pid file is read.
+#[derive(Debug, Clone)]
+pub(crate) enum PidFile {
+    /// On the host (an engine sharing the plugin's filesystem).
+    Host(PathBuf),
+    /// In the container, through the archive API.
+    Engine(String),
+}
+
 /// The write end of an exec's standard input.
 type Stdin = std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>;
 
@@ -86,9 +95,15 @@ impl ExecHandle {
     }
 
     /// The exec's process group, from the wrapper's pid file (it may take a moment to appear).
-    async fn pgid(&self, pidfile: &Path) -> Option<i32> {
+    async fn pgid(&self, container: &str, pidfile: &PidFile) -> Option<i32> {
         for _ in 0..50 {
-            if let Ok(s) = tokio::fs::read_to_string(pidfile).await
+            let text = match pidfile {
+                PidFile::Host(path) => tokio::fs::read_to_string(path).await.ok(),
+                PidFile::Engine(path) => read_engine(&self.docker, container, path, 64)
+                    .await
+                    .map(|(b, _)| String::from_utf8_lossy(&b).into_owned()),
+            };
+            if let Some(s) = text
                 && let Ok(p) = s.trim().parse::<i32>()
                 && p > 1
             {
@@ -107,7 +122,7 @@ impl ExecHandle {
         lock(&self.sent).push(sig);
         match &self.target {
             Target::Exec { container, pidfile } => {
-                let Some(pgid) = self.pgid(pidfile).await else { return };
+                let Some(pgid) = self.pgid(container, pidfile).await else { return };
                 let script = format!(
                     "kill -{sig} -{pgid} 2>/dev/null || kill -{sig} {pgid} 2>/dev/null; true"
                 );
@@ -237,6 +252,9 @@ pub(crate) fn check_path(path: &str, field: &str) -> Result<()> {
 /// `host_dir`), when no component on the host is a symlink (a container may plant symlinks there; those paths go through the engine, which
 /// resolves them inside the container).
 pub(crate) fn host_path(env: &EnvInfo, path: &str) -> Option<PathBuf> {
+    if !env.engine.shares_fs {
+        return None;
+    }
     let path = Path::new(path);
     let (mut cur, rel) = match (path.strip_prefix(KILN_MOUNT), &env.host_dir) {
         (Ok(rel), _) => (env.dir.clone(), rel),
@@ -255,48 +273,43 @@ pub(crate) fn host_path(env: &EnvInfo, path: &str) -> Option<PathBuf> {
     Some(cur)
 }
 
-/// Writes a staged file: directly in the host directory under `/__kiln`, else through the
-/// archive API.
-async fn stage(
-    backend: &DockerBackend,
-    env: &EnvInfo,
-    container: &str,
-    f: &StagedFile,
-    i: usize,
-) -> Result<()> {
-    let field = format!("files[{i}].path");
-    check_path(&f.path, &field)?;
-    let mode = if f.mode == 0 { 0o644 } else { f.mode & 0o7777 };
-    if let Some(host) = host_path(env, &f.path) {
-        let content = f.content.clone();
-        let h = host.clone();
-        return tokio::task::spawn_blocking(move || write_file(&h, &content, mode))
-            .await
-            .map_err(|e| Error::internal(format!("the staging task failed: {e}")))?
-            .map_err(|e| {
-                Error::io(format!("staging {}", f.path), &e).field(format!("files[{i}]"))
-            });
+/// Writes the staged files: directly in the host directory under `/__kiln`, the others in
+/// one archive through the engine.
+async fn stage(env: &EnvInfo, container: &str, files: &[StagedFile]) -> Result<()> {
+    let mut tar: Option<tar::Builder<Vec<u8>>> = None;
+    for (i, f) in files.iter().enumerate() {
+        check_path(&f.path, &format!("files[{i}].path"))?;
+        let mode = if f.mode == 0 { 0o644 } else { f.mode & 0o7777 };
+        if let Some(host) = host_path(env, &f.path) {
+            let content = f.content.clone();
+            tokio::task::spawn_blocking(move || write_file(&host, &content, mode))
+                .await
+                .map_err(|e| Error::internal(format!("the staging task failed: {e}")))?
+                .map_err(|e| {
+                    Error::io(format!("staging {}", f.path), &e).field(format!("files[{i}]"))
+                })?;
+            continue;
+        }
+        let b = tar.get_or_insert_with(|| tar::Builder::new(Vec::new()));
+        let mut h = tar::Header::new_gnu();
+        h.set_size(f.content.len() as u64);
+        h.set_mode(mode);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mtime(crate::labels::now_ms() as u64 / 1000);
+        b.append_data(&mut h, f.path.trim_start_matches('/'), &f.content[..])
+            .map_err(|e| Error::io("archiving a staged file", &e).field(format!("files[{i}]")))?;
     }
-    let rel = f.path.trim_start_matches('/');
-    let mut b = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_gnu();
-    h.set_size(f.content.len() as u64);
-    h.set_mode(mode);
-    h.set_entry_type(tar::EntryType::Regular);
-    h.set_mtime(crate::labels::now_ms() as u64 / 1000);
-    b.append_data(&mut h, rel, &f.content[..])
-        .and_then(|_| b.finish())
-        .map_err(|e| Error::io("archiving a staged file", &e))?;
-    let tar = b.into_inner().map_err(|e| Error::io("archiving a staged file", &e))?;
-    backend
-        .docker()
+    let Some(b) = tar else { return Ok(()) };
+    let tar = b.into_inner().map_err(|e| Error::io("archiving the staged files", &e))?;
+    env.engine
+        .docker
         .upload_to_container(
             container,
             Some(UploadToContainerOptions { path: "/".to_owned(), ..Default::default() }),
             bollard::body_full(Bytes::from(tar)),
         )
         .await
-        .map_err(|e| docker_err(format!("staging {}", f.path), e))
+        .map_err(|e| docker_err("staging the exec's files", e).field("files"))
 }
 
 fn write_file(path: &Path, content: &[u8], mode: u32) -> std::io::Result<()> {
@@ -327,7 +340,6 @@ fn write_file(path: &Path, content: &[u8], mode: u32) -> std::io::Result<()> {
 
 /// Reads the files to collect, each bounded by `limit` and all by [`COLLECT_BUDGET`].
 async fn collect(
-    backend: &DockerBackend,
     env: &EnvInfo,
     container: &str,
     paths: &[String],
@@ -342,7 +354,7 @@ async fn collect(
             Some(host) => {
                 tokio::task::spawn_blocking(move || read_host(&host, limit)).await.unwrap_or(None)
             }
-            None => read_engine(backend.docker(), container, path, limit).await,
+            None => read_engine(&env.engine.docker, container, path, limit).await,
         };
         match read {
             Some((content, truncated)) => {
@@ -429,12 +441,18 @@ pub(crate) async fn start(backend: &DockerBackend, req: ExecRequest) -> Result<E
         check_path(c, &format!("collect[{i}]"))?;
     }
     let pidfile_rel = format!("{EXECS_DIR}/{}.pid", req.exec_id);
-    let pidfile_host = env.dir.join("execs").join(format!("{}.pid", req.exec_id));
+    let pidfile = if env.engine.shares_fs {
+        PidFile::Host(env.dir.join("execs").join(format!("{}.pid", req.exec_id)))
+    } else {
+        PidFile::Engine(pidfile_rel.clone())
+    };
     {
         // Reserve the id: an exec id is never run twice (rule 3), also across restarts (the
-        // pid files stay with the environment).
+        // pid files stay with the environment; on a remote engine across this process's
+        // life only).
         let mut ids = lock(&backend.inner.exec_ids);
-        if ids.contains(&req.exec_id) || pidfile_host.exists() {
+        let used = matches!(&pidfile, PidFile::Host(p) if p.exists());
+        if ids.contains(&req.exec_id) || used {
             return Err(Error::already_exists(format!(
                 "exec id {:?} was used before: exec is not replayable",
                 req.exec_id
@@ -482,9 +500,7 @@ pub(crate) async fn start(backend: &DockerBackend, req: ExecRequest) -> Result<E
             req.container_id
         )));
     }
-    for (i, f) in req.files.iter().enumerate() {
-        stage(backend, &env, &container, f, i).await?;
-    }
+    stage(&env, &container, &req.files).await?;
     // Exactly the requested environment, with path_prepend in front of PATH.
     let mut vars: Vec<String> = Vec::with_capacity(req.env.len() + 1);
     let mut path_seen = false;
@@ -514,7 +530,7 @@ pub(crate) async fn start(backend: &DockerBackend, req: ExecRequest) -> Result<E
     ];
     cmd.extend(vars);
     cmd.extend(req.argv.iter().cloned());
-    let docker = backend.docker().clone();
+    let docker = env.engine.docker.clone();
     let exec = docker
         .create_exec(
             &container,
@@ -548,7 +564,7 @@ pub(crate) async fn start(backend: &DockerBackend, req: ExecRequest) -> Result<E
     };
     let handle = Arc::new(ExecHandle {
         env_id: env.id.clone(),
-        target: Target::Exec { container: container.clone(), pidfile: pidfile_host },
+        target: Target::Exec { container: container.clone(), pidfile },
         docker: docker.clone(),
         done: watch::Sender::new(false),
         sent: Mutex::new(Vec::new()),
@@ -557,7 +573,6 @@ pub(crate) async fn start(backend: &DockerBackend, req: ExecRequest) -> Result<E
     lock(&backend.inner.execs).insert(req.exec_id.clone(), Arc::clone(&handle));
     let (tx, rx) = mpsc::channel(CHANNEL);
     let _ = tx.try_send(Ok(ExecEvent::Started));
-    let b = backend.clone();
     let exec_id = exec.id.clone();
     let poll = move || {
         let docker = docker.clone();
@@ -570,7 +585,7 @@ pub(crate) async fn start(backend: &DockerBackend, req: ExecRequest) -> Result<E
             }
         }
     };
-    tokio::spawn(drive(b, env, container, output, poll, tx, handle, plan));
+    tokio::spawn(drive(env, container, output, poll, tx, handle, plan));
     Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
 }
 
@@ -594,7 +609,7 @@ async fn start_step(
     req: ExecRequest,
     plan: Plan,
 ) -> Result<ExecStream> {
-    let docker = backend.docker().clone();
+    let docker = env.engine.docker.clone();
     let state = inspect.state.as_ref().and_then(|s| s.status);
     if state != Some(bollard::models::ContainerStateStatusEnum::CREATED) {
         return Err(Error::failed_precondition(format!(
@@ -603,11 +618,9 @@ async fn start_step(
         )));
     }
     if !req.env.is_empty() {
-        container = recreate_with_env(backend, &container, inspect, &req).await?;
+        container = recreate_with_env(&env.engine.docker, &container, inspect, &req).await?;
     }
-    for (i, f) in req.files.iter().enumerate() {
-        stage(backend, &env, &container, f, i).await?;
-    }
+    stage(&env, &container, &req.files).await?;
     let attached = docker
         .attach_container(
             &container,
@@ -656,18 +669,17 @@ async fn start_step(
             }
         }
     };
-    tokio::spawn(drive(backend.clone(), env, container, attached.output, poll, tx, handle, plan));
+    tokio::spawn(drive(env, container, attached.output, poll, tx, handle, plan));
     Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
 }
 
 /// Re-creates a (never started) step container with the exec's env added to its own.
 async fn recreate_with_env(
-    backend: &DockerBackend,
+    docker: &Docker,
     name: &str,
     inspect: bollard::models::ContainerInspectResponse,
     req: &ExecRequest,
 ) -> Result<String> {
-    let docker = backend.docker();
     let config = inspect.config.unwrap_or_default();
     let mut env = config.env.clone().unwrap_or_default();
     for v in &req.env {
@@ -731,7 +743,6 @@ async fn recreate_with_env(
 /// the main process (`poll`), a bounded drain, collected files, the terminal frame.
 #[allow(clippy::too_many_arguments)]
 async fn drive<S, P, F>(
-    backend: DockerBackend,
     env: Arc<EnvInfo>,
     container: String,
     mut output: S,
@@ -856,8 +867,7 @@ async fn drive<S, P, F>(
                     Some(sig) => ExitStatus::Signal(*sig),
                     None => ExitStatus::Code(code),
                 };
-                let files =
-                    collect(&backend, &env, &container, &plan.collect, plan.collect_limit).await;
+                let files = collect(&env, &container, &plan.collect, plan.collect_limit).await;
                 Ok(ExecEvent::Exited(Exited {
                     status,
                     oom_killed: oom,

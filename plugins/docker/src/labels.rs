@@ -19,6 +19,8 @@ pub(crate) const SPEC_HASH: &str = "dev.kiln.spec-hash";
 pub(crate) const RUNS_ON: &str = "dev.kiln.runs-on";
 /// On the record: the `host_dir` option of a delegate environment.
 pub(crate) const HOST_DIR: &str = "dev.kiln.host-dir";
+/// On the record: the `docker_host` option of an environment on another engine.
+pub(crate) const DOCKER_HOST: &str = "dev.kiln.docker-host";
 /// Set on the environment's network, the record of the environment.
 pub(crate) const ROLE: &str = "dev.kiln.role";
 pub(crate) const CONTAINER_ID: &str = "dev.kiln.container-id";
@@ -43,6 +45,12 @@ pub(crate) fn container_name(env: &str, container: &str) -> String {
 /// Name of the environment's workspace volume.
 pub(crate) fn workspace_volume(env: &str) -> String {
     format!("kiln_{env}_workspace")
+}
+
+/// Name of the volume mounted at `/__kiln` on an engine that does not share the plugin's
+/// filesystem.
+pub(crate) fn kiln_volume(env: &str) -> String {
+    format!("kiln_{env}_kiln")
 }
 
 /// Name of a named volume of the workflow, scoped to the environment.

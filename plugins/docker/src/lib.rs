@@ -34,6 +34,27 @@
 //! directly on the host, like those under `/__kiln`. Without `image` such an environment has
 //! no primary container. Files containers write there belong to their user (root, usually).
 //!
+//! # Engines: the plugin's own and one per environment
+//!
+//! The plugin's own daemon is `--docker-host` (unix socket, `tcp://` with `--docker-tls-dir`
+//! for mutual TLS, `http://`), else `DOCKER_HOST`, else the local socket. Option
+//! `{"docker_host": "tcp://10.0.0.2:2376"}` (with `"docker_tls_dir": "/abs/dir"` holding
+//! `ca.pem`, `cert.pem`, `key.pem`, else `--docker-tls-dir`) puts an environment and all its
+//! containers on another daemon — a VM plugin delegating to this one names its machine's
+//! daemon that way. The endpoint must match an `--allow-docker-host` glob (PERMISSION_DENIED
+//! otherwise); the record carries it in `dev.kiln.docker-host`. Every endpoint in use is
+//! written to `STATE/endpoints.json` before anything is created there, so `ListEnvironments`
+//! and `Remove` of a restarted plugin look on every such daemon (one that does not answer
+//! within 3 s is left out of the listing with a warning, and forgotten after a day of
+//! silence); an endpoint is dropped from the file when its last environment is removed.
+//!
+//! A **remote** daemon does not see the plugin's files: a `tcp://`, `http://` or `https://`
+//! environment endpoint, or the plugin's own daemon with `--remote-daemon`. There `/__kiln` is
+//! the volume `kiln_E_kiln` (its directories made through the archive API when the first
+//! container mounting it is created), staged files go up in one archive per exec, collected
+//! files, pid files and build contexts come down through the archive API, and `host_dir` names
+//! a directory of the daemon's machine. A unix-socket endpoint shares the plugin's files.
+//!
 //! # Labels (rule 9)
 //!
 //! Every container, network and volume carries `dev.kiln.runner-id`, `dev.kiln.boot-id`,
@@ -75,9 +96,8 @@
 //!
 //! **Staged and collected files** (feature `exec_files`) inside `/__kiln` are written and read
 //! directly in the host directory: a step costs one Docker exec and no archive calls. Paths
-//! elsewhere go through the archive API. A remote daemon (no shared filesystem) would use the
-//! archive API for all of them; that mode is not implemented yet: the plugin requires the
-//! daemon to see its state directory (a local unix socket, or a tcp daemon on the same host).
+//! elsewhere, and every path on a remote daemon (see Engines), go through the archive API: the
+//! staged files of an exec in one upload, each collected file in one download.
 //!
 //! # Copies
 //!
@@ -108,8 +128,9 @@
 //!   and open the file with `O_NOFOLLOW`; a step racing to swap a parent directory for a
 //!   symlink between the check and the open is not prevented (a later version should walk
 //!   the path with `openat`).
-//! - No tty or local-path copies yet, and no stdin for a step container's main process; a daemon that
-//!   does not share the plugin's filesystem is not supported yet (see Exec above).
+//! - No tty or local-path copies yet, and no stdin for a step container's main process.
+//! - On a remote daemon an exec id is known to be used only for the plugin process's life
+//!   (on a local one the pid files under `/__kiln/execs` keep that across restarts).
 //!
 //! - **Podman** (4.3.1, Debian 12; `tests/docker/podman.sh` serves its Docker-compatible API
 //!   and CI runs the docker e2e tests and the conformance suite on it): everything works, with
@@ -128,6 +149,7 @@ mod backend;
 mod build;
 mod compat;
 mod copy;
+mod engines;
 mod exec;
 mod labels;
 mod spec;
@@ -146,12 +168,16 @@ pub struct DockerConfig {
     pub docker_host: Option<String>,
     /// Directory with `ca.pem`, `cert.pem`, `key.pem` for a TLS daemon.
     pub tls_dir: Option<PathBuf>,
+    /// The daemon runs on another machine: it does not see the plugin's files.
+    pub remote_daemon: bool,
     /// Where per-environment host directories live (bind-mounted into containers).
     pub state_dir: PathBuf,
     /// Globs of host paths job and service containers may mount.
     pub valid_volumes: Vec<String>,
     /// `docker run` options allowed beyond the default set.
     pub allowed_options: Vec<String>,
+    /// Globs of the endpoints environments may name with the option `docker_host`.
+    pub allowed_docker_hosts: Vec<String>,
 }
 
 impl DockerConfig {
@@ -160,9 +186,11 @@ impl DockerConfig {
         DockerConfig {
             docker_host: None,
             tls_dir: None,
+            remote_daemon: false,
             state_dir: state_dir.into(),
             valid_volumes: Vec::new(),
             allowed_options: Vec::new(),
+            allowed_docker_hosts: Vec::new(),
         }
     }
 
@@ -190,6 +218,10 @@ pub struct DockerArgs {
     /// Directory holding ca.pem, cert.pem and key.pem for a TLS daemon.
     #[arg(long)]
     pub docker_tls_dir: Option<PathBuf>,
+    /// The daemon runs on another machine and does not see this one's files: /__kiln is a
+    /// volume there, and staged and collected files go through the engine's API.
+    #[arg(long)]
+    pub remote_daemon: bool,
     /// Directory of the per-environment files bind-mounted into containers; the daemon must
     /// see it at the same path [default: $XDG_STATE_HOME/kiln/docker].
     #[arg(long)]
@@ -202,6 +234,11 @@ pub struct DockerArgs {
     /// cap-add.
     #[arg(long = "allow-option")]
     pub allowed_options: Vec<String>,
+    /// A glob of docker endpoints an environment may name with the option `docker_host`
+    /// (repeatable), e.g. 'tcp://10.0.*:2376' for the daemons of a VM plugin's machines.
+    /// Without any, the option is refused.
+    #[arg(long = "allow-docker-host")]
+    pub allowed_docker_hosts: Vec<String>,
 }
 
 impl DockerArgs {
@@ -210,9 +247,11 @@ impl DockerArgs {
         DockerConfig {
             docker_host: self.docker_host.clone(),
             tls_dir: self.docker_tls_dir.clone(),
+            remote_daemon: self.remote_daemon,
             state_dir: self.state_dir.clone().unwrap_or_else(DockerConfig::default_state_dir),
             valid_volumes: self.valid_volumes.clone(),
             allowed_options: self.allowed_options.clone(),
+            allowed_docker_hosts: self.allowed_docker_hosts.clone(),
         }
     }
 }

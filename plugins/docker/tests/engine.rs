@@ -393,3 +393,79 @@ async fn an_unhinted_service_joins_the_primary_on_a_network_created_on_demand() 
     .unwrap();
     assert_eq!(left(&runner), Vec::<String>::new(), "objects left behind");
 }
+
+#[tokio::test]
+async fn environment_options_are_checked_before_anything_is_created() {
+    let state = tempfile::tempdir().unwrap();
+    let Some(_) = backend("environment_options_are_checked", state.path()).await else { return };
+    let mut config = DockerConfig::new(state.path());
+    config.allowed_docker_hosts = vec!["tcp://10.0.*".to_owned()];
+    let b = DockerBackend::connect(config).await.unwrap();
+    let runner = "options-check";
+    // (options as JSON, code, field, words of the message)
+    let cases: &[(&str, Code, &str, &str)] = &[
+        (
+            r#"{"docker_host": "tcp://192.168.1.9:2376"}"#,
+            Code::PermissionDenied,
+            "options.docker_host",
+            "--allow-docker-host",
+        ),
+        (
+            r#"{"docker_host": "ssh://10.0.0.2"}"#,
+            Code::InvalidArgument,
+            "options.docker_host",
+            "expected unix:///path",
+        ),
+        (
+            r#"{"docker_host": 2376}"#,
+            Code::InvalidArgument,
+            "options.docker_host",
+            "must be a string",
+        ),
+        (
+            r#"{"docker_tls_dir": "/etc/kiln/tls"}"#,
+            Code::InvalidArgument,
+            "options.docker_tls_dir",
+            "without options.docker_host",
+        ),
+        (
+            r#"{"docker_host": "tcp://10.0.0.2:2376", "docker_tls_dir": "tls"}"#,
+            Code::InvalidArgument,
+            "options.docker_tls_dir",
+            "absolute path",
+        ),
+        (
+            r#"{"host_dir": "/srv/../etc"}"#,
+            Code::InvalidArgument,
+            "options.host_dir",
+            "without '..'",
+        ),
+        (
+            r#"{"host_dir": "/srv/jobs"}"#,
+            Code::PermissionDenied,
+            "options.host_dir",
+            "--valid-volume",
+        ),
+        (r#"{"image": ""}"#, Code::InvalidArgument, "options.image", "non-empty string"),
+        (r#"{"memory": "4G"}"#, Code::InvalidArgument, "options.memory", "docker_host"),
+    ];
+    for (i, (options, code, field, words)) in cases.iter().enumerate() {
+        let options: serde_json::Value = serde_json::from_str(options).unwrap();
+        let serde_json::Value::Object(mut options) = options else { unreachable!() };
+        options.entry("image").or_insert_with(|| IMAGE.into());
+        let e = b
+            .create_environment(EnvironmentRequest {
+                environment_id: format!("options-check-{i}"),
+                owner: owner(runner),
+                label: "ubuntu-latest".to_owned(),
+                options,
+                hints: EnvironmentHints::default(),
+            })
+            .await
+            .expect_err(&format!("case {i} was accepted"));
+        assert_eq!((e.code, e.field.as_deref()), (*code, Some(*field)), "case {i}: {e}");
+        assert!(e.message.contains(words), "case {i}: {:?} lacks {words:?}", e.message);
+    }
+    assert_eq!(left(runner), Vec::<String>::new());
+    assert!(!state.path().join("endpoints.json").exists(), "a refused endpoint was remembered");
+}

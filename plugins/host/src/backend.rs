@@ -48,6 +48,8 @@ struct Inner {
     home: String,
     /// Where container layers are delegated.
     delegate: Option<String>,
+    /// Options added to the delegation.
+    delegate_options: Vec<(String, String)>,
     envs: Mutex<HashMap<String, Arc<Env>>>,
     execs: Mutex<HashMap<String, Arc<ExecHandle>>>,
 }
@@ -88,6 +90,7 @@ impl HostBackend {
                 kernel_boot: procs::kernel_boot_id(),
                 home,
                 delegate: config.delegate.clone(),
+                delegate_options: config.delegate_options.clone(),
                 envs: Mutex::new(HashMap::new()),
                 execs: Mutex::new(HashMap::new()),
             }),
@@ -140,6 +143,9 @@ impl HostBackend {
             let dir = self.inner.root.join(&environment.id);
             let mut options = serde_json::Map::new();
             options.insert("host_dir".into(), dir.to_string_lossy().into_owned().into());
+            for (k, v) in &self.inner.delegate_options {
+                options.insert(k.clone(), v.clone().into());
+            }
             environment.delegation =
                 Some(kiln_plugin_sdk::Delegation { backend: backend.clone(), options });
         }

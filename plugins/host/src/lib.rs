@@ -12,7 +12,9 @@
 //!   returns `delegation {backend: NAME, options: {"host_dir": "<the environment's
 //!   directory>"}}`, and the runner creates `container:`, `services:` and docker steps in an
 //!   environment of that plugin which bind-mounts the directory at the same path (the docker
-//!   plugin's `host_dir` option), so workspace and runner files are shared.
+//!   plugin's `host_dir` option), so workspace and runner files are shared. Each
+//!   `--delegate-option KEY=VALUE` is added to those options, e.g. `docker_host=tcp://…` when
+//!   the docker plugin reaches this machine's daemon over the network.
 //! - Each exec is one process in a new process group, with exactly the requested environment
 //!   (plus `path_prepend`). The groups are recorded in memory and in `root/<id>/pgids`, so
 //!   Remove kills them even after a plugin restart — after checking in `/proc` that each group
@@ -50,12 +52,19 @@ pub struct HostConfig {
     /// The backend (the runner's name for another plugin) that container layers are delegated
     /// to; `None` leaves them unsupported.
     pub delegate: Option<String>,
+    /// Options added to the delegation's (`host_dir` is always there).
+    pub delegate_options: Vec<(String, String)>,
 }
 
 impl HostConfig {
     /// A configuration with environments under `root` and per-environment tool caches.
     pub fn new(root: impl Into<PathBuf>) -> HostConfig {
-        HostConfig { root: root.into(), tool_cache: None, delegate: None }
+        HostConfig {
+            root: root.into(),
+            tool_cache: None,
+            delegate: None,
+            delegate_options: Vec::new(),
+        }
     }
 
     /// The default root of a plugin called `name`: `$XDG_STATE_HOME/kiln/<name>`, else
@@ -93,6 +102,21 @@ pub struct HostArgs {
     /// mounted at the same path).
     #[arg(long, value_name = "NAME")]
     pub delegate: Option<String>,
+    /// An option added to the delegation (repeatable), e.g. docker_host=tcp://10.0.0.2:2376
+    /// when the delegate reaches this machine's docker daemon over the network.
+    #[arg(long = "delegate-option", value_name = "KEY=VALUE", value_parser = parse_option)]
+    pub delegate_options: Vec<(String, String)>,
+}
+
+/// Parses `KEY=VALUE` (a non-empty key other than `host_dir`).
+fn parse_option(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some(("host_dir", _)) => {
+            Err("host_dir is set by the plugin (the environment's directory)".to_owned())
+        }
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?}: expected KEY=VALUE, e.g. docker_host=tcp://10.0.0.2:2376")),
+    }
 }
 
 impl HostArgs {
@@ -102,6 +126,7 @@ impl HostArgs {
             root: self.root.clone().unwrap_or_else(|| HostConfig::default_root(name)),
             tool_cache: self.tool_cache.clone(),
             delegate: self.delegate.clone(),
+            delegate_options: self.delegate_options.clone(),
         }
     }
 }
