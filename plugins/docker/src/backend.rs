@@ -41,6 +41,9 @@ const TOOL_CACHE: &str = "/__kiln/tool-cache";
 /// Subdirectories of the host directory, created 0777 so that an image's non-root user can
 /// write them.
 const HOST_DIRS: &[&str] = &["runner", "temp", "tool-cache", "execs"];
+/// The subdirectory of the host directory that is the workspace (on an engine sharing the
+/// plugin's files), mounted at [`WORKSPACE`].
+pub(crate) const HOST_WORKSPACE: &str = "workspace";
 /// The keep-alive main process of primary containers: needs only `sh` and `sleep`.
 const KEEPALIVE: &str = "trap 'exit 0' TERM; while :; do sleep 86400 & wait $!; done";
 
@@ -86,6 +89,9 @@ pub(crate) struct EnvInfo {
     pub(crate) dir: PathBuf,
     /// Option `host_dir` (a delegate environment): a host directory mounted at the same path.
     pub(crate) host_dir: Option<PathBuf>,
+    /// The workspace is `dir/workspace` on the host (bind-mounted at [`WORKSPACE`]), not the
+    /// workspace volume: copies into it are extracted by the plugin, without the engine.
+    pub(crate) workspace_on_host: bool,
 }
 
 /// The options of an environment request.
@@ -152,6 +158,7 @@ impl DockerBackend {
             .with_context(|| format!("creating {}", config.state_dir.display()))?;
         let state_dir = std::fs::canonicalize(&config.state_dir)
             .with_context(|| format!("resolving {}", config.state_dir.display()))?;
+        kiln_plugin_sdk::dirs::spread_subdirectories(&state_dir);
         Ok(DockerBackend {
             inner: Arc::new(Inner {
                 engines: Engines::new(engine, &state_dir, config.tls_dir.clone()),
@@ -276,9 +283,11 @@ impl DockerBackend {
             owner: labels::owner_from(&l),
             spec_hash: l.get(labels::SPEC_HASH).cloned().unwrap_or_default(),
             has_primary: l.get(labels::KIND).map(String::as_str) == Some("with-primary"),
-            engine,
             dir: self.inner.state_dir.join(id),
             host_dir: l.get(labels::HOST_DIR).filter(|d| !d.is_empty()).map(PathBuf::from),
+            workspace_on_host: engine.shares_fs
+                && l.get(labels::WORKSPACE).map(String::as_str) == Some("host"),
+            engine,
         });
         lock(&self.inner.envs).insert(id.to_owned(), Arc::clone(&info));
         Ok(Some(info))
@@ -418,7 +427,7 @@ impl DockerBackend {
             .mode(0o755)
             .create(dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), &e))?;
-        for sub in HOST_DIRS {
+        for sub in HOST_DIRS.iter().chain([&HOST_WORKSPACE]) {
             let d = dir.join(sub);
             std::fs::DirBuilder::new()
                 .recursive(true)
@@ -431,16 +440,18 @@ impl DockerBackend {
     }
 
     /// Mounts every container of the environment gets (`mount_workspace` and the primary).
-    fn env_binds(env: &EnvInfo) -> Vec<String> {
+    pub(crate) fn env_binds(env: &EnvInfo) -> Vec<String> {
         let kiln = if env.engine.shares_fs {
             env.dir.display().to_string()
         } else {
             labels::kiln_volume(&env.id)
         };
-        let mut binds = vec![
-            format!("{}:{WORKSPACE}", labels::workspace_volume(&env.id)),
-            format!("{kiln}:{KILN_MOUNT}"),
-        ];
+        let workspace = if env.workspace_on_host {
+            env.dir.join(HOST_WORKSPACE).display().to_string()
+        } else {
+            labels::workspace_volume(&env.id)
+        };
+        let mut binds = vec![format!("{workspace}:{WORKSPACE}"), format!("{kiln}:{KILN_MOUNT}")];
         if let Some(d) = &env.host_dir {
             binds.push(format!("{0}:{0}", d.display()));
         }
@@ -865,6 +876,9 @@ impl DockerBackend {
         if !endpoint.is_empty() {
             record_labels.insert(labels::DOCKER_HOST.to_owned(), endpoint.clone());
         }
+        if engine.shares_fs {
+            record_labels.insert(labels::WORKSPACE.to_owned(), "host".to_owned());
+        }
         record_labels.insert(
             labels::KIND.to_owned(),
             if with_primary { "with-primary" } else { "without-primary" }.to_owned(),
@@ -894,6 +908,8 @@ impl DockerBackend {
             engine: Arc::clone(&engine),
             dir: dir.clone(),
             host_dir: host_dir.map(PathBuf::from),
+            workspace_on_host: engine.shares_fs
+                && record.labels.get(labels::WORKSPACE).map(String::as_str) == Some("host"),
         });
         if engine.shares_fs {
             Self::make_host_dir(&dir)?;

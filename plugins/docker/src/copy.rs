@@ -1,7 +1,8 @@
 //! CopyIn and CopyOut through the engine's archive API, with the protocol's traversal rules
 //! checked by the plugin before anything reaches the engine.
 //!
-//! CopyIn first runs one exec in the container (`mkdir -p DEST && find DEST -type l`) to
+//! Into the environment's host directories (see the crate docs) CopyIn extracts on the host.
+//! Elsewhere it first runs one exec in the container (`mkdir -p DEST && find DEST -type l`) to
 //! create the destination and learn the symlinks already in it, then re-streams the caller's
 //! archive entry by entry: paths pass `archive::safe_relative`, hard-link targets too, no
 //! entry may be written through a symlink (already there or created by an earlier entry),
@@ -19,7 +20,7 @@ use kiln_plugin_sdk::archive::{ChunkWriter, safe_relative};
 use kiln_plugin_sdk::{ByteStream, CopyInTarget, CopyOutSource, CopyStats, Error, Result};
 
 use crate::backend::{DockerBackend, docker_err};
-use crate::exec::check_path;
+use crate::exec::{check_path, host_path};
 
 /// Quotes a string for `sh`.
 fn sq(s: &str) -> String {
@@ -42,6 +43,14 @@ pub(crate) async fn copy_in(
     check_path(&target.dest_path, "dest_path")?;
     let dest = target.dest_path.trim_end_matches('/').to_owned();
     let dest = if dest.is_empty() { "/".to_owned() } else { dest };
+    // Into the environment's own directories, in a container that mounts them (the primary,
+    // a job container with the workspace, a step container): extracted here, on the host,
+    // without an exec or the engine's archive call.
+    let binds = inspect.host_config.as_ref().and_then(|h| h.binds.clone()).unwrap_or_default();
+    let mounted = DockerBackend::env_binds(&env).iter().all(|b| binds.contains(b));
+    if let (true, Some(host)) = (mounted, host_path(&env, &dest)) {
+        return unpack_on_host(data, host).await;
+    }
     let docker = env.engine.docker.clone();
     let running = inspect.state.and_then(|s| s.running).unwrap_or(false);
     let mut links = HashSet::new();
@@ -101,6 +110,35 @@ pub(crate) async fn copy_in(
     fed?;
     uploaded.map_err(|e| docker_err(format!("extracting into {dest}"), e))?;
     Ok(stats)
+}
+
+/// Extracts a tar stream into a host directory with the SDK's traversal rules (no entry
+/// outside it, none written through a symlink).
+async fn unpack_on_host(mut data: ByteStream, dest: PathBuf) -> Result<CopyStats> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+    let task = tokio::task::spawn_blocking(move || {
+        kiln_plugin_sdk::archive::unpack(BlockingReader { rx, current: Bytes::new() }, &dest)
+    });
+    let mut feed_error = None;
+    while let Some(item) = data.next().await {
+        match item {
+            Ok(chunk) => {
+                if tx.send(chunk).await.is_err() {
+                    break; // the unpacker stopped: its result says why
+                }
+            }
+            Err(e) => {
+                feed_error = Some(e);
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let result = task.await.map_err(|e| Error::internal(format!("the unpack task failed: {e}")))?;
+    match feed_error {
+        Some(e) => Err(e.context("reading the CopyIn stream")),
+        None => result,
+    }
 }
 
 /// A blocking `Read` over a bounded tokio channel (backpressure reaches the caller's stream).

@@ -248,20 +248,27 @@ pub(crate) fn check_path(path: &str, field: &str) -> Result<()> {
     Ok(())
 }
 
-/// The host path of a container path under `/__kiln` (or a delegate environment's
-/// `host_dir`), when no component on the host is a symlink (a container may plant symlinks there; those paths go through the engine, which
+/// The host path of a container path under `/__kiln`, the workspace (when it is a host
+/// directory) or a delegate environment's `host_dir`, when no component on the host is a
+/// symlink (a container may plant symlinks there; those paths go through the engine, which
 /// resolves them inside the container).
 pub(crate) fn host_path(env: &EnvInfo, path: &str) -> Option<PathBuf> {
+    use crate::backend::{HOST_WORKSPACE, WORKSPACE};
     if !env.engine.shares_fs {
         return None;
     }
     let path = Path::new(path);
-    let (mut cur, rel) = match (path.strip_prefix(KILN_MOUNT), &env.host_dir) {
-        (Ok(rel), _) => (env.dir.clone(), rel),
-        // A delegate environment's host directory is mounted at its own path.
-        (Err(_), Some(d)) => (d.clone(), path.strip_prefix(d).ok()?),
-        (Err(_), None) => return None,
-    };
+    let (mut cur, rel) =
+        if let (true, Ok(rel)) = (env.workspace_on_host, path.strip_prefix(WORKSPACE)) {
+            (env.dir.join(HOST_WORKSPACE), rel)
+        } else if let Ok(rel) = path.strip_prefix(KILN_MOUNT) {
+            (env.dir.clone(), rel)
+        } else if let Some(d) = &env.host_dir {
+            // A delegate environment's host directory is mounted at its own path.
+            (d.clone(), path.strip_prefix(d).ok()?)
+        } else {
+            return None;
+        };
     for comp in rel.components() {
         let Component::Normal(c) = comp else { return None };
         cur.push(c);

@@ -19,6 +19,8 @@ pub(crate) const SPEC_HASH: &str = "dev.kiln.spec-hash";
 pub(crate) const RUNS_ON: &str = "dev.kiln.runs-on";
 /// On the record: the `host_dir` option of a delegate environment.
 pub(crate) const HOST_DIR: &str = "dev.kiln.host-dir";
+/// On the record: `host` when the workspace is a host directory, not the workspace volume.
+pub(crate) const WORKSPACE: &str = "dev.kiln.workspace";
 /// On the record: the `docker_host` option of an environment on another engine.
 pub(crate) const DOCKER_HOST: &str = "dev.kiln.docker-host";
 /// Set on the environment's network, the record of the environment.

@@ -6,15 +6,20 @@
 //! For `CreateExecutionEnvironment` with options `{"image": "IMAGE"}` the plugin creates, all
 //! named after the environment id `E` and labelled (see below):
 //!
-//! - a volume `kiln_E_workspace`, mounted at `/github/workspace` (`paths.workspace`) — it
-//!   is also the environment's record: the owner, the spec hash and the label live in its
-//!   labels, so a restarted plugin lists, replays and removes environments from the engine
-//!   alone;
+//! - a volume `kiln_E_workspace`, the environment's record: the owner, the spec hash and the
+//!   label live in its labels, so a restarted plugin lists, replays and removes environments
+//!   from the engine alone. On a daemon that shares the plugin's files (the usual local one)
+//!   the workspace (`paths.workspace`, `/github/workspace`) is the host directory
+//!   `STATE/E/workspace` bind-mounted there (the record says `dev.kiln.workspace=host`), so
+//!   `CopyIn` into it is extracted by the plugin itself, with the SDK's traversal rules and no
+//!   exec or engine call; on a remote daemon the volume is the workspace;
 //! - a bridge network `kiln_E`, when the hints announce a job container, services or docker
 //!   steps, else on the first inner container (the primary container is then connected to
 //!   it). A job of `run:` steps alone needs no network of its own, and creating and removing
 //!   one costs about 0.4 s on a small machine; its primary container uses the default bridge;
-//! - a host directory `STATE/E/` (`--state-dir`, default `$XDG_STATE_HOME/kiln/docker`)
+//! - a host directory `STATE/E/` (`--state-dir`, default `$XDG_STATE_HOME/kiln/docker`,
+//!   marked `chattr +T` so that ext4 spreads job directories over its block groups, see the
+//!   SDK's `dirs`)
 //!   bind-mounted at `/__kiln`, holding `runner/` (`paths.runner_files`, `/__kiln/runner`),
 //!   `temp/` (`paths.temp`, `/__kiln/temp`), `tool-cache/` (`paths.tool_cache`) and `execs/`
 //!   (one pid file per exec);
@@ -101,7 +106,11 @@
 //!
 //! # Copies
 //!
-//! `CopyIn` reads the tar stream, checks every entry with the SDK's rules
+//! `CopyIn` into the environment's own host directories (the workspace, `/__kiln`, a
+//! delegate's `host_dir`), in a container that mounts them, is extracted on the host by the
+//! SDK's `archive::unpack` (no entry outside the destination, none through a symlink; a
+//! destination whose host path has a symlink goes through the engine instead). Elsewhere it
+//! reads the tar stream, checks every entry with the SDK's rules
 //! (`kiln_plugin_sdk::archive::safe_relative`, hard-link targets inside, no writes through
 //! symlinks created by earlier entries or already in the destination — checked with one exec
 //! listing the symlinks under the destination), re-streams the checked entries, and uploads
