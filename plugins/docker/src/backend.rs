@@ -69,8 +69,9 @@ pub(crate) struct Inner {
     /// Every exec id used by this plugin process.
     pub(crate) exec_ids: Mutex<HashSet<String>>,
     pub(crate) execs: Mutex<HashMap<String, Arc<ExecHandle>>>,
-    /// Specs of step containers created by this process, to add an exec's env at start.
-    pub(crate) step_specs: Mutex<HashMap<String, ContainerSpec>>,
+    /// Step containers whose creation waits for their start, by engine name (see
+    /// [`DockerBackend::materialize`]).
+    pending_steps: Mutex<HashMap<String, PendingStep>>,
     /// When each container was first seen `starting` (see [`crate::compat::overdue_health`]).
     starting_since: Mutex<HashMap<String, std::time::Instant>>,
 }
@@ -92,6 +93,15 @@ pub(crate) struct EnvInfo {
     /// The workspace is `dir/workspace` on the host (bind-mounted at [`WORKSPACE`]), not the
     /// workspace volume: copies into it are extracted by the plugin, without the engine.
     pub(crate) workspace_on_host: bool,
+}
+
+/// A step container asked for and not created yet: a step container's env is only known when
+/// its main process starts (the exec's env), and the engine cannot add env to a container, so
+/// creating it then saves creating it twice.
+struct PendingStep {
+    env_id: String,
+    spec_hash: String,
+    body: ContainerCreateBody,
 }
 
 /// The options of an environment request.
@@ -170,7 +180,7 @@ impl DockerBackend {
                 removing: Mutex::new(HashSet::new()),
                 exec_ids: Mutex::new(HashSet::new()),
                 execs: Mutex::new(HashMap::new()),
-                step_specs: Mutex::new(HashMap::new()),
+                pending_steps: Mutex::new(HashMap::new()),
                 starting_since: Mutex::new(HashMap::new()),
             }),
         })
@@ -312,6 +322,7 @@ impl DockerBackend {
         container_id: &str,
     ) -> Result<(String, bollard::models::ContainerInspectResponse)> {
         validate_id(container_id, "container_id")?;
+        self.materialize(env, container_id, &[]).await?;
         let name = labels::container_name(&env.id, container_id);
         match crate::compat::inspect_container(&env.engine.docker, &name).await {
             Ok(c) => {
@@ -328,6 +339,35 @@ impl DockerBackend {
             Err(e) if is_not_found(&e) => Err(self.no_container(env, container_id)),
             Err(e) => Err(docker_err(format!("inspecting container {container_id:?}"), e)),
         }
+    }
+
+    /// Creates a pending step container (see [`PendingStep`]) with `extra` added to its env;
+    /// says whether there was one.
+    pub(crate) async fn materialize(
+        &self,
+        env: &EnvInfo,
+        container_id: &str,
+        extra: &[kiln_plugin_sdk::EnvVar],
+    ) -> Result<bool> {
+        let name = labels::container_name(&env.id, container_id);
+        let Some(p) = lock(&self.inner.pending_steps).remove(&name) else { return Ok(false) };
+        let mut body = p.body;
+        if !extra.is_empty() {
+            let mut vars = body.env.take().unwrap_or_default();
+            for v in extra {
+                vars.retain(|e| e.split_once('=').map(|(k, _)| k) != Some(v.name.as_str()));
+                vars.push(format!("{}={}", v.name, v.value));
+            }
+            body.env = Some(vars);
+        }
+        let image = body.image.clone().unwrap_or_default();
+        let options = CreateContainerOptions { name: Some(name), ..Default::default() };
+        env.engine
+            .docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(|e| docker_err(format!("creating step container from image {image:?}"), e))?;
+        Ok(true)
     }
 
     fn no_container(&self, env: &EnvInfo, container_id: &str) -> Error {
@@ -593,6 +633,7 @@ impl DockerBackend {
         let mut existed = !containers.is_empty() || dir.exists();
         // Background processes and in-flight execs die with their containers.
         self.fail_execs(id);
+        lock(&self.inner.pending_steps).retain(|_, p| p.env_id != id);
         if !self.inner.is_root && engine.shares_fs && dir.exists() {
             self.empty_from_inside(engine, id, grace).await;
         }
@@ -1031,6 +1072,21 @@ impl DockerBackend {
         let hash = container_spec_hash(kind, spec);
         let name = labels::container_name(&env.id, &request.container_id);
         let docker = &env.engine.docker;
+        if let Some(p) = lock(&self.inner.pending_steps).get(&name) {
+            if p.spec_hash != hash || p.env_id != env.id {
+                return Err(Error::already_exists(format!(
+                    "container {:?} exists with a different spec",
+                    request.container_id
+                ))
+                .field("container_id"));
+            }
+            return Ok(Container {
+                id: request.container_id,
+                environment_id: env.id.clone(),
+                state: ContainerState::Created,
+                ports: Vec::new(),
+            });
+        }
         match crate::compat::inspect_container(docker, &name).await {
             Ok(c) => {
                 let l = c.config.as_ref().and_then(|c| c.labels.clone()).unwrap_or_default();
@@ -1091,7 +1147,7 @@ impl DockerBackend {
         l.extend(parsed.labels.clone());
         l.insert(labels::CONTAINER_ID.to_owned(), request.container_id.clone());
         l.insert(labels::KIND.to_owned(), kind.to_string());
-        l.insert(labels::CONTAINER_SPEC_HASH.to_owned(), hash);
+        l.insert(labels::CONTAINER_SPEC_HASH.to_owned(), hash.clone());
         for v in &parsed.named_volumes {
             let create = VolumeCreateRequest {
                 name: Some(v.clone()),
@@ -1146,16 +1202,19 @@ impl DockerBackend {
             }),
             ..Default::default()
         };
-        let options = CreateContainerOptions { name: Some(name.clone()), ..Default::default() };
-        docker.create_container(Some(options), body).await.map_err(|e| {
-            docker_err(format!("creating {kind} container from image {image:?}"), e)
-        })?;
-        if kind == ContainerKind::Job && spec.mount_workspace && !env.engine.shares_fs {
-            // Without a primary container, the job container is the first to mount `/__kiln`.
-            self.init_kiln_volume(&env, &name).await?;
-        }
         if kind == ContainerKind::Step {
-            lock(&self.inner.step_specs).insert(name, spec.clone());
+            let pending = PendingStep { env_id: env.id.clone(), spec_hash: hash, body };
+            lock(&self.inner.pending_steps).insert(name, pending);
+        } else {
+            let options = CreateContainerOptions { name: Some(name.clone()), ..Default::default() };
+            docker.create_container(Some(options), body).await.map_err(|e| {
+                docker_err(format!("creating {kind} container from image {image:?}"), e)
+            })?;
+            if kind == ContainerKind::Job && spec.mount_workspace && !env.engine.shares_fs {
+                // Without a primary container, the job container is the first to mount
+                // `/__kiln`.
+                self.init_kiln_volume(&env, &name).await?;
+            }
         }
         tracing::info!(env = %env.id, container = %request.container_id, %kind, %image, "container created");
         Ok(Container {
@@ -1395,7 +1454,9 @@ impl Backend for DockerBackend {
                 return Ok(false);
             }
             let name = labels::container_name(&id, container);
-            lock(&self.inner.step_specs).remove(&name);
+            if lock(&self.inner.pending_steps).remove(&name).is_some() {
+                return Ok(true);
+            }
             let engine = match self.find_env(&id).await? {
                 Some(env) => Arc::clone(&env.engine),
                 None => Arc::clone(&self.inner.engines.default),

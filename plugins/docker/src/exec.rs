@@ -440,6 +440,9 @@ pub(crate) async fn start(backend: &DockerBackend, req: ExecRequest) -> Result<E
         return Err(Error::unimplemented("the docker plugin does not support tty").field("tty"));
     }
     let env = backend.live_env(&req.environment_id).await?;
+    // A step container's main process: created now, with the exec's env (see PendingStep).
+    let with_env =
+        req.argv.is_empty() && backend.materialize(&env, &req.container_id, &req.env).await?;
     let (container, inspect) = backend.container(&env, &req.container_id).await?;
     if !req.working_dir.is_empty() {
         check_path(&req.working_dir, "working_dir")?;
@@ -499,7 +502,7 @@ pub(crate) async fn start(backend: &DockerBackend, req: ExecRequest) -> Result<E
             )
             .field("stdin"));
         }
-        return start_step(backend, env, container, inspect, req, plan).await;
+        return start_step(backend, env, container, inspect, req, plan, with_env).await;
     }
     if !running {
         return Err(Error::failed_precondition(format!(
@@ -608,6 +611,7 @@ fn prepend(prepend: &[String], path: &str) -> String {
 }
 
 /// Runs a step container's main process: attach, start, stream, wait.
+#[allow(clippy::too_many_arguments)]
 async fn start_step(
     backend: &DockerBackend,
     env: Arc<EnvInfo>,
@@ -615,6 +619,7 @@ async fn start_step(
     inspect: bollard::models::ContainerInspectResponse,
     req: ExecRequest,
     plan: Plan,
+    with_env: bool,
 ) -> Result<ExecStream> {
     let docker = env.engine.docker.clone();
     let state = inspect.state.as_ref().and_then(|s| s.status);
@@ -624,7 +629,9 @@ async fn start_step(
             req.container_id
         )));
     }
-    if !req.env.is_empty() {
+    // A container created before this exec (by another plugin process) gets the env by
+    // being created again.
+    if !req.env.is_empty() && !with_env {
         container = recreate_with_env(&env.engine.docker, &container, inspect, &req).await?;
     }
     stage(&env, &container, &req.files).await?;

@@ -127,7 +127,10 @@
 //! is created. `Inspect` reports Docker's health check state. Dockerfile actions (feature
 //! `image_build`) are built from their context directory in the environment and cached by
 //! content (`kiln-build:<hash>`, see `build`). A step container's main process
-//! runs through an `Exec` with empty `argv` (attach, start, wait).
+//! runs through an `Exec` with empty `argv` (attach, start, wait); the engine's container is
+//! created then, with the exec's env added (the engine cannot add env to a created container),
+//! so until its start a step container lives only in the plugin's memory: listed nowhere,
+//! lost with the process, which leaves nothing behind.
 //!
 //! # Known limits
 //!
