@@ -28,6 +28,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const LIST_TIMEOUT: Duration = Duration::from_secs(3);
 /// An endpoint that has not answered for this long is forgotten.
 const FORGET_AFTER: Duration = Duration::from_secs(24 * 3600);
+/// An endpoint that did not answer is not asked again for this long.
+const RETRY_AFTER: Duration = Duration::from_secs(30);
 /// `seen_at_ms` is rewritten at most this often.
 const SEEN_EVERY: Duration = Duration::from_secs(3600);
 
@@ -181,6 +183,8 @@ pub(crate) struct Engines {
     clients: tokio::sync::Mutex<HashMap<String, Arc<Engine>>>,
     /// The endpoints file's contents.
     known: Mutex<Vec<Known>>,
+    /// Endpoints that did not answer, and when.
+    silent_since: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl Engines {
@@ -216,6 +220,7 @@ impl Engines {
             default_tls,
             clients: tokio::sync::Mutex::new(HashMap::new()),
             known: Mutex::new(known),
+            silent_since: Mutex::new(HashMap::new()),
         }
     }
 
@@ -309,10 +314,17 @@ impl Engines {
     }
 
     /// Every engine that answers within [`LIST_TIMEOUT`]: the plugin's own first, then those
-    /// of the endpoints file. An endpoint silent for [`FORGET_AFTER`] is forgotten.
+    /// of the endpoints file (one that did not answer is asked again after [`RETRY_AFTER`]).
+    /// An endpoint silent for [`FORGET_AFTER`] is forgotten.
     pub(crate) async fn reachable(&self) -> Vec<Arc<Engine>> {
         let mut out = vec![Arc::clone(&self.default)];
-        let endpoints = self.endpoints();
+        let endpoints: Vec<String> = {
+            let silent = lock(&self.silent_since);
+            self.endpoints()
+                .into_iter()
+                .filter(|e| silent.get(e).is_none_or(|t| t.elapsed() >= RETRY_AFTER))
+                .collect()
+        };
         let probes = endpoints.iter().map(|endpoint| async move {
             let got =
                 tokio::time::timeout(LIST_TIMEOUT, async {
@@ -328,6 +340,7 @@ impl Engines {
         for (endpoint, got) in futures::future::join_all(probes).await {
             match got {
                 Ok(Ok(engine)) => {
+                    lock(&self.silent_since).remove(endpoint.as_str());
                     self.seen(endpoint);
                     out.push(engine);
                 }
@@ -354,6 +367,7 @@ impl Engines {
     }
 
     fn silent(&self, endpoint: &str, why: &str) {
+        lock(&self.silent_since).insert(endpoint.to_owned(), std::time::Instant::now());
         let seen = lock(&self.known).iter().find(|k| k.endpoint == endpoint).map(|k| k.seen_at_ms);
         let silent_for = crate::labels::now_ms() - seen.unwrap_or(0);
         if silent_for > FORGET_AFTER.as_millis() as i64 {
@@ -383,16 +397,45 @@ mod tests {
         assert!(!is_local("tcp://127.0.0.1:2375"));
     }
 
-    #[tokio::test]
-    async fn the_endpoints_file_survives_a_restart_and_drops_bad_lines() {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = || Engine {
+    fn engine() -> Engine {
+        Engine {
             endpoint: String::new(),
             docker: connect_docker(Some("http://127.0.0.1:9"), None).unwrap(),
             shares_fs: true,
             os: "linux".into(),
             arch: "amd64".into(),
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn a_silent_endpoint_is_left_out_asked_again_later_and_forgotten_after_a_day() {
+        let dir = tempfile::tempdir().unwrap();
+        // Nothing listens on port 9 of 127.0.0.1: connecting is refused at once.
+        let old = crate::labels::now_ms() - 2 * FORGET_AFTER.as_millis() as i64;
+        let lines = format!(
+            "{{\"endpoint\":\"tcp://127.0.0.1:9\",\"seen_at_ms\":{}}}\n\
+             {{\"endpoint\":\"http://127.0.0.1:9\",\"seen_at_ms\":{old}}}\n",
+            crate::labels::now_ms()
+        );
+        std::fs::write(dir.path().join("endpoints.json"), lines).unwrap();
+        let engines = Engines::new(engine(), dir.path(), None);
+        let reachable = engines.reachable().await;
+        assert_eq!(reachable.len(), 1, "only the plugin's own engine");
+        assert!(reachable[0].endpoint.is_empty());
+        // The recent one stays, the one silent for two days is forgotten.
+        assert_eq!(engines.endpoints(), ["tcp://127.0.0.1:9"]);
+        // Asked again only after RETRY_AFTER.
+        assert!(lock(&engines.silent_since).contains_key("tcp://127.0.0.1:9"));
+        let started = std::time::Instant::now();
+        assert_eq!(engines.reachable().await.len(), 1);
+        assert!(started.elapsed() < Duration::from_millis(50), "{:?}", started.elapsed());
+        let e = engines.get("tcp://127.0.0.1:9", None).await.unwrap_err();
+        assert!(e.message.contains("tcp://127.0.0.1:9"), "{}", e.message);
+    }
+
+    #[tokio::test]
+    async fn the_endpoints_file_survives_a_restart_and_drops_bad_lines() {
+        let dir = tempfile::tempdir().unwrap();
         let a = Engines::new(engine(), dir.path(), None);
         a.remember("tcp://10.0.0.2:2376", Some(Path::new("/etc/kiln/vm-tls"))).unwrap();
         a.remember("unix:///run/other.sock", None).unwrap();
