@@ -122,7 +122,9 @@ pub struct Args {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let backend = HostBackend::new(args.host.config("host"))?;
     tracing::info!(root = %backend.root().display(), "host backend ready");
-    kiln_plugin_sdk::server::run(backend, &args.serve).await
+    let served = kiln_plugin_sdk::server::run(backend.clone(), &args.serve).await;
+    backend.drain_removals().await;
+    served
 }
 
 /// The binary's entry point: logging, flags from the command line, [`run`].
