@@ -1,20 +1,31 @@
 //! Secret masking: every secret value and every `::add-mask::` value becomes `***` in logs,
 //! including each line of a multi-line secret.
 //!
-//! The values are searched together in one pass (an Aho-Corasick automaton, rebuilt when a
-//! value is added), and only when there are values: output with no secrets is copied as is.
+//! The values are searched only when there are values: each with its own substring search
+//! while they are few (the usual case: a job's handful of secrets), together in one pass of an
+//! Aho-Corasick automaton when there are more. Output with no secrets is copied as is.
 
 use std::borrow::Cow;
 
 use aho_corasick::AhoCorasick;
+use memchr::memmem;
+
+/// Up to this many values are searched one by one.
+const FEW: usize = 4;
 
 /// The values to hide. Where occurrences overlap, all of their bytes are hidden together.
 #[derive(Debug, Clone, Default)]
 pub struct Masker {
     values: Vec<String>,
-    /// The automaton over the single-line `values`; `None` when there are none. A value that
+    /// The search over the single-line `values`; `None` when there are none. A value that
     /// holds a line break can never be inside one log line (its lines are values of their own).
-    matcher: Option<AhoCorasick>,
+    matcher: Option<Matcher>,
+}
+
+#[derive(Debug, Clone)]
+enum Matcher {
+    Few(Vec<memmem::Finder<'static>>),
+    Many(AhoCorasick),
 }
 
 impl Masker {
@@ -43,9 +54,20 @@ impl Masker {
         if self.values.len() != before {
             let single: Vec<&str> =
                 self.values.iter().map(String::as_str).filter(|v| !v.contains('\n')).collect();
-            // Building fails only past the automaton's size limits (gigabytes of secrets);
-            // then nothing could be masked quickly, so the values are matched one by one.
-            self.matcher = if single.is_empty() { None } else { AhoCorasick::new(single).ok() };
+            self.matcher = match single.len() {
+                0 => None,
+                n if n <= FEW => Some(Matcher::Few(
+                    single.iter().map(|v| memmem::Finder::new(v).into_owned()).collect(),
+                )),
+                // Building fails only past the automaton's size limits (gigabytes of
+                // secrets); the values are then searched one by one.
+                _ => Some(match AhoCorasick::new(&single) {
+                    Ok(ac) => Matcher::Many(ac),
+                    Err(_) => Matcher::Few(
+                        single.iter().map(|v| memmem::Finder::new(v).into_owned()).collect(),
+                    ),
+                }),
+            };
         }
     }
 
@@ -56,7 +78,7 @@ impl Masker {
 
     /// The line with every secret replaced by `***`.
     pub fn mask<'a>(&self, line: &'a str) -> Cow<'a, str> {
-        if self.values.is_empty() {
+        if self.matcher.is_none() {
             return Cow::Borrowed(line);
         }
         let mut out = String::new();
@@ -67,56 +89,48 @@ impl Masker {
     /// was replaced. `text` may hold many lines: no masked value spans a line break, so this is
     /// the same as masking line by line.
     pub fn mask_into(&self, text: &str, out: &mut String) -> bool {
-        let Some(matcher) = &self.matcher else {
-            if self.values.is_empty() {
-                out.push_str(text);
-                return false;
+        // Every occurrence, overlapping ones included (no allocation when there is none).
+        let mut spans: Vec<(usize, usize)> = Vec::new();
+        match &self.matcher {
+            None => {}
+            Some(Matcher::Few(finders)) => {
+                for f in finders {
+                    let len = f.needle().len();
+                    let mut at = 0;
+                    while let Some(i) = f.find(&text.as_bytes()[at..]) {
+                        spans.push((at + i, at + i + len));
+                        at += i + 1;
+                    }
+                }
             }
-            return self.mask_slowly(text, out);
+            Some(Matcher::Many(ac)) => {
+                spans.extend(ac.find_overlapping_iter(text).map(|m| (m.start(), m.end())));
+            }
+        }
+        spans.sort_unstable();
+        let Some(&first) = spans.first() else {
+            out.push_str(text);
+            return false;
         };
-        let mut found = false;
-        // Occurrences in order of their end; overlapping ones are merged into one span.
-        let mut span: Option<(usize, usize)> = None;
+        // Overlapping occurrences are merged into one span; each span becomes `***`.
         let mut copied = 0;
-        let spans = |start: usize, end: usize, copied: &mut usize, out: &mut String| {
-            out.push_str(&text[*copied..start]);
+        let mut write = |(start, end): (usize, usize), out: &mut String| {
+            out.push_str(&text[copied..start]);
             out.push_str("***");
-            *copied = end;
+            copied = end;
         };
-        for m in matcher.find_overlapping_iter(text) {
-            found = true;
-            span = match span {
-                // A span already written stays written: the merged one starts after it.
-                Some((s, e)) if m.start() < e => {
-                    Some((s.min(m.start()).max(copied), e.max(m.end())))
-                }
-                Some((s, e)) => {
-                    spans(s, e, &mut copied, out);
-                    Some((m.start().max(copied), m.end()))
-                }
-                None => Some((m.start(), m.end())),
-            };
-        }
-        if let Some((s, e)) = span {
-            spans(s, e, &mut copied, out);
-        }
-        out.push_str(&text[copied..]);
-        found
-    }
-
-    /// [`Self::mask_into`] without the automaton: longest value first.
-    fn mask_slowly(&self, text: &str, out: &mut String) -> bool {
-        let mut values: Vec<&str> =
-            self.values.iter().map(String::as_str).filter(|v| !v.contains('\n')).collect();
-        values.sort_by_key(|v| std::cmp::Reverse(v.len()));
-        let mut masked = Cow::Borrowed(text);
-        for v in values {
-            if masked.contains(v) {
-                masked = Cow::Owned(masked.replace(v, "***"));
+        let mut span = first;
+        for &(start, end) in &spans[1..] {
+            if start < span.1 {
+                span.1 = span.1.max(end);
+            } else {
+                write(span, out);
+                span = (start, end);
             }
         }
-        out.push_str(&masked);
-        matches!(masked, Cow::Owned(_))
+        write(span, out);
+        out.push_str(&text[copied..]);
+        true
     }
 }
 
@@ -149,12 +163,25 @@ mod tests {
         m.add("cdefg");
         assert_eq!(m.mask("1abcdefg2"), "1***2");
 
-        // Reported by end: "ab", then "cd" (written), then "abcde" over both.
         let mut m = Masker::new();
         for v in ["ab", "cd", "abcde"] {
             m.add(v);
         }
-        assert_eq!(m.mask("abcdef"), "******f");
+        assert_eq!(m.mask("abcdef"), "***f");
+        assert_eq!(m.mask("abcd"), "******");
+        m.add("aa");
+        assert_eq!(m.mask("aaa b"), "*** b");
+    }
+
+    #[test]
+    fn many_values_are_searched_together() {
+        let mut m = Masker::new();
+        for v in ["one1", "two2", "three3", "four4", "five5", "six6", "ab", "bcd"] {
+            m.add(v);
+        }
+        assert!(matches!(m.matcher, Some(Matcher::Many(_))));
+        assert_eq!(m.mask("one1 two2 x six6 abcd five5!"), "*** *** x *** *** ***!");
+        assert_eq!(m.mask("nothing"), "nothing");
     }
 
     #[test]
