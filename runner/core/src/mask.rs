@@ -1,31 +1,21 @@
 //! Secret masking: every secret value and every `::add-mask::` value becomes `***` in logs,
 //! including each line of a multi-line secret.
 //!
-//! The values are searched only when there are values: each with its own substring search
-//! while they are few (the usual case: a job's handful of secrets), together in one pass of an
-//! Aho-Corasick automaton when there are more. Output with no secrets is copied as is.
+//! Output is searched only when there are values, with one vectorized substring search per
+//! value (`memchr::memmem`; a job has a handful of secrets), over a block of lines at once.
+//! Output with no secrets is copied as is.
 
 use std::borrow::Cow;
 
-use aho_corasick::AhoCorasick;
 use memchr::memmem;
-
-/// Up to this many values are searched one by one.
-const FEW: usize = 4;
 
 /// The values to hide. Where occurrences overlap, all of their bytes are hidden together.
 #[derive(Debug, Clone, Default)]
 pub struct Masker {
     values: Vec<String>,
-    /// The search over the single-line `values`; `None` when there are none. A value that
-    /// holds a line break can never be inside one log line (its lines are values of their own).
-    matcher: Option<Matcher>,
-}
-
-#[derive(Debug, Clone)]
-enum Matcher {
-    Few(Vec<memmem::Finder<'static>>),
-    Many(AhoCorasick),
+    /// A search for each single-line value. A value that holds a line break can never be
+    /// inside one log line (its lines are values of their own).
+    finders: Vec<memmem::Finder<'static>>,
 }
 
 impl Masker {
@@ -52,22 +42,12 @@ impl Masker {
             }
         }
         if self.values.len() != before {
-            let single: Vec<&str> =
-                self.values.iter().map(String::as_str).filter(|v| !v.contains('\n')).collect();
-            self.matcher = match single.len() {
-                0 => None,
-                n if n <= FEW => Some(Matcher::Few(
-                    single.iter().map(|v| memmem::Finder::new(v).into_owned()).collect(),
-                )),
-                // Building fails only past the automaton's size limits (gigabytes of
-                // secrets); the values are then searched one by one.
-                _ => Some(match AhoCorasick::new(&single) {
-                    Ok(ac) => Matcher::Many(ac),
-                    Err(_) => Matcher::Few(
-                        single.iter().map(|v| memmem::Finder::new(v).into_owned()).collect(),
-                    ),
-                }),
-            };
+            self.finders = self
+                .values
+                .iter()
+                .filter(|v| !v.contains('\n'))
+                .map(|v| memmem::Finder::new(v).into_owned())
+                .collect();
         }
     }
 
@@ -78,7 +58,7 @@ impl Masker {
 
     /// The line with every secret replaced by `***`.
     pub fn mask<'a>(&self, line: &'a str) -> Cow<'a, str> {
-        if self.matcher.is_none() {
+        if self.finders.is_empty() {
             return Cow::Borrowed(line);
         }
         let mut out = String::new();
@@ -91,20 +71,12 @@ impl Masker {
     pub fn mask_into(&self, text: &str, out: &mut String) -> bool {
         // Every occurrence, overlapping ones included (no allocation when there is none).
         let mut spans: Vec<(usize, usize)> = Vec::new();
-        match &self.matcher {
-            None => {}
-            Some(Matcher::Few(finders)) => {
-                for f in finders {
-                    let len = f.needle().len();
-                    let mut at = 0;
-                    while let Some(i) = f.find(&text.as_bytes()[at..]) {
-                        spans.push((at + i, at + i + len));
-                        at += i + 1;
-                    }
-                }
-            }
-            Some(Matcher::Many(ac)) => {
-                spans.extend(ac.find_overlapping_iter(text).map(|m| (m.start(), m.end())));
+        for f in &self.finders {
+            let len = f.needle().len();
+            let mut at = 0;
+            while let Some(i) = f.find(&text.as_bytes()[at..]) {
+                spans.push((at + i, at + i + len));
+                at += i + 1;
             }
         }
         spans.sort_unstable();
@@ -174,12 +146,11 @@ mod tests {
     }
 
     #[test]
-    fn many_values_are_searched_together() {
+    fn many_values() {
         let mut m = Masker::new();
         for v in ["one1", "two2", "three3", "four4", "five5", "six6", "ab", "bcd"] {
             m.add(v);
         }
-        assert!(matches!(m.matcher, Some(Matcher::Many(_))));
         assert_eq!(m.mask("one1 two2 x six6 abcd five5!"), "*** *** x *** *** ***!");
         assert_eq!(m.mask("nothing"), "nothing");
     }
