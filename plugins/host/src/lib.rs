@@ -17,6 +17,11 @@
 //!   (plus `path_prepend`). The groups are recorded in memory and in `root/<id>/pgids`, so
 //!   Remove kills them even after a plugin restart — after checking in `/proc` that each group
 //!   still belongs to the environment (see `procs`).
+//! - Remove of an environment kills its process groups, renames its directory into
+//!   `root/.removed/` (no id can name it, so it is never listed) and answers; the tree is
+//!   deleted in the background (on ext4 with `discard`, deleting a job's workspace takes
+//!   longer than a short job). The plugin waits for those deletions and deletes
+//!   `root/.removed/` before it exits; one that was killed first leaves them to the next start.
 //! - Remove of a container id (even `"host"`) removes nothing and returns `existed = false`:
 //!   the primary container lives exactly as long as its environment, so only removing the
 //!   environment ends it. This keeps a generic "remove the containers, then the environment"
