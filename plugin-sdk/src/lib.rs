@@ -13,6 +13,7 @@ pub mod archive;
 pub mod backend;
 pub mod client;
 pub mod conformance;
+pub mod dirs;
 pub mod error;
 pub mod ids;
 pub mod server;

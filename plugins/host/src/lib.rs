@@ -1,6 +1,9 @@
 //! The kiln host backend: runs steps directly on this machine, each job in a private work
 //! directory (act's "host mode", with the protocol's guarantees).
 //!
+//! - The root is marked a top directory (`chattr +T`, best effort), so ext4 puts each
+//!   environment's directory in another block group than the ones recently freed (see
+//!   `kiln_plugin_sdk::dirs`).
 //! - An environment is `root/<id>/` (0700) with `workspace/`, `temp/`, `tool-cache/` (or a
 //!   shared tool cache, `--tool-cache`), `runner/`, and `env.json` holding the owner labels,
 //!   the spec hash (replayed creates are idempotent, a different spec is ALREADY_EXISTS) and
