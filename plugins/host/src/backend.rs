@@ -1,6 +1,7 @@
 //! [`HostBackend`]: the [`Backend`] implementation of the host plugin.
 
 use std::collections::HashMap;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -52,7 +53,18 @@ struct Inner {
     delegate_options: Vec<(String, String)>,
     envs: Mutex<HashMap<String, Arc<Env>>>,
     execs: Mutex<HashMap<String, Arc<ExecHandle>>>,
+    /// Deletions of removed environments' directories, renamed aside into [`REMOVED_DIR`].
+    removals: Mutex<tokio::task::JoinSet<()>>,
+    /// Numbers the directories renamed aside.
+    removed_seq: std::sync::atomic::AtomicU64,
 }
+
+/// The directory under the root that Remove renames environment directories into, to delete
+/// them after answering. No environment id can name it (ids never start with a dot), so
+/// `ListEnvironments` never sees it; [`HostBackend::drain_removals`] empties and deletes it
+/// before the plugin exits, and a plugin that was killed first finishes the job at its next
+/// start.
+const REMOVED_DIR: &str = ".removed";
 
 impl std::fmt::Debug for HostBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -63,7 +75,7 @@ impl std::fmt::Debug for HostBackend {
 impl HostBackend {
     /// Creates the root directory (0700) when missing.
     pub fn new(config: HostConfig) -> anyhow::Result<HostBackend> {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        use std::os::unix::fs::PermissionsExt;
         let make = |dir: &Path| -> anyhow::Result<PathBuf> {
             std::fs::DirBuilder::new()
                 .recursive(true)
@@ -75,6 +87,12 @@ impl HostBackend {
         let root = make(&config.root)?;
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
             .with_context(|| format!("restricting {}", root.display()))?;
+        // Each environment's directory in another block group than the last one deleted (see
+        // `kiln_plugin_sdk::dirs`): jobs took a fraction of the time with it (bench/RESULTS.md).
+        if !kiln_plugin_sdk::dirs::spread_subdirectories(&root) {
+            let root = root.display();
+            tracing::debug!(%root, "the filesystem does not take the top-directory hint");
+        }
         let tool_cache = config.tool_cache.as_deref().map(make).transpose()?;
         let home = std::env::var("HOME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| {
             nix::unistd::User::from_uid(nix::unistd::getuid())
@@ -83,7 +101,7 @@ impl HostBackend {
                 .map(|u| u.dir.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "/".to_owned())
         });
-        Ok(HostBackend {
+        let backend = HostBackend {
             inner: Arc::new(Inner {
                 root,
                 tool_cache,
@@ -93,8 +111,80 @@ impl HostBackend {
                 delegate_options: config.delegate_options.clone(),
                 envs: Mutex::new(HashMap::new()),
                 execs: Mutex::new(HashMap::new()),
+                removals: Mutex::new(tokio::task::JoinSet::new()),
+                removed_seq: std::sync::atomic::AtomicU64::new(0),
             }),
-        })
+        };
+        // What a killed plugin renamed aside and did not delete.
+        let removed = backend.inner.root.join(REMOVED_DIR);
+        if let Ok(entries) = std::fs::read_dir(&removed) {
+            for entry in entries.flatten() {
+                backend.delete_later(entry.path());
+            }
+        }
+        Ok(backend)
+    }
+
+    /// Deletes `dir` in the background (on the blocking pool), or now when there is no
+    /// runtime.
+    fn delete_later(&self, dir: PathBuf) {
+        let delete = move || {
+            if let Err(e) = delete_tree_now(&dir) {
+                let dir = dir.display();
+                tracing::warn!(%dir, error = %e, "cannot delete a removed environment");
+            }
+        };
+        if tokio::runtime::Handle::try_current().is_err() {
+            delete();
+            return;
+        }
+        let mut set = lock(&self.inner.removals);
+        while set.try_join_next().is_some() {}
+        set.spawn_blocking(delete);
+    }
+
+    /// Deletes the directory of a removed environment: renamed aside at once (so the
+    /// environment is gone when Remove answers) and deleted in the background (on a
+    /// filesystem that discards freed blocks, deleting a job's tree takes longer than
+    /// running a short job). A failed rename deletes in place.
+    async fn delete_env_dir(&self, dir: PathBuf) -> Result<()> {
+        let removed = self.inner.root.join(REMOVED_DIR);
+        if let Err(e) = std::fs::DirBuilder::new().mode(0o700).create(&removed)
+            && e.kind() != std::io::ErrorKind::AlreadyExists
+        {
+            let shown = removed.display();
+            tracing::debug!(dir = %shown, error = %e, "cannot create the removal directory");
+            return delete_tree(dir).await;
+        }
+        let n = self.inner.removed_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let aside = removed.join(format!("{name}.{}.{n}", std::process::id()));
+        match std::fs::rename(&dir, &aside) {
+            Ok(()) => {
+                self.delete_later(aside);
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => {
+                let shown = dir.display();
+                tracing::debug!(dir = %shown, error = %e, "cannot rename aside: deleting in place");
+                delete_tree(dir).await
+            }
+        }
+    }
+
+    /// Waits for the background deletions of removed environments, then deletes the
+    /// directory they were renamed into. Called before the plugin exits: nothing a removed
+    /// environment held is left behind.
+    pub async fn drain_removals(&self) {
+        loop {
+            let mut set = std::mem::take(&mut *lock(&self.inner.removals));
+            if set.is_empty() {
+                break;
+            }
+            while set.join_next().await.is_some() {}
+        }
+        let _ = std::fs::remove_dir(self.inner.root.join(REMOVED_DIR));
     }
 
     /// The (canonical) directory environments live in.
@@ -260,23 +350,26 @@ impl HostBackend {
 /// Deletes a directory tree; processes that were just killed may still be writing, so a
 /// non-empty directory is retried a few times.
 async fn delete_tree(dir: PathBuf) -> Result<()> {
-    tokio::task::spawn_blocking(move || {
-        let mut attempt = 0;
-        loop {
-            match std::fs::remove_dir_all(&dir) {
-                Ok(()) => return Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-                Err(e) if attempt < 5 => {
-                    tracing::debug!(dir = %dir.display(), error = %e, "retrying removal");
-                    attempt += 1;
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => return Err(Error::io(format!("removing {}", dir.display()), &e)),
+    tokio::task::spawn_blocking(move || delete_tree_now(&dir))
+        .await
+        .map_err(|e| Error::internal(format!("the removal task failed: {e}")))?
+}
+
+/// [`delete_tree`], blocking.
+fn delete_tree_now(dir: &Path) -> Result<()> {
+    let mut attempt = 0;
+    loop {
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if attempt < 5 => {
+                tracing::debug!(dir = %dir.display(), error = %e, "retrying removal");
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(50));
             }
+            Err(e) => return Err(Error::io(format!("removing {}", dir.display()), &e)),
         }
-    })
-    .await
-    .map_err(|e| Error::internal(format!("the removal task failed: {e}")))?
+    }
 }
 
 #[async_trait::async_trait]
@@ -451,7 +544,7 @@ impl Backend for HostBackend {
             // A directory without env.json is an interrupted create: remove it too.
             let dir = self.inner.root.join(id);
             if dir.is_dir() {
-                delete_tree(dir).await?;
+                self.delete_env_dir(dir).await?;
                 return Ok(true);
             }
             return Ok(false);
@@ -463,7 +556,7 @@ impl Backend for HostBackend {
             std::mem::take(&mut st.groups)
         };
         Self::kill_groups(&env, groups, exec::grace_or_default(request.grace)).await;
-        delete_tree(env.dir.clone()).await?;
+        self.delete_env_dir(env.dir.clone()).await?;
         let exec_ids: Vec<String> = lock(&env.state).exec_ids.iter().cloned().collect();
         {
             let mut execs = lock(&self.inner.execs);

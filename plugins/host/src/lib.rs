@@ -1,6 +1,9 @@
 //! The kiln host backend: runs steps directly on this machine, each job in a private work
 //! directory (act's "host mode", with the protocol's guarantees).
 //!
+//! - The root is marked a top directory (`chattr +T`, best effort), so ext4 puts each
+//!   environment's directory in another block group than the ones recently freed (see
+//!   `kiln_plugin_sdk::dirs`).
 //! - An environment is `root/<id>/` (0700) with `workspace/`, `temp/`, `tool-cache/` (or a
 //!   shared tool cache, `--tool-cache`), `runner/`, and `env.json` holding the owner labels,
 //!   the spec hash (replayed creates are idempotent, a different spec is ALREADY_EXISTS) and
@@ -19,6 +22,11 @@
 //!   (plus `path_prepend`). The groups are recorded in memory and in `root/<id>/pgids`, so
 //!   Remove kills them even after a plugin restart — after checking in `/proc` that each group
 //!   still belongs to the environment (see `procs`).
+//! - Remove of an environment kills its process groups, renames its directory into
+//!   `root/.removed/` (no id can name it, so it is never listed) and answers; the tree is
+//!   deleted in the background (on ext4 with `discard`, deleting a job's workspace takes
+//!   longer than a short job). The plugin waits for those deletions and deletes
+//!   `root/.removed/` before it exits; one that was killed first leaves them to the next start.
 //! - Remove of a container id (even `"host"`) removes nothing and returns `existed = false`:
 //!   the primary container lives exactly as long as its environment, so only removing the
 //!   environment ends it. This keeps a generic "remove the containers, then the environment"
@@ -147,7 +155,9 @@ pub struct Args {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let backend = HostBackend::new(args.host.config("host"))?;
     tracing::info!(root = %backend.root().display(), "host backend ready");
-    kiln_plugin_sdk::server::run(backend, &args.serve).await
+    let served = kiln_plugin_sdk::server::run(backend.clone(), &args.serve).await;
+    backend.drain_removals().await;
+    served
 }
 
 /// The binary's entry point: logging, flags from the command line, [`run`].

@@ -616,3 +616,31 @@ async fn steps_get_default_signal_handling() {
     assert_eq!(o.exited.status, ExitStatus::Code(0));
     assert!(t.elapsed() < Duration::from_secs(5));
 }
+
+#[tokio::test]
+async fn remove_deletes_in_the_background_and_leaves_nothing_after_the_drain() {
+    let (dir, b) = backend();
+    let root = dir.path().join("root");
+    let env = create(&b, "env-bg").await;
+    std::fs::write(Path::new(&env.paths.workspace).join("big"), vec![7u8; 1 << 20]).unwrap();
+    let rm = RemoveRequest { environment_id: "env-bg".to_owned(), ..RemoveRequest::default() };
+    assert!(b.remove(rm.clone()).await.unwrap());
+    // Gone from its path and from the listing as soon as Remove answers.
+    assert!(!root.join("env-bg").exists());
+    assert!(b.list_environments(Selector::default()).await.unwrap().is_empty());
+    // The same id can be created again at once.
+    create(&b, "env-bg").await;
+    assert!(b.remove(rm).await.unwrap());
+    b.drain_removals().await;
+    let left: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+
+    // What a killed plugin renamed aside is deleted by the next one.
+    let aside = root.join(".removed/env-old.1.0/workspace");
+    std::fs::create_dir_all(&aside).unwrap();
+    std::fs::write(aside.join("f"), b"x").unwrap();
+    let next = HostBackend::new(HostConfig::new(&root)).unwrap();
+    next.drain_removals().await;
+    let left: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

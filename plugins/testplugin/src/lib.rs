@@ -403,7 +403,10 @@ pub struct Args {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let backend = TestBackend::new(args.host.config("test"), args.faults)?;
     tracing::info!(root = %backend.host().root().display(), faults = ?backend.faults(), "test backend ready");
-    kiln_plugin_sdk::server::run(backend, &args.serve).await
+    let host = backend.host().clone();
+    let served = kiln_plugin_sdk::server::run(backend, &args.serve).await;
+    host.drain_removals().await;
+    served
 }
 
 /// The binary's entry point: logging, flags from the command line, [`run`].

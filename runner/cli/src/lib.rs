@@ -23,7 +23,13 @@ pub fn main() -> ExitCode {
         _ => None,
     };
     logging::init(cli.verbose, config_level.as_deref());
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // A plugin serves its runner's requests, which wait on processes and I/O: one thread runs
+    // them (blocking work goes to the blocking pool), and no idle worker threads hold memory.
+    let mut builder = match cli.command {
+        cli::Command::Plugin(_) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the async runtime");

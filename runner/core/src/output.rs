@@ -126,6 +126,20 @@ pub trait EventSink: Send + Sync {
     /// Called for every event, in order per job.
     fn event(&self, event: Event);
 
+    /// A step's plain output lines as one block: `lines` holds whole lines, each ending in a
+    /// line feed, already masked. The same as one [`Event::Line`] of [`LineKind::Output`] per
+    /// line, which is what the default sends; a sink may take the block at once.
+    fn output(&self, job: &str, step: usize, lines: &str) {
+        for line in lines.split_terminator('\n') {
+            self.event(Event::Line {
+                job: job.to_owned(),
+                step: Some(step),
+                text: line.to_owned(),
+                kind: LineKind::Output,
+            });
+        }
+    }
+
     /// Called after a batch of lines (one chunk of output): a good moment to flush.
     fn flush(&self) {}
 }
@@ -312,6 +326,23 @@ impl EventSink for ConsolePrinter {
         let _ = st.out.write_all(line.as_bytes());
         if !is_line {
             let _ = st.out.flush();
+        }
+    }
+
+    fn output(&self, job: &str, _step: usize, lines: &str) {
+        let Ok(mut st) = self.state.lock() else { return };
+        let st = &mut *st;
+        let indent = st.group_depth + 1;
+        let out = &mut st.out;
+        for line in lines.split_terminator('\n') {
+            let _ = out.write_all(b"[");
+            let _ = out.write_all(job.as_bytes());
+            let _ = out.write_all(b"] ");
+            for _ in 0..indent {
+                let _ = out.write_all(b"  ");
+            }
+            let _ = out.write_all(line.as_bytes());
+            let _ = out.write_all(b"\n");
         }
     }
 

@@ -315,6 +315,10 @@ impl EventSink for Prefixed {
         self.inner.event(event);
     }
 
+    fn output(&self, job: &str, step: usize, lines: &str) {
+        self.inner.output(&format!("{} / {job}", self.prefix), step, lines);
+    }
+
     fn flush(&self) {
         self.inner.flush();
     }

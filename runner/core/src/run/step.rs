@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use indexmap::IndexMap;
 use kiln_plugin_sdk::{
     Backend, CollectedFile, EnvVar, Environment, ExecEvent, ExecRequest, ExitStatus, Exited,
@@ -26,6 +26,10 @@ use crate::workflow::{
 
 /// Bound on each collected env file returned inline; longer ones are fetched with CopyOut.
 const COLLECT_LIMIT: u64 = 1024 * 1024;
+/// At most this many output frames that are already there are taken together.
+const OUTPUT_BURST: usize = 64;
+/// Plain output lines are sent to the sink when this many bytes are gathered (or sooner).
+const BATCH_MAX: usize = 128 * 1024;
 
 /// What every step of a job shares.
 pub(crate) struct StepContext {
@@ -489,6 +493,8 @@ pub(crate) async fn exec_command(
         state,
         stdout: Vec::new(),
         stderr: Vec::new(),
+        batch: String::new(),
+        masked: String::new(),
     };
 
     // The step's token: cancelled with the job, unless the job was already cancelled (then this
@@ -561,34 +567,55 @@ async fn execute(
     };
     // A runner-side bound in case the plugin does not enforce the timeout.
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t + Duration::from_secs(10));
+    // An event taken from the stream while draining a burst of output, handled next.
+    let mut ready = None;
     loop {
-        let next = tokio::select! {
-            e = stream.next() => e,
-            _ = token.cancelled() => {
-                // Dropping the stream kills the process group (SIGTERM, grace, SIGKILL); say so
-                // explicitly too, from this connection.
-                let _ = cx.backend.signal_exec(kiln_plugin_sdk::SignalRequest {
-                    exec_id: exec_id.clone(),
-                    signal: 15,
-                    grace: Duration::from_secs(2),
-                }).await;
-                return Err(StepError::Cancelled);
-            }
-            _ = sleep_until(deadline) => {
-                let _ = cx.backend.signal_exec(kiln_plugin_sdk::SignalRequest {
-                    exec_id: exec_id.clone(),
-                    signal: 9,
-                    grace: Duration::ZERO,
-                }).await;
-                return Err(StepError::Backend(kiln_plugin_sdk::Error::new(
-                    kiln_plugin_sdk::Code::DeadlineExceeded,
-                    "the step outlived its timeout and was killed by the runner",
-                )));
+        let next = if let Some(event) = ready.take() {
+            event
+        } else {
+            tokio::select! {
+                e = stream.next() => e,
+                _ = token.cancelled() => {
+                    // Dropping the stream kills the process group (SIGTERM, grace, SIGKILL); say so
+                    // explicitly too, from this connection.
+                    let _ = cx.backend.signal_exec(kiln_plugin_sdk::SignalRequest {
+                        exec_id: exec_id.clone(),
+                        signal: 15,
+                        grace: Duration::from_secs(2),
+                    }).await;
+                    return Err(StepError::Cancelled);
+                }
+                _ = sleep_until(deadline) => {
+                    let _ = cx.backend.signal_exec(kiln_plugin_sdk::SignalRequest {
+                        exec_id: exec_id.clone(),
+                        signal: 9,
+                        grace: Duration::ZERO,
+                    }).await;
+                    return Err(StepError::Backend(kiln_plugin_sdk::Error::new(
+                        kiln_plugin_sdk::Code::DeadlineExceeded,
+                        "the step outlived its timeout and was killed by the runner",
+                    )));
+                }
             }
         };
         match next {
-            Some(Ok(ExecEvent::Output { stream, data })) => {
-                lines.feed(stream, &data);
+            Some(Ok(ExecEvent::Output { stream: which, data })) => {
+                lines.feed(which, &data);
+                // The frames already received join this one, so a burst of output is one
+                // batch for the sink and one write to the console.
+                for _ in 0..OUTPUT_BURST {
+                    match stream.next().now_or_never() {
+                        Some(Some(Ok(ExecEvent::Output { stream: which, data }))) => {
+                            lines.feed(which, &data);
+                        }
+                        Some(event) => {
+                            ready = Some(event);
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                lines.flush_batch();
                 cx.shared.sink.flush();
             }
             Some(Ok(ExecEvent::Exited(exited))) => return Ok(exited),
@@ -808,6 +835,10 @@ fn fail_step(
 }
 
 /// Splits output into lines and interprets each: workflow commands, masking, groups.
+///
+/// Plain output lines (the hot path) are gathered in `batch`, masked together and handed to the
+/// sink as one block, with no allocation per line; any other line first sends the block, so
+/// the order of lines and the masks in force for each stay as written.
 struct LineHandler<'a> {
     cx: &'a StepContext,
     index: usize,
@@ -819,6 +850,10 @@ struct LineHandler<'a> {
     state: &'a mut JobState,
     stdout: Vec<u8>,
     stderr: Vec<u8>,
+    /// Plain output lines not sent yet, each ending in a line feed, not masked.
+    batch: String,
+    /// `batch` masked (kept for its capacity).
+    masked: String,
 }
 
 impl LineHandler<'_> {
@@ -829,7 +864,7 @@ impl LineHandler<'_> {
         });
         let mut rest = data;
         if !buf.is_empty() {
-            match memchr(rest) {
+            match memchr::memchr(b'\n', rest) {
                 Some(i) => {
                     buf.extend_from_slice(&rest[..i]);
                     self.line(&buf);
@@ -842,11 +877,12 @@ impl LineHandler<'_> {
                 }
             }
         }
-        while let Some(i) = memchr(rest) {
-            self.line(&rest[..i]);
-            rest = &rest[i + 1..];
+        let mut start = 0;
+        for i in memchr::memchr_iter(b'\n', rest) {
+            self.line(&rest[start..i]);
+            start = i + 1;
         }
-        buf.extend_from_slice(rest);
+        buf.extend_from_slice(&rest[start..]);
         match stream {
             OutputStream::Stdout => self.stdout = buf,
             OutputStream::Stderr => self.stderr = buf,
@@ -859,9 +895,27 @@ impl LineHandler<'_> {
                 self.line(&buf);
             }
         }
+        self.flush_batch();
     }
 
-    fn emit(&self, text: &str, kind: LineKind) {
+    /// Sends the gathered plain lines to the sink.
+    fn flush_batch(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let block = if self.state.masker.is_empty() {
+            &self.batch
+        } else {
+            self.masked.clear();
+            self.state.masker.mask_into(&self.batch, &mut self.masked);
+            &self.masked
+        };
+        self.cx.shared.sink.output(&self.cx.job_name, self.index, block);
+        self.batch.clear();
+    }
+
+    fn emit(&mut self, text: &str, kind: LineKind) {
+        self.flush_batch();
         let text = self.state.masker.mask(text).into_owned();
         self.cx.shared.sink.event(Event::Line {
             job: self.cx.job_name.clone(),
@@ -871,18 +925,27 @@ impl LineHandler<'_> {
         });
     }
 
-    fn state_log(&self, text: String) {
+    fn state_log(&mut self, text: String) {
         self.emit(&text, LineKind::RunnerError);
     }
 
     fn line(&mut self, raw: &[u8]) {
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-        let text = String::from_utf8_lossy(raw);
         // Fast path: a line with no "::" and no "##[" cannot be a command.
-        if !text.contains("::") && !text.contains("##[") {
-            self.emit(&text, LineKind::Output);
+        if is_plain(raw) {
+            match std::str::from_utf8(raw) {
+                Ok(text) => self.batch.push_str(text),
+                Err(_) => self.batch.push_str(&String::from_utf8_lossy(raw)),
+            }
+            self.batch.push('\n');
+            if self.batch.len() >= BATCH_MAX {
+                self.flush_batch();
+            }
             return;
         }
+        // Whatever this line does (a mask, an annotation) comes after the lines before it.
+        self.flush_batch();
+        let text = String::from_utf8_lossy(raw);
         let kind = self.processor.process(&text);
         if self.echo && !matches!(kind, workflow::LineKind::Output(_)) {
             self.emit(&text, LineKind::Output);
@@ -949,8 +1012,12 @@ impl LineHandler<'_> {
     }
 }
 
-fn memchr(data: &[u8]) -> Option<usize> {
-    data.iter().position(|&b| b == b'\n')
+/// Whether a line cannot be a workflow command: it holds neither `::` nor `##[`.
+fn is_plain(line: &[u8]) -> bool {
+    memchr::memchr2_iter(b':', b'#', line).all(|i| match line[i] {
+        b':' => line.get(i + 1) != Some(&b':'),
+        _ => !line[i + 1..].starts_with(b"#["),
+    })
 }
 
 /// What `run_uses` needs from the step being run.
