@@ -635,6 +635,9 @@ async fn start_step(
         container = recreate_with_env(&env.engine.docker, &container, inspect, &req).await?;
     }
     stage(&env, &container, &req.files).await?;
+    // Attached before the start, the stream sees all output; asking for the logs too can
+    // deliver early output twice (the engine replays the log while the stream already
+    // carries it).
     let attached = docker
         .attach_container(
             &container,
@@ -642,7 +645,7 @@ async fn start_step(
                 stream: true,
                 stdout: true,
                 stderr: true,
-                logs: true,
+                logs: false,
                 ..Default::default()
             }),
         )

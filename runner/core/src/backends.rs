@@ -20,6 +20,8 @@ use crate::identity::Identity;
 
 /// Resources younger than this are never collected: their Create may still be in flight.
 const GC_GRACE: Duration = Duration::from_secs(120);
+/// How long a managed plugin may take to exit after its stdin closes before it is killed.
+const PLUGIN_EXIT_GRACE: Duration = Duration::from_secs(30);
 
 /// How to reach one plugin.
 #[derive(Debug, Clone)]
@@ -210,8 +212,8 @@ impl Backends {
         removed
     }
 
-    /// Stops managed plugins: closes their stdin (they exit by themselves), then kills what is
-    /// left after a short grace.
+    /// Stops managed plugins: closes their stdin (they exit by themselves, after finishing
+    /// their pending deletions), then kills what is left after [`PLUGIN_EXIT_GRACE`].
     pub async fn shutdown(mut self) {
         self.stop.cancel();
         while self.monitors.join_next().await.is_some() {}
@@ -293,7 +295,9 @@ impl Monitor {
                 status = self.child.wait() => status,
                 _ = self.stop.cancelled() => {
                     drop(self.stdin.take());
-                    if tokio::time::timeout(Duration::from_secs(3), self.child.wait()).await.is_err() {
+                    // A plugin finishes deleting what its Removes put out of reach before it
+                    // exits (§5.12): give that time; a plugin that hangs is killed.
+                    if tokio::time::timeout(PLUGIN_EXIT_GRACE, self.child.wait()).await.is_err() {
                         let _ = self.child.kill().await;
                     }
                     return;
