@@ -213,7 +213,7 @@ impl Backends {
     }
 
     /// Stops managed plugins: closes their stdin (they exit by themselves, after finishing
-    /// their pending deletions), then kills what is left after [`PLUGIN_EXIT_GRACE`].
+    /// their pending deletions), then kills what is left after 30 s.
     pub async fn shutdown(mut self) {
         self.stop.cancel();
         while self.monitors.join_next().await.is_some() {}
