@@ -72,6 +72,10 @@ pub(crate) struct Inner {
     /// Step containers whose creation waits for their start, by engine name (see
     /// [`DockerBackend::materialize`]).
     pending_steps: Mutex<HashMap<String, PendingStep>>,
+    /// Engine names of containers found to belong to their environment: an exec there needs
+    /// no inspect first (the engine's answer to a container inspect lists every exec id the
+    /// container ever had, so it grows with each step of a long job).
+    verified: Mutex<HashSet<String>>,
     /// When each container was first seen `starting` (see [`crate::compat::overdue_health`]).
     starting_since: Mutex<HashMap<String, std::time::Instant>>,
 }
@@ -181,6 +185,7 @@ impl DockerBackend {
                 exec_ids: Mutex::new(HashSet::new()),
                 execs: Mutex::new(HashMap::new()),
                 pending_steps: Mutex::new(HashMap::new()),
+                verified: Mutex::new(HashSet::new()),
                 starting_since: Mutex::new(HashMap::new()),
             }),
         })
@@ -334,11 +339,18 @@ impl DockerBackend {
                 if owner.as_deref() != Some(env.id.as_str()) {
                     return Err(self.no_container(env, container_id));
                 }
+                lock(&self.inner.verified).insert(name.clone());
                 Ok((name, c))
             }
             Err(e) if is_not_found(&e) => Err(self.no_container(env, container_id)),
             Err(e) => Err(docker_err(format!("inspecting container {container_id:?}"), e)),
         }
+    }
+
+    /// The engine name of a container already found in `env` (see `Inner::verified`).
+    pub(crate) fn verified(&self, env: &EnvInfo, container_id: &str) -> Option<String> {
+        let name = labels::container_name(&env.id, container_id);
+        lock(&self.inner.verified).contains(&name).then_some(name)
     }
 
     /// Creates a pending step container (see [`PendingStep`]) with `extra` added to its env;
@@ -634,6 +646,8 @@ impl DockerBackend {
         // Background processes and in-flight execs die with their containers.
         self.fail_execs(id);
         lock(&self.inner.pending_steps).retain(|_, p| p.env_id != id);
+        let prefix = labels::container_name(id, "");
+        lock(&self.inner.verified).retain(|name| !name.starts_with(&prefix));
         if !self.inner.is_root && engine.shares_fs && dir.exists() {
             self.empty_from_inside(engine, id, grace).await;
         }
@@ -1454,6 +1468,7 @@ impl Backend for DockerBackend {
                 return Ok(false);
             }
             let name = labels::container_name(&id, container);
+            lock(&self.inner.verified).remove(&name);
             if lock(&self.inner.pending_steps).remove(&name).is_some() {
                 return Ok(true);
             }

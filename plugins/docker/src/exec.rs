@@ -443,7 +443,16 @@ pub(crate) async fn start(backend: &DockerBackend, req: ExecRequest) -> Result<E
     // A step container's main process: created now, with the exec's env (see PendingStep).
     let with_env =
         req.argv.is_empty() && backend.materialize(&env, &req.container_id, &req.env).await?;
-    let (container, inspect) = backend.container(&env, &req.container_id).await?;
+    // A container found before needs no inspect for a command: an exec there fails when it
+    // is not running (or gone), which says the same.
+    let (container, inspect): (String, Option<_>) = match backend.verified(&env, &req.container_id)
+    {
+        Some(name) if !req.argv.is_empty() => (name, None),
+        _ => {
+            let (name, inspect) = backend.container(&env, &req.container_id).await?;
+            (name, Some(inspect))
+        }
+    };
     if !req.working_dir.is_empty() {
         check_path(&req.working_dir, "working_dir")?;
     }
@@ -471,7 +480,9 @@ pub(crate) async fn start(backend: &DockerBackend, req: ExecRequest) -> Result<E
         }
         ids.insert(req.exec_id.clone());
     }
-    let running = inspect.state.as_ref().and_then(|s| s.running).unwrap_or(false);
+    let inspected = inspect.is_some();
+    let running =
+        inspect.as_ref().is_none_or(|i| i.state.as_ref().and_then(|s| s.running) == Some(true));
     let plan = Plan {
         collect: req.collect.clone(),
         collect_limit: if req.collect_limit_bytes == 0 {
@@ -483,7 +494,7 @@ pub(crate) async fn start(backend: &DockerBackend, req: ExecRequest) -> Result<E
         grace: if req.grace.is_zero() { DEFAULT_GRACE } else { req.grace },
         started: Instant::now(),
     };
-    if req.argv.is_empty() {
+    if let (true, Some(inspect)) = (req.argv.is_empty(), inspect) {
         let is_step = inspect
             .config
             .as_ref()
@@ -552,16 +563,29 @@ pub(crate) async fn start(backend: &DockerBackend, req: ExecRequest) -> Result<E
                 ..Default::default()
             },
         )
-        .await
-        .map_err(|e| match e {
-            bollard::errors::Error::DockerResponseServerError { status_code: 409, message } => {
-                Error::failed_precondition(format!(
-                    "container {:?} is not running: {message}",
+        .await;
+    let exec = match exec {
+        Ok(exec) => exec,
+        Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, message }) => {
+            return Err(Error::failed_precondition(format!(
+                "container {:?} is not running: {message}",
+                req.container_id
+            )));
+        }
+        Err(e) if !inspected => {
+            // Not inspected first: say what the container's state says (engines differ in
+            // how they refuse an exec into a stopped or removed container).
+            let (_, inspect) = backend.container(&env, &req.container_id).await?;
+            if inspect.state.as_ref().and_then(|s| s.running) != Some(true) {
+                return Err(Error::failed_precondition(format!(
+                    "container {:?} is not running",
                     req.container_id
-                ))
+                )));
             }
-            other => docker_err("creating the exec", other),
-        })?;
+            return Err(docker_err("creating the exec", e));
+        }
+        Err(e) => return Err(docker_err("creating the exec", e)),
+    };
     let started = docker
         .start_exec(
             &exec.id,
