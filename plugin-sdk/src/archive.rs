@@ -1,8 +1,9 @@
 //! Tar helpers with the protocol's traversal rules (rule 8): modes kept, symlinks kept as
 //! links, and no entry may land outside the destination.
 //!
-//! Used by plugins that work on a local filesystem (host, test) and by the runner to pack the
-//! workspace. Blocking: call from `spawn_blocking`.
+//! Used by plugins that work on a local filesystem (host, test, docker for its host
+//! directories) and by the runner to pack the workspace. Blocking, except [`unpack_stream`],
+//! which runs [`unpack`] on the blocking pool: call the others from `spawn_blocking`.
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -150,35 +151,6 @@ pub fn pack(src: &Path, name: &str, out: impl Write) -> Result<()> {
     Ok(())
 }
 
-/// A `Read` over a channel of byte chunks, for feeding a blocking tar reader from an async
-/// stream.
-pub struct ChannelReader {
-    rx: std::sync::mpsc::Receiver<bytes::Bytes>,
-    current: bytes::Bytes,
-}
-
-impl ChannelReader {
-    /// Reads chunks from `rx` until it is closed.
-    pub fn new(rx: std::sync::mpsc::Receiver<bytes::Bytes>) -> ChannelReader {
-        ChannelReader { rx, current: bytes::Bytes::new() }
-    }
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.current.is_empty() {
-            match self.rx.recv() {
-                Ok(chunk) => self.current = chunk,
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.current.len());
-        buf[..n].copy_from_slice(&self.current[..n]);
-        let _ = self.current.split_to(n);
-        Ok(n)
-    }
-}
-
 /// A `Write` that sends fixed-size chunks into a tokio channel, for producing an async stream
 /// from a blocking tar writer.
 pub struct ChunkWriter {
@@ -223,6 +195,63 @@ impl Write for ChunkWriter {
 impl Drop for ChunkWriter {
     fn drop(&mut self) {
         let _ = self.send();
+    }
+}
+
+/// A blocking `Read` over a bounded tokio channel of chunks, for a blocking tar reader fed by
+/// an async stream (the channel's bound carries backpressure to the stream).
+pub struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    current: bytes::Bytes,
+}
+
+impl ChannelReader {
+    /// Reads what arrives on `rx` until it closes.
+    pub fn new(rx: tokio::sync::mpsc::Receiver<bytes::Bytes>) -> ChannelReader {
+        ChannelReader { rx, current: bytes::Bytes::new() }
+    }
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => self.current = chunk,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current[..n]);
+        let _ = self.current.split_to(n);
+        Ok(n)
+    }
+}
+
+/// [`unpack`] of a CopyIn stream into `dest`, on the blocking pool. An error of the stream
+/// wins over the unpacker's (which then only saw the stream end early).
+pub async fn unpack_stream(mut data: crate::ByteStream, dest: PathBuf) -> Result<CopyStats> {
+    use futures::StreamExt;
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
+    let task = tokio::task::spawn_blocking(move || unpack(ChannelReader::new(rx), &dest));
+    let mut feed_error = None;
+    while let Some(item) = data.next().await {
+        match item {
+            Ok(chunk) => {
+                if tx.send(chunk).await.is_err() {
+                    break; // the unpacker stopped: its result says why
+                }
+            }
+            Err(e) => {
+                feed_error = Some(e);
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let result = task.await.map_err(|e| Error::internal(format!("the unpack task failed: {e}")))?;
+    match feed_error {
+        Some(e) => Err(e.context("reading the CopyIn stream")),
+        None => result,
     }
 }
 

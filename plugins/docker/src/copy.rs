@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use bollard::query_parameters::{DownloadFromContainerOptions, UploadToContainerOptions};
 use bytes::Bytes;
 use futures::StreamExt;
-use kiln_plugin_sdk::archive::{ChunkWriter, safe_relative};
+use kiln_plugin_sdk::archive::{ChannelReader, ChunkWriter, safe_relative};
 use kiln_plugin_sdk::{ByteStream, CopyInTarget, CopyOutSource, CopyStats, Error, Result};
 
 use crate::backend::{DockerBackend, docker_err};
@@ -49,7 +49,7 @@ pub(crate) async fn copy_in(
     let binds = inspect.host_config.as_ref().and_then(|h| h.binds.clone()).unwrap_or_default();
     let mounted = DockerBackend::env_binds(&env).iter().all(|b| binds.contains(b));
     if let (true, Some(host)) = (mounted, host_path(&env, &dest)) {
-        return unpack_on_host(data, host).await;
+        return kiln_plugin_sdk::archive::unpack_stream(data, host).await;
     }
     let docker = env.engine.docker.clone();
     let running = inspect.state.and_then(|s| s.running).unwrap_or(false);
@@ -81,7 +81,7 @@ pub(crate) async fn copy_in(
     let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Result<Bytes>>(8);
     let checker = tokio::task::spawn_blocking(move || {
         let writer = ChunkWriter::new(out_tx.clone());
-        let result = recheck(BlockingReader { rx: raw_rx, current: Bytes::new() }, writer, links);
+        let result = recheck(ChannelReader::new(raw_rx), writer, links);
         if let Err(e) = &result {
             let _ = out_tx.blocking_send(Err(e.clone()));
         }
@@ -110,56 +110,6 @@ pub(crate) async fn copy_in(
     fed?;
     uploaded.map_err(|e| docker_err(format!("extracting into {dest}"), e))?;
     Ok(stats)
-}
-
-/// Extracts a tar stream into a host directory with the SDK's traversal rules (no entry
-/// outside it, none written through a symlink).
-async fn unpack_on_host(mut data: ByteStream, dest: PathBuf) -> Result<CopyStats> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
-    let task = tokio::task::spawn_blocking(move || {
-        kiln_plugin_sdk::archive::unpack(BlockingReader { rx, current: Bytes::new() }, &dest)
-    });
-    let mut feed_error = None;
-    while let Some(item) = data.next().await {
-        match item {
-            Ok(chunk) => {
-                if tx.send(chunk).await.is_err() {
-                    break; // the unpacker stopped: its result says why
-                }
-            }
-            Err(e) => {
-                feed_error = Some(e);
-                break;
-            }
-        }
-    }
-    drop(tx);
-    let result = task.await.map_err(|e| Error::internal(format!("the unpack task failed: {e}")))?;
-    match feed_error {
-        Some(e) => Err(e.context("reading the CopyIn stream")),
-        None => result,
-    }
-}
-
-/// A blocking `Read` over a bounded tokio channel (backpressure reaches the caller's stream).
-struct BlockingReader {
-    rx: tokio::sync::mpsc::Receiver<Bytes>,
-    current: Bytes,
-}
-
-impl Read for BlockingReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.current.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(chunk) => self.current = chunk,
-                None => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.current.len());
-        buf[..n].copy_from_slice(&self.current[..n]);
-        let _ = self.current.split_to(n);
-        Ok(n)
-    }
 }
 
 /// Reads a tar stream, checks every entry and writes the accepted ones to `out`.

@@ -518,7 +518,7 @@ impl Backend for HostBackend {
                     .await
                     .map_err(|e| Error::internal(format!("the copy task failed: {e}")))?
             }
-            None => copy::unpack_stream(data, dest).await,
+            None => kiln_plugin_sdk::archive::unpack_stream(data, dest).await,
         }
     }
 

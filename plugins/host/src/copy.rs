@@ -10,7 +10,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use bytes::Bytes;
-use futures::StreamExt;
 use kiln_plugin_sdk::archive;
 use kiln_plugin_sdk::{ByteStream, CopyStats, Error, Result};
 use tokio::sync::mpsc;
@@ -52,55 +51,6 @@ pub(crate) fn resolve_inside(roots: &[&Path], path: &str, field: &str) -> Result
             "{field} {path:?} is outside the environment's directory"
         ))
         .field(field))
-    }
-}
-
-/// A `Read` over a bounded tokio channel, for a blocking tar reader fed by an async stream.
-struct BlockingReader {
-    rx: mpsc::Receiver<Bytes>,
-    current: Bytes,
-}
-
-impl io::Read for BlockingReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.current.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(chunk) => self.current = chunk,
-                None => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.current.len());
-        buf[..n].copy_from_slice(&self.current[..n]);
-        let _ = self.current.split_to(n);
-        Ok(n)
-    }
-}
-
-/// Extracts a tar stream into `dest`.
-pub(crate) async fn unpack_stream(mut data: ByteStream, dest: PathBuf) -> Result<CopyStats> {
-    let (tx, rx) = mpsc::channel::<Bytes>(8);
-    let task = tokio::task::spawn_blocking(move || {
-        archive::unpack(BlockingReader { rx, current: Bytes::new() }, &dest)
-    });
-    let mut feed_error = None;
-    while let Some(item) = data.next().await {
-        match item {
-            Ok(chunk) => {
-                if tx.send(chunk).await.is_err() {
-                    break; // the unpacker stopped: its result says why
-                }
-            }
-            Err(e) => {
-                feed_error = Some(e);
-                break;
-            }
-        }
-    }
-    drop(tx);
-    let result = task.await.map_err(|e| Error::internal(format!("the unpack task failed: {e}")))?;
-    match feed_error {
-        Some(e) => Err(e.context("reading the CopyIn stream")),
-        None => result,
     }
 }
 
