@@ -892,7 +892,16 @@ impl DockerBackend {
         }
         let hash = labels::env_spec_hash(&request);
         let dir = self.inner.state_dir.join(&id);
-        if let Some(existing) = self.find_env(&id).await? {
+        // A replay finds the environment in memory or on its engine (the endpoint is part of
+        // the spec: no other engine needs asking).
+        let endpoint = docker_host.unwrap_or_default();
+        let engine = self.inner.engines.get(&endpoint, docker_tls_dir.as_deref()).await?;
+        let known = lock(&self.inner.envs).get(&id).cloned();
+        let existing = match known {
+            Some(e) => Some(e),
+            None => self.find_env_on(&engine, &id).await?,
+        };
+        if let Some(existing) = existing {
             if existing.spec_hash != hash {
                 return Err(Error::already_exists(format!(
                     "environment {id:?} exists with a different spec"
@@ -908,8 +917,6 @@ impl DockerBackend {
             }
             return Ok(self.environment(&existing));
         }
-        let endpoint = docker_host.unwrap_or_default();
-        let engine = self.inner.engines.get(&endpoint, docker_tls_dir.as_deref()).await?;
         if !endpoint.is_empty() {
             // Before anything exists there, so that a restarted plugin looks there.
             self.inner.engines.remember(&endpoint, docker_tls_dir.as_deref())?;
