@@ -348,6 +348,28 @@ fn a_docker_step_on_a_backend_without_step_containers_fails_before_anything_runs
     );
 }
 
+/// Starts `kiln exec ARGS…` in `repo`, kills it (SIGKILL) once a step printed
+/// `step-started`, checks that the run's containers are still there, and returns the runner id.
+fn kill_mid_step(repo: &Repo, args: &[&str]) -> String {
+    let mut child =
+        repo.kiln().arg("exec").args(args).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let started = std::io::BufRead::lines(std::io::BufReader::new(stdout))
+        .map_while(Result::ok)
+        .any(|l| l.contains("step-started"));
+    assert!(started, "the step never started");
+    child.kill().unwrap();
+    let _ = child.wait();
+    let id = runner_id(repo);
+    let filter = format!("label=dev.kiln.runner-id={id}");
+    let left = Command::new("docker").args(["ps", "-aq", "--filter", &filter]).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&left.stdout).trim().is_empty(),
+        "the killed run's containers should still be there"
+    );
+    id
+}
+
 #[test]
 fn a_killed_kiln_leaves_no_docker_resources_after_the_next_run() {
     if !docker_ready("a_killed_kiln_leaves_no_docker_resources_after_the_next_run") {
@@ -372,26 +394,7 @@ jobs:
     );
     let plugin = format!("docker={} plugin docker", kiln_bin());
     let label = format!("ubuntu-latest=docker://{IMAGE}");
-    let mut child = repo
-        .kiln()
-        .args(["exec", "-P", &label, "--plugin", &plugin])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let started = std::io::BufRead::lines(std::io::BufReader::new(stdout))
-        .map_while(Result::ok)
-        .any(|l| l.contains("step-started"));
-    assert!(started, "the docker step never started");
-    child.kill().unwrap();
-    let _ = child.wait();
-    let id = runner_id(&repo);
-    let filter = format!("label=dev.kiln.runner-id={id}");
-    let left = Command::new("docker").args(["ps", "-aq", "--filter", &filter]).output().unwrap();
-    assert!(
-        !String::from_utf8_lossy(&left.stdout).trim().is_empty(),
-        "the killed run's containers should still be there"
-    );
+    let id = kill_mid_step(&repo, &["-P", &label, "--plugin", &plugin]);
     // The next run of the same runner (same state directory) removes what the dead one left.
     let repo2 = Repo::next_run(
         repo,
@@ -516,6 +519,14 @@ fn a_docker_action_unknown_before_a_host_job_starts_gets_its_delegate_on_first_u
 pub(crate) struct TcpEngine {
     pub(crate) url: String,
     pub(crate) connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl TcpEngine {
+    /// Panics when nothing connected to the endpoint during `run`.
+    pub(crate) fn assert_used(&self, run: &crate::support::Run) {
+        let n = self.connections.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(n > 0, "the docker plugin never used {}\n{}", self.url, run.show());
+    }
 }
 
 /// The local engine's socket: `DOCKER_HOST` when it is a unix socket (Podman), else Docker's.
@@ -716,11 +727,7 @@ fn a_host_job_delegates_to_a_docker_daemon_reached_over_tcp() {
         "tree-gone",
         "Workflow success",
     ]);
-    assert!(
-        engine.connections.load(std::sync::atomic::Ordering::SeqCst) > 0,
-        "the docker plugin never used the TCP endpoint\n{}",
-        run.show()
-    );
+    engine.assert_used(&run);
     assert_nothing_left(&runner_id(&repo));
     assert_eq!(remembered_endpoints(&repo).trim(), "", "the endpoint is not forgotten");
 }
@@ -738,26 +745,7 @@ fn a_killed_kiln_leaves_nothing_on_a_docker_daemon_reached_over_tcp_after_the_ne
         "on: push\njobs:\n  j:\n    runs-on: ubuntu-latest\n    container: kiln-test/busybox:1\n    steps:\n      - run: echo step-started; exec sleep 300\n",
     );
     let [host, docker] = over_tcp(&repo, &engine);
-    let mut child = repo
-        .kiln()
-        .args(["exec", "--plugin", &host, "--plugin", &docker])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let started = std::io::BufRead::lines(std::io::BufReader::new(stdout))
-        .map_while(Result::ok)
-        .any(|l| l.contains("step-started"));
-    assert!(started, "the step never started");
-    child.kill().unwrap();
-    let _ = child.wait();
-    let id = runner_id(&repo);
-    let filter = format!("label=dev.kiln.runner-id={id}");
-    let left = Command::new("docker").args(["ps", "-aq", "--filter", &filter]).output().unwrap();
-    assert!(
-        !String::from_utf8_lossy(&left.stdout).trim().is_empty(),
-        "the killed run's job container should still be there"
-    );
+    let id = kill_mid_step(&repo, &["--plugin", &host, "--plugin", &docker]);
     assert!(remembered_endpoints(&repo).contains(&engine.url), "the endpoint is not remembered");
     // The next run's docker plugin finds the endpoint in its state directory and removes
     // what the killed run left there.
@@ -810,11 +798,7 @@ jobs:
         "docker step output ok",
         "Workflow success",
     ]);
-    assert!(
-        engine.connections.load(std::sync::atomic::Ordering::SeqCst) > 0,
-        "the docker plugin never used the TLS endpoint\n{}",
-        run.show()
-    );
+    engine.assert_used(&run);
     assert_nothing_left(&runner_id(&repo));
 
     // A certificate of another CA is refused by the daemon: a clear error naming the
