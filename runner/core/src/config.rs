@@ -367,17 +367,18 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-/// Checks that every label's backend is configured (`host` and `docker` always are).
+/// Checks that every label's backend is configured (`host`, `docker` and `lxc` always are).
 pub fn check_labels(
     labels: &[LabelConfig],
     plugins: &BTreeMap<String, PluginSpec>,
 ) -> anyhow::Result<()> {
     for l in labels {
         let b = l.backend.as_str();
-        // host and docker are first-party: kiln serves them itself when not configured.
+        // host, docker and lxc are first-party: kiln serves them itself when not configured.
         if b.is_empty()
             || b == "host"
             || b == "docker"
+            || b == "lxc"
             || b == labels::SKIP
             || plugins.contains_key(b)
         {
