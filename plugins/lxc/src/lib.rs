@@ -89,6 +89,17 @@ impl std::str::FromStr for Network {
 /// The default directory of the job containers.
 pub const DEFAULT_ROOT: &str = "/var/lib/kiln/lxc";
 
+/// The default directory of the base containers.
+pub const DEFAULT_BASE_DIR: &str = "/var/cache/kiln/lxc";
+
+/// Whether the base container of `image` is built under `base_dir` with this plugin's
+/// recipe (so a job on it starts without a build).
+pub fn base_ready(base_dir: &std::path::Path, image: &Image) -> bool {
+    image
+        .check(std::path::Path::new(lxc::DEBOOTSTRAP_SCRIPTS))
+        .is_ok_and(|t| image::finished(base_dir, &image.base_name(t)).is_some())
+}
+
 /// Configuration of an [`LxcBackend`].
 #[derive(Debug, Clone)]
 pub struct LxcConfig {
@@ -113,7 +124,7 @@ pub struct LxcArgs {
     #[arg(long, default_value = DEFAULT_ROOT)]
     pub root: PathBuf,
     /// Directory base containers are built and cached in, one per image and recipe.
-    #[arg(long, default_value = "/var/cache/kiln/lxc")]
+    #[arg(long, default_value = DEFAULT_BASE_DIR)]
     pub base_dir: PathBuf,
     /// The image of a label with no arguments.
     #[arg(long, default_value = "debian:bookworm")]
