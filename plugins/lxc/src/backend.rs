@@ -159,13 +159,13 @@ impl LxcBackend {
         }
     }
 
-    /// The environment as returned, with the delegation: the delegate mounts `work/` at the
+    /// The environment as returned, with the delegation: the delegate mounts `job/` at the
     /// same path.
     fn returned(&self, env: &Env) -> Environment {
         let mut environment = env::environment(&env.meta, &env.dir);
         if let Some(backend) = &self.inner.delegate {
             let mut options = serde_json::Map::new();
-            options.insert("host_dir".into(), env.work().to_string_lossy().into_owned().into());
+            options.insert("host_dir".into(), env.job_dir().to_string_lossy().into_owned().into());
             environment.delegation = Some(Delegation { backend: backend.clone(), options });
         }
         environment
@@ -272,7 +272,7 @@ impl LxcBackend {
         env::create_dir(&dir, &meta)?;
         let env = Arc::new(Env::new(dir.clone(), meta));
         let made = async {
-            let work = env.work();
+            let work = env.job_dir();
             let p = env::paths(&dir);
             for d in [
                 dir.join("delta0"),

@@ -1,6 +1,7 @@
-//! Environments on disk: `root/<id>/` is an LXC container (`config`, `delta0/`, `lxc.log`)
-//! with `kiln.json` beside its config (owner labels, spec hash, image, base) and `work/`,
-//! the directory bind-mounted at the same path inside the container. `execs` logs every exec
+//! Environments on disk: `root/<id>/` is an LXC container (`config`, `delta0/` the overlay's
+//! upper directory, `work/` its work directory, `lxc.log`) with `kiln.json` beside its config
+//! (owner labels, spec hash, image) and `job/`, the directory bind-mounted at the same path
+//! inside the container. `execs` logs every exec
 //! id used, so an id is never run twice, even across a plugin restart.
 
 use std::collections::{BTreeMap, HashSet};
@@ -92,16 +93,16 @@ impl EnvMeta {
     }
 }
 
-/// The paths of an environment whose directory is `dir`: all inside `dir/work`, which is
+/// The paths of an environment whose directory is `dir`: all inside `dir/job`, which is
 /// mounted at the same path in the container.
 pub(crate) fn paths(dir: &Path) -> Paths {
-    let work = dir.join("work");
+    let job = dir.join("job");
     let s = |p: PathBuf| p.to_string_lossy().into_owned();
     Paths {
-        workspace: s(work.join("workspace")),
-        temp: s(work.join("temp")),
-        tool_cache: s(work.join("tool-cache")),
-        runner_files: s(work.join("runner")),
+        workspace: s(job.join("workspace")),
+        temp: s(job.join("temp")),
+        tool_cache: s(job.join("tool-cache")),
+        runner_files: s(job.join("runner")),
         home: "/root".to_owned(),
     }
 }
@@ -177,9 +178,9 @@ impl Env {
         }
     }
 
-    /// `work/` (bind-mounted at the same path in the container).
-    pub(crate) fn work(&self) -> PathBuf {
-        self.dir.join("work")
+    /// `job/` (bind-mounted at the same path in the container).
+    pub(crate) fn job_dir(&self) -> PathBuf {
+        self.dir.join("job")
     }
 
     /// Records an exec id. Called with the state locked.

@@ -17,7 +17,7 @@
 //!   written by the plugin (what `lxc-copy -s -B overlayfs` writes, without the fork). The
 //!   container runs a tiny shell loop as PID 1 (no systemd boot), so create + start takes
 //!   well under a second. `<id>/kiln.json` holds the owner labels and spec hash (written
-//!   first: an interrupted create is still listed and collected); `<id>/work/` is
+//!   first: an interrupted create is still listed and collected); `<id>/job/` is
 //!   bind-mounted at the same path inside the container and holds `workspace/`, `temp/`,
 //!   `tool-cache/` and `runner/`, so the paths the runner sees are the same inside and out.
 //! - **Networking**: none by default (`lxc.net.0.type = empty`: loopback only; Debian's
@@ -35,7 +35,7 @@
 //!   Tar streams use the SDK's traversal rules; nothing goes through `lxc-attach`.
 //! - **Container layers** (`container:`, `services:`, docker steps) are DELEGATED to the
 //!   plugin named by `--delegate` (kiln's docker plugin): the delegation's `host_dir` is the
-//!   environment's `work/`, mounted at the same path in the inner containers. Docker nested
+//!   environment's `job/`, mounted at the same path in the inner containers. Docker nested
 //!   inside the LXC container is not offered: see docs/lxc.md for why.
 //! - **Remove** stops the container (`lxc-stop -k`: its PID namespace ends, and every process
 //!   of the job with it) and deletes its directory. `ListEnvironments` reads the `kiln.json`

@@ -159,7 +159,7 @@ mod tests {
             "kiln-job-1",
             Path::new("/var/cache/kiln/lxc/debian-bookworm-0123456789ab"),
             Path::new("/var/lib/kiln/lxc/kiln-job-1"),
-            Path::new("/var/lib/kiln/lxc/kiln-job-1/work"),
+            Path::new("/var/lib/kiln/lxc/kiln-job-1/job"),
             &Network::Bridge("br-kiln".into()),
         );
         expect_test::expect![[r#"
@@ -174,7 +174,7 @@ mod tests {
             lxc.pty.max = 64
             lxc.console.path = none
             lxc.apparmor.profile = unconfined
-            lxc.mount.entry = /var/lib/kiln/lxc/kiln-job-1/work var/lib/kiln/lxc/kiln-job-1/work none bind,create=dir 0 0
+            lxc.mount.entry = /var/lib/kiln/lxc/kiln-job-1/job var/lib/kiln/lxc/kiln-job-1/job none bind,create=dir 0 0
             lxc.net.0.type = veth
             lxc.net.0.link = br-kiln
             lxc.net.0.flags = up
