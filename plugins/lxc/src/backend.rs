@@ -353,10 +353,13 @@ impl Backend for LxcBackend {
             self.running(&env).await?;
             return Ok(self.returned(&env));
         }
+        let started = std::time::Instant::now();
         let env = self.create_new(&request, hash).await?;
         let environment = self.returned(&env);
         lock(&self.inner.envs).insert(id.clone(), env);
-        tracing::info!(env = %id, runner = %request.owner.runner_id, job = %request.owner.job_id, "environment created");
+        // The job start (clone + start; bench/lxc.py reads it).
+        let start_ms = started.elapsed().as_secs_f64() * 1000.0;
+        tracing::info!(env = %id, runner = %request.owner.runner_id, job = %request.owner.job_id, start_ms, "environment created");
         Ok(environment)
     }
 
