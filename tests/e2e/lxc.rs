@@ -76,6 +76,7 @@ jobs:
         run: |
           echo "debian $(cut -d. -f1 /etc/debian_version), $(node --version | cut -c1-3), $(python3 -c 'print(6*7)'), git $(git --version | cut -d' ' -f3 | cut -d. -f1)"
           echo "workspace=$PWD"
+          echo "started by $(tr '\0' ' ' < /proc/$PPID/cmdline | cut -d' ' -f1)"
           echo "v=42" >> "$GITHUB_OUTPUT"
           echo "FOO=bar" >> "$GITHUB_ENV"
           mkdir -p "$RUNNER_TEMP/tools" && printf '#!/bin/sh\necho tool-ran\n' > "$RUNNER_TEMP/tools/kiln-tool"
@@ -111,6 +112,8 @@ fn a_workflow_runs_in_an_lxc_container_and_leaves_nothing() {
     run.assert_code(0).assert_stdout(&[
         "debian 12, v18, 42, git 2",
         &ws,
+        // The agent inside the container runs the steps, not one lxc-attach each.
+        "started by /usr/local/libexec/kiln-agent",
         "got 42 FOO=bar",
         "tool-ran",
         "exceeded its timeout",

@@ -4,10 +4,12 @@ use std::collections::HashMap;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
 use kiln_plugin_sdk::child::ExecHandle;
+use kiln_plugin_sdk::client::GrpcBackend;
 use kiln_plugin_sdk::ids::validate_id;
 use kiln_plugin_sdk::{
     Backend, ByteStream, Capabilities, CapabilitiesRequest, ContainerRef, ContainerState,
@@ -49,7 +51,12 @@ struct Inner {
     mirrors: (String, String),
     network: crate::Network,
     delegate: Option<String>,
+    /// The executable mounted into each container to serve the agent, and its arguments
+    /// before the host backend's flags; `None` without the agent.
+    agent: Option<(PathBuf, Vec<String>)>,
     envs: Mutex<HashMap<String, Arc<Env>>>,
+    /// Execs run by an agent: where to send their signals and stdin.
+    agent_execs: Mutex<HashMap<String, GrpcBackend>>,
     execs: Mutex<HashMap<String, Arc<ExecHandle>>>,
     /// One build per base at a time in this process (the `flock` guards across processes).
     builds: tokio::sync::Mutex<()>,
@@ -61,8 +68,37 @@ impl std::fmt::Debug for LxcBackend {
     }
 }
 
+/// This executable and how it serves the host backend: `kiln-plugin-lxc agent …` or
+/// `kiln plugin host …`.
+fn agent_command() -> Option<(PathBuf, Vec<String>)> {
+    let exe = std::env::current_exe().ok()?;
+    let exe = std::fs::canonicalize(&exe).unwrap_or(exe);
+    let name = exe.file_name()?.to_string_lossy().into_owned();
+    let args = if name.starts_with("kiln-plugin-lxc") {
+        vec!["agent".to_owned()]
+    } else {
+        vec!["plugin".to_owned(), "host".to_owned()]
+    };
+    Some((exe, args))
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Connects to an agent's socket and handshakes.
+async fn connect_agent(socket: &Path) -> Result<GrpcBackend> {
+    let endpoint = kiln_plugin_sdk::client::Endpoint::Unix(socket.to_path_buf());
+    let agent =
+        kiln_plugin_sdk::client::connect(&endpoint, "lxc-agent", Duration::from_secs(2)).await?;
+    agent
+        .capabilities(CapabilitiesRequest {
+            client_name: "kiln-plugin-lxc".to_owned(),
+            client_version: env!("CARGO_PKG_VERSION").to_owned(),
+            protocol_versions: vec![PROTOCOL_VERSION],
+        })
+        .await?;
+    Ok(agent)
 }
 
 impl LxcBackend {
@@ -92,7 +128,9 @@ impl LxcBackend {
                 mirrors,
                 network: config.network,
                 delegate: config.delegate,
+                agent: if config.agent { agent_command() } else { None },
                 envs: Mutex::new(HashMap::new()),
+                agent_execs: Mutex::new(HashMap::new()),
                 execs: Mutex::new(HashMap::new()),
                 builds: tokio::sync::Mutex::new(()),
             }),
@@ -227,8 +265,92 @@ impl LxcBackend {
         let rootfs = Arc::new(Rootfs::open(pid).map_err(|e| {
             Error::unavailable(format!("opening the root of container {}: {e}", env.id))
         })?);
-        lock(&env.state).rootfs = Some(Arc::clone(&rootfs));
+        // The agent of a container started by a previous plugin process.
+        let socket = env.job_dir().join(env::AGENT_SOCKET);
+        let agent = if self.inner.agent.is_some() && socket.exists() {
+            connect_agent(&socket).await.ok()
+        } else {
+            None
+        };
+        let mut st = lock(&env.state);
+        st.rootfs = Some(Arc::clone(&rootfs));
+        if st.agent.is_none() {
+            st.agent = agent;
+        }
         Ok(rootfs)
+    }
+
+    /// Starts the agent in the container (the host backend, as `lxc-attach` runs it: in the
+    /// container's namespaces, cgroup and capabilities), connects, and creates its
+    /// environment `job/env/`. `None` when it does not come up (a libc this executable cannot
+    /// run on, …): execs then use `lxc-attach` each.
+    async fn start_agent(&self, env: &Env, req: &EnvironmentRequest) -> Option<GrpcBackend> {
+        let (_, args) = self.inner.agent.as_ref()?;
+        let job = env.job_dir();
+        let socket = job.join(env::AGENT_SOCKET);
+        let log = std::fs::File::create(env.dir.join("agent.log")).ok()?;
+        let mut cmd = tokio::process::Command::new("lxc-attach");
+        cmd.arg("-P")
+            .arg(&self.inner.root)
+            .args(["-n", &env.id, "--clear-env"])
+            .args(["-v", "HOME=/root", "-v", "KILN_LOG=warn"])
+            .args(["-v", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"])
+            .args(["--", env::AGENT_EXE])
+            .args(args)
+            .arg("--root")
+            .arg(&job)
+            .arg("--listen")
+            .arg(format!("unix://{}", socket.display()))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .kill_on_drop(false);
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(env = %env.id, error = %e, "cannot start the agent");
+                return None;
+            }
+        };
+        // Reaped when the container stops (the agent with it).
+        let died = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&died);
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !socket.exists() {
+            if died.load(std::sync::atomic::Ordering::Relaxed)
+                || tokio::time::Instant::now() > deadline
+            {
+                let tail = image::tail(&env.dir.join("agent.log"), 5);
+                tracing::warn!(env = %env.id, log = %tail, "the agent did not come up: execs use lxc-attach");
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let agent = match connect_agent(&socket).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(env = %env.id, error = %e.message, "cannot reach the agent");
+                return None;
+            }
+        };
+        let inner = EnvironmentRequest {
+            environment_id: env::AGENT_ENV.to_owned(),
+            owner: req.owner.clone(),
+            label: req.label.clone(),
+            options: serde_json::Map::new(),
+            hints: Default::default(),
+        };
+        match agent.create_environment(inner).await {
+            Ok(_) => Some(agent),
+            Err(e) => {
+                tracing::warn!(env = %env.id, error = %e.message, "the agent refused its environment");
+                None
+            }
+        }
     }
 
     /// The image an environment request names: `args` (from a label `lxc://DISTRO:RELEASE`)
@@ -287,10 +409,16 @@ impl LxcBackend {
                     .create(&d)
                     .map_err(|e| Error::io(format!("creating {}", d.display()), &e))?;
             }
-            let config = lxc::config(id, &base, &dir, &work, &self.inner.network);
+            let exe = self.inner.agent.as_ref().map(|(e, _)| e.as_path());
+            let config = lxc::config(id, &base, &dir, &work, &self.inner.network, exe);
             std::fs::write(dir.join("config"), config)
                 .map_err(|e| Error::io(format!("writing {}/config", dir.display()), &e))?;
-            self.running(&env).await
+            let rootfs = self.running(&env).await?;
+            if lock(&env.state).agent.is_none() {
+                let agent = self.start_agent(&env, req).await;
+                lock(&env.state).agent = agent;
+            }
+            Ok::<_, Error>(rootfs)
         }
         .await;
         if let Err(e) = made {
@@ -393,6 +521,15 @@ impl Backend for LxcBackend {
             env.log_exec(&mut st, &exec_id);
         }
         let rootfs = self.running(&env).await?;
+        let agent = lock(&env.state).agent.clone();
+        if let Some(agent) = agent {
+            // The agent's own environment and container; everything else as asked.
+            let mut forwarded = request;
+            forwarded.environment_id = env::AGENT_ENV.to_owned();
+            forwarded.container_id = "host".to_owned();
+            lock(&self.inner.agent_execs).insert(exec_id, agent.clone());
+            return agent.exec(forwarded).await;
+        }
         let (handle, stream) = crate::exec::start(&self.inner.root, &env, rootfs, request)?;
         lock(&self.inner.execs).insert(exec_id, handle);
         Ok(stream)
@@ -403,6 +540,10 @@ impl Backend for LxcBackend {
             Error::invalid_argument(format!("{} is not a signal number", request.signal))
                 .field("signal")
         })?;
+        let agent = lock(&self.inner.agent_execs).get(&request.exec_id).cloned();
+        if let Some(agent) = agent {
+            return agent.signal_exec(request).await;
+        }
         let Some(handle) = self.exec_handle(&request.exec_id)? else {
             return Ok(false);
         };
@@ -410,6 +551,10 @@ impl Backend for LxcBackend {
     }
 
     async fn write_stdin(&self, exec_id: String, data: ByteStream) -> Result<u64> {
+        let agent = lock(&self.inner.agent_execs).get(&exec_id).cloned();
+        if let Some(agent) = agent {
+            return agent.write_stdin(exec_id, data).await;
+        }
         let handle = self.exec_handle(&exec_id)?.ok_or_else(|| {
             Error::failed_precondition(format!("exec {exec_id:?} is no longer running"))
         })?;
@@ -476,14 +621,17 @@ impl Backend for LxcBackend {
             let mut st = lock(&env.state);
             st.removed = true;
             st.rootfs = None;
+            st.agent = None;
         }
         // Stopping the container ends every process of the job (its PID namespace).
         self.destroy(id, &env.dir).await?;
         let exec_ids: Vec<String> = lock(&env.state).exec_ids.iter().cloned().collect();
         {
             let mut execs = lock(&self.inner.execs);
+            let mut agent_execs = lock(&self.inner.agent_execs);
             for e in &exec_ids {
                 execs.remove(e);
+                agent_execs.remove(e);
             }
         }
         let mut envs = lock(&self.inner.envs);

@@ -23,6 +23,14 @@ use crate::rootfs::Rootfs;
 pub(crate) const META_FILE: &str = "kiln.json";
 /// The log of exec ids.
 const EXECS_FILE: &str = "execs";
+/// The id of the agent's environment (the host backend inside the container, whose root is
+/// `job/`): its directory `job/env/` holds the job's work directories in either mode.
+pub(crate) const AGENT_ENV: &str = "env";
+/// The agent's socket, in `job/`.
+pub(crate) const AGENT_SOCKET: &str = "agent.sock";
+/// Where the plugin's executable is mounted in the container, to serve the agent.
+pub(crate) const AGENT_EXE: &str = "/usr/local/libexec/kiln-agent";
+
 /// The fixed id of the primary container: the LXC container itself.
 pub(crate) const PRIMARY: &str = "lxc";
 
@@ -96,7 +104,7 @@ impl EnvMeta {
 /// The paths of an environment whose directory is `dir`: all inside `dir/job`, which is
 /// mounted at the same path in the container.
 pub(crate) fn paths(dir: &Path) -> Paths {
-    let job = dir.join("job");
+    let job = dir.join("job").join(AGENT_ENV);
     let s = |p: PathBuf| p.to_string_lossy().into_owned();
     Paths {
         workspace: s(job.join("workspace")),
@@ -153,6 +161,8 @@ pub(crate) struct EnvState {
     log: Option<fs::File>,
     /// The container's root, while it runs.
     pub(crate) rootfs: Option<Arc<Rootfs>>,
+    /// The agent inside the container, once connected.
+    pub(crate) agent: Option<kiln_plugin_sdk::client::GrpcBackend>,
 }
 
 /// An environment known to this plugin process.

@@ -115,6 +115,8 @@ pub struct LxcConfig {
     pub network: Network,
     /// The backend container layers are delegated to.
     pub delegate: Option<String>,
+    /// Run execs through an agent inside each container (else `lxc-attach` per exec).
+    pub agent: bool,
 }
 
 /// The LXC backend's own flags.
@@ -140,6 +142,10 @@ pub struct LxcArgs {
     /// (e.g. docker), which must accept the option host_dir.
     #[arg(long, value_name = "NAME")]
     pub delegate: Option<String>,
+    /// Run every exec with its own lxc-attach instead of through the agent inside the
+    /// container (slower; for images whose libc cannot run this executable).
+    #[arg(long)]
+    pub no_agent: bool,
 }
 
 impl LxcArgs {
@@ -152,6 +158,7 @@ impl LxcArgs {
             mirror: self.mirror.clone(),
             network: self.network.clone(),
             delegate: self.delegate.clone(),
+            agent: !self.no_agent,
         }
     }
 }
@@ -206,6 +213,12 @@ pub async fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
 pub async fn main() -> anyhow::Result<()> {
     kiln_plugin_sdk::server::init_logging();
     let mut argv = std::env::args_os();
+    if std::env::args_os().nth(1).is_some_and(|a| a == "agent") {
+        // The agent inside a job container: the host backend (see `backend`).
+        let program = argv.next().unwrap_or_default();
+        let args = kiln_plugin_host::Args::parse_from(std::iter::once(program).chain(argv.skip(1)));
+        return kiln_plugin_host::run(args).await;
+    }
     if std::env::args_os().nth(1).is_some_and(|a| a == "prepare") {
         let program = argv.next().unwrap_or_default();
         return prepare(PrepareArgs::parse_from(std::iter::once(program).chain(argv.skip(1))))

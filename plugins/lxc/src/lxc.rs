@@ -45,7 +45,14 @@ pub(crate) fn preflight() -> anyhow::Result<()> {
 
 /// The config of a job container: an overlay of the base's rootfs, its work directory
 /// bind-mounted at the same path, [`crate::image::INIT_PATH`] as PID 1, and the network.
-pub(crate) fn config(id: &str, base: &Path, dir: &Path, work: &Path, network: &Network) -> String {
+pub(crate) fn config(
+    id: &str,
+    base: &Path,
+    dir: &Path,
+    work: &Path,
+    network: &Network,
+    agent_exe: Option<&Path>,
+) -> String {
     let mut c = String::new();
     let _ = writeln!(c, "# kiln job container {id}; written by kiln-plugin-lxc");
     let _ = writeln!(c, "lxc.include = {COMMON_CONF}");
@@ -70,6 +77,11 @@ pub(crate) fn config(id: &str, base: &Path, dir: &Path, work: &Path, network: &N
         work.display(),
         rel.display()
     );
+    if let Some(exe) = agent_exe {
+        let at = crate::env::AGENT_EXE.trim_start_matches('/');
+        let _ =
+            writeln!(c, "lxc.mount.entry = {} {at} none bind,ro,create=file 0 0", exe.display());
+    }
     match network {
         Network::None => {
             let _ = writeln!(c, "lxc.net.0.type = empty");
@@ -161,6 +173,7 @@ mod tests {
             Path::new("/var/lib/kiln/lxc/kiln-job-1"),
             Path::new("/var/lib/kiln/lxc/kiln-job-1/job"),
             &Network::Bridge("br-kiln".into()),
+            Some(Path::new("/usr/bin/kiln")),
         );
         expect_test::expect![[r#"
             # kiln job container kiln-job-1; written by kiln-plugin-lxc
@@ -175,6 +188,7 @@ mod tests {
             lxc.console.path = none
             lxc.apparmor.profile = unconfined
             lxc.mount.entry = /var/lib/kiln/lxc/kiln-job-1/job var/lib/kiln/lxc/kiln-job-1/job none bind,create=dir 0 0
+            lxc.mount.entry = /usr/bin/kiln usr/local/libexec/kiln-agent none bind,ro,create=file 0 0
             lxc.net.0.type = veth
             lxc.net.0.link = br-kiln
             lxc.net.0.flags = up
