@@ -24,13 +24,19 @@
 //!   default config names an `lxcbr0` bridge most machines lack); `--network bridge:NAME`
 //!   gives each container a veth on the bridge the admin made (addresses are the admin's
 //!   business: DHCP on the bridge, or none).
-//! - **Exec** runs `lxc-attach` with exactly the requested environment; inside, a small
-//!   `sh` wrapper enters the working directory and `exec setsid`s the program, so each exec
-//!   is its own process group (its group id, seen from the host, is the pid of
-//!   `lxc-attach`'s child). Signals, timeouts and cancellation go to that group; the output
-//!   is streamed by the SDK's `child` module, like the host plugin's.
-//! - **Files**: staged and collected step files, CopyIn and CopyOut go through the
-//!   container's root as the host sees it (`/proc/<init>/root`), every path resolved with
+//! - **Exec** goes through an **agent** inside the container: the plugin's own executable,
+//!   bind-mounted read-only at `/usr/local/libexec/kiln-agent` and started once per job with
+//!   `lxc-attach`, serves the host backend on `job/agent.sock` (`kiln plugin host`, or
+//!   `kiln-plugin-lxc agent`); Exec, SignalExec and WriteStdin are forwarded to its
+//!   environment `env` (`job/env/` holds the job's directories). A step then costs what it
+//!   costs on the host plugin. Without the agent (`--no-agent`, or when it does not come up),
+//!   each exec is `lxc-attach` with exactly the requested environment; inside, a small `sh`
+//!   wrapper enters the working directory and `exec setsid`s the program, so each exec is its
+//!   own process group (its id, seen from the host, is the pid of `lxc-attach`'s child);
+//!   signals, timeouts and cancellation go to that group, and the output is streamed by the
+//!   SDK's `child` module, like the host plugin's.
+//! - **Files**: CopyIn and CopyOut (and, without the agent, staged and collected step files)
+//!   go through the container's root as the host sees it (`/proc/<init>/root`), every path resolved with
 //!   `openat2(RESOLVE_IN_ROOT)`: a symlink inside the container can never lead out of it.
 //!   Tar streams use the SDK's traversal rules; nothing goes through `lxc-attach`.
 //! - **Container layers** (`container:`, `services:`, docker steps) are DELEGATED to the
