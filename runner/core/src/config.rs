@@ -576,4 +576,18 @@ mod tests {
             "c.yaml: plugins.d: needs command: [program, args…] or endpoint: unix:///path.sock"
         );
     }
+
+    #[test]
+    fn lxc_labels_need_no_plugins_entry() {
+        // Forgejo Runner's form; kiln serves its lxc plugin itself, like docker.
+        let c = parse(
+            "runner:\n  labels: [\"ubuntu-latest:lxc://debian:bookworm\"]\n",
+            Path::new("c.yaml"),
+        )
+        .unwrap();
+        let labels = c.runner.labels.unwrap();
+        assert_eq!(labels[0].backend, "lxc");
+        assert_eq!(labels[0].options.get("args").and_then(|v| v.as_str()), Some("debian:bookworm"));
+        assert_eq!(labels[0].to_string(), "ubuntu-latest:lxc://debian:bookworm");
+    }
 }
