@@ -193,4 +193,20 @@ mod tests {
             )
         );
     }
+
+    #[test]
+    fn the_embedded_lxc_plugin_delegates_to_a_configured_docker_plugin() {
+        let mut lxc = embedded_plugin("lxc").unwrap();
+        if let PluginSpec::Managed { command, .. } = &mut lxc {
+            command.extend(["--root".to_owned(), "/nonexistent/kiln-lxc".to_owned()]);
+        }
+        let mut specs = BTreeMap::from([
+            ("lxc".to_owned(), lxc),
+            ("docker".to_owned(), embedded_plugin("docker").unwrap()),
+        ]);
+        super::wire_delegation(&mut specs).unwrap();
+        assert!(command(&specs, "lxc").ends_with(&["--delegate".into(), "docker".into()]));
+        let docker = command(&specs, "docker");
+        assert_eq!(docker[docker.len() - 2..], ["--valid-volume", "/nonexistent/kiln-lxc/*"]);
+    }
 }
