@@ -257,3 +257,43 @@ fn the_lxc_plugin_killed_mid_step_leaves_no_container() {
     );
     assert_no_container_left(root.path());
 }
+
+#[test]
+fn a_failed_base_build_shows_the_tail_of_its_log() {
+    if !lxc_ready("a_failed_base_build_shows_the_tail_of_its_log") {
+        return;
+    }
+    // A new base directory (nothing cached) and a mirror nobody serves (loopback, port 9).
+    let root = tempfile::tempdir().unwrap();
+    let bases = tempfile::tempdir().unwrap();
+    let repo = Repo::with_workflow(
+        "nomirror.yml",
+        "on: push\njobs:\n  j:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo never-ran\n",
+    );
+    let plugin = format!(
+        "lxc={} plugin lxc --root {} --base-dir {} --mirror http://127.0.0.1:9/debian",
+        kiln_bin(),
+        root.path().display(),
+        bases.path().display()
+    );
+    let label = format!("ubuntu-latest=lxc://{LXC_IMAGE}");
+    let run = repo.exec(&["-P", &label, "--plugin", &plugin]);
+    run.assert_code(1).assert_no_stdout(&["never-ran"]);
+    let all = format!("{}{}", run.stdout, run.stderr);
+    assert!(
+        all.contains("building the lxc image debian:bookworm")
+            && all.contains("the last lines of")
+            && all.contains("not found in mirror"),
+        "the error does not show the build log's tail\n{}",
+        run.show()
+    );
+    // The failed build left no base behind, and no job container.
+    let left: Vec<_> = std::fs::read_dir(bases.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert_no_container_left(root.path());
+}
