@@ -297,3 +297,27 @@ fn a_failed_base_build_shows_the_tail_of_its_log() {
     assert!(left.is_empty(), "{left:?}");
     assert_no_container_left(root.path());
 }
+
+#[test]
+fn without_lxc_the_plugin_names_the_package_to_install() {
+    // No LXC tools on PATH: the plugin does not start, and says what to install.
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("p.sock");
+    let out = Command::new(kiln_bin())
+        .args(["plugin", "lxc", "--root"])
+        .arg(dir.path().join("envs"))
+        .arg("--listen")
+        .arg(format!("unix://{}", socket.display()))
+        .env("PATH", dir.path())
+        .env("KILN_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("LXC is not installed (lxc-start, ")
+            && stderr.contains("install Debian's lxc package"),
+        "{stderr}"
+    );
+}
