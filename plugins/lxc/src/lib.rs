@@ -4,12 +4,12 @@
 //!
 //! - LXC is driven through Debian's `lxc` 5.0 command-line tools (`lxc-create`, `lxc-start`,
 //!   `lxc-attach`, `lxc-stop`, `lxc-destroy`, `lxc-info`), not liblxc: the only Rust
-//!   bindings are unmaintained C bindings, and the tools are the stable interface (see
-//!   ARCHITECTURE.md).
+//!   bindings are unmaintained unsafe C bindings, and the tools are the stable interface
+//!   (see ARCHITECTURE.md).
 //! - **Images** (`image`): `DISTRO:RELEASE`, for now `debian:<any release debootstrap knows>`.
 //!   The base container of an image is made once by Debian's `debian` template (debootstrap
 //!   from the mirror apt uses) with what jobs need (bash, git, nodejs, python3,
-//!   ca-certificates, procps), under `--base-dir` (default `/var/cache/kiln/lxc`), named by a
+//!   ca-certificates, procps, util-linux), under `--base-dir` (default `/var/cache/kiln/lxc`), named by a
 //!   hash of its recipe: a changed recipe builds a new base, and a build interrupted half-way
 //!   is never used (a marker file is written last). One build at a time per image (`flock`).
 //! - **Environments** (`container`): `--root/<id>/` is an LXC container whose rootfs is an
@@ -18,8 +18,9 @@
 //!   container runs a tiny shell loop as PID 1 (no systemd boot), so create + start takes
 //!   well under a second. `<id>/kiln.json` holds the owner labels and spec hash (written
 //!   first: an interrupted create is still listed and collected); `<id>/job/` is
-//!   bind-mounted at the same path inside the container and holds `workspace/`, `temp/`,
-//!   `tool-cache/` and `runner/`, so the paths the runner sees are the same inside and out.
+//!   bind-mounted at the same path inside the container; `job/env/` holds `workspace/`,
+//!   `temp/`, `tool-cache/` and `runner/`, so the paths the runner sees are the same inside
+//!   and out.
 //! - **Networking**: none by default (`lxc.net.0.type = empty`: loopback only; Debian's
 //!   default config names an `lxcbr0` bridge most machines lack); `--network bridge:NAME`
 //!   gives each container a veth on the bridge the admin made (addresses are the admin's
@@ -36,8 +37,9 @@
 //!   signals, timeouts and cancellation go to that group, and the output is streamed by the
 //!   SDK's `child` module, like the host plugin's.
 //! - **Files**: CopyIn and CopyOut (and, without the agent, staged and collected step files)
-//!   go through the container's root as the host sees it (`/proc/<init>/root`), every path resolved with
-//!   `openat2(RESOLVE_IN_ROOT)`: a symlink inside the container can never lead out of it.
+//!   go through the container's root as the host sees it (`/proc/<init>/root`), every path
+//!   resolved with `openat2(RESOLVE_IN_ROOT)`: a symlink inside the container can never lead
+//!   out of it.
 //!   Tar streams use the SDK's traversal rules; nothing goes through `lxc-attach`.
 //! - **Container layers** (`container:`, `services:`, docker steps) are DELEGATED to the
 //!   plugin named by `--delegate` (kiln's docker plugin): the delegation's `host_dir` is the
