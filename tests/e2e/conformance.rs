@@ -117,3 +117,58 @@ fn docker_plugin_passes_conformance_on_a_remote_daemon() {
     );
     assert!(engine.connections.load(std::sync::atomic::Ordering::SeqCst) > 0);
 }
+
+#[test]
+fn lxc_plugin_passes_conformance() {
+    use crate::lxc::{assert_no_container_left, lxc_ready};
+    if !lxc_ready("lxc_plugin_passes_conformance") {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let junit = root.path().join("junit.xml");
+    let envs = root.path().join("envs");
+    let command = format!("{} plugin lxc --root {}", kiln_bin(), envs.display());
+    let out = std::process::Command::new(conformance_bin())
+        .args(["--command", &command, "--junit"])
+        .arg(&junit)
+        .env("KILN_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "conformance failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = stdout.lines().last().unwrap_or_default();
+    assert!(summary.contains(" passed, 0 failed"), "{summary}");
+    assert_no_container_left(&envs);
+}
+
+#[test]
+fn lxc_plugin_without_its_agent_passes_conformance() {
+    use crate::lxc::{assert_no_container_left, lxc_ready};
+    if !lxc_ready("lxc_plugin_without_its_agent_passes_conformance") {
+        return;
+    }
+    // Every exec through its own lxc-attach (images whose libc cannot run the agent).
+    let root = tempfile::tempdir().unwrap();
+    let envs = root.path().join("envs");
+    let command = format!("{} plugin lxc --no-agent --root {}", kiln_bin(), envs.display());
+    let out = std::process::Command::new(conformance_bin())
+        .args(["--command", &command])
+        .env("KILN_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "conformance failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = stdout.lines().last().unwrap_or_default();
+    assert!(summary.contains(" passed, 0 failed"), "{summary}");
+    assert_no_container_left(&envs);
+}

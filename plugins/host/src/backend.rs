@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use futures::StreamExt;
 use kiln_plugin_sdk::ids::validate_id;
 use kiln_plugin_sdk::{
     Backend, ByteStream, Capabilities, CapabilitiesRequest, ContainerRef, ContainerState,
@@ -16,7 +15,6 @@ use kiln_plugin_sdk::{
     PROTOCOL_VERSION, RemoveRequest, Result, Selector, SignalRequest,
 };
 use nix::sys::signal::Signal;
-use tokio::io::AsyncWriteExt;
 
 use crate::env::{self, Env, PRIMARY};
 use crate::exec::{self, ExecHandle};
@@ -457,48 +455,14 @@ impl Backend for HostBackend {
         let Some(handle) = self.exec_handle(&request.exec_id)? else {
             return Ok(false);
         };
-        if handle.is_done() || !procs::signal_group(handle.pgid, signal) {
-            return Ok(false);
-        }
-        if signal != Signal::SIGKILL {
-            let grace = exec::grace_or_default(request.grace);
-            tokio::spawn(async move {
-                if !handle.wait_done(grace).await {
-                    procs::signal_group(handle.pgid, Signal::SIGKILL);
-                }
-            });
-        }
-        Ok(true)
+        Ok(handle.inner.signal(signal, request.grace))
     }
 
-    async fn write_stdin(&self, exec_id: String, mut data: ByteStream) -> Result<u64> {
+    async fn write_stdin(&self, exec_id: String, data: ByteStream) -> Result<u64> {
         let handle = self.exec_handle(&exec_id)?.ok_or_else(|| {
             Error::failed_precondition(format!("exec {exec_id:?} is no longer running"))
         })?;
-        let Some(stdin) = &handle.stdin else {
-            return Err(Error::failed_precondition(format!(
-                "exec {exec_id:?} was not started with stdin"
-            ))
-            .field("exec_id"));
-        };
-        let mut guard = stdin.lock().await;
-        let Some(pipe) = guard.as_mut() else {
-            return Err(Error::failed_precondition(format!(
-                "the stdin of exec {exec_id:?} is closed"
-            )));
-        };
-        let mut written = 0u64;
-        while let Some(chunk) = data.next().await {
-            let chunk = chunk?;
-            pipe.write_all(&chunk).await.map_err(|e| {
-                Error::failed_precondition(format!("writing the stdin of exec {exec_id:?}: {e}"))
-            })?;
-            written += chunk.len() as u64;
-        }
-        // The end of the stream is the end of input (the client's `eof` frame ends it).
-        let _ = pipe.shutdown().await;
-        guard.take();
-        Ok(written)
+        handle.inner.write_stdin(&exec_id, data).await
     }
 
     async fn copy_in(&self, target: CopyInTarget, data: ByteStream) -> Result<CopyStats> {
@@ -555,7 +519,8 @@ impl Backend for HostBackend {
             Env::close_log(&mut st);
             std::mem::take(&mut st.groups)
         };
-        Self::kill_groups(&env, groups, exec::grace_or_default(request.grace)).await;
+        Self::kill_groups(&env, groups, kiln_plugin_sdk::child::grace_or_default(request.grace))
+            .await;
         self.delete_env_dir(env.dir.clone()).await?;
         let exec_ids: Vec<String> = lock(&env.state).exec_ids.iter().cloned().collect();
         {

@@ -44,6 +44,8 @@ pub(crate) enum PluginCommand {
     Test(kiln_plugin_test::Args),
     /// The Docker backend: jobs in containers on a Docker engine.
     Docker(kiln_plugin_docker::Args),
+    /// The LXC backend: each job in an LXC system container (labels lxc://DISTRO:RELEASE).
+    Lxc(kiln_plugin_lxc::Args),
 }
 
 #[derive(Debug, Args)]

@@ -153,13 +153,16 @@ async fn setup(path: Option<&Path>) -> anyhow::Result<Setup> {
     if !specs.contains_key("docker") && labels.iter().any(|l| l.backend == "docker") {
         specs.insert("docker".into(), kiln_runner::backends::embedded_plugin("docker")?);
     }
+    if !specs.contains_key("lxc") && labels.iter().any(|l| l.backend == "lxc") {
+        specs.insert("lxc".into(), kiln_runner::backends::embedded_plugin("lxc")?);
+    }
     // Start only the plugins some label uses (host is the default backend), and a configured
     // docker plugin for the host plugin to delegate container layers to.
     let mut used: Vec<&str> = labels
         .iter()
         .map(|l| if l.backend.is_empty() { "host" } else { l.backend.as_str() })
         .collect();
-    if used.contains(&"host") && config.plugins.contains_key("docker") {
+    if (used.contains(&"host") || used.contains(&"lxc")) && config.plugins.contains_key("docker") {
         used.push("docker");
     }
     let mut specs: BTreeMap<_, _> =

@@ -376,6 +376,10 @@ pub(crate) async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     if !specs.contains_key("docker") && label_configs.iter().any(|l| l.backend == "docker") {
         specs.insert("docker".to_owned(), kiln_runner::backends::embedded_plugin("docker")?);
     }
+    // lxc://DISTRO:RELEASE needs no --plugin either.
+    if !specs.contains_key("lxc") && label_configs.iter().any(|l| l.backend == "lxc") {
+        specs.insert("lxc".to_owned(), kiln_runner::backends::embedded_plugin("lxc")?);
+    }
     for l in &label_configs {
         if l.backend != labels::SKIP && !specs.contains_key(&l.backend) {
             bail!(

@@ -72,6 +72,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 kiln_plugin_docker::run(args).await?;
                 Ok(ExitCode::SUCCESS)
             }
+            cli::PluginCommand::Lxc(args) => {
+                kiln_plugin_lxc::run(args).await?;
+                Ok(ExitCode::SUCCESS)
+            }
         },
     }
 }
@@ -88,6 +92,7 @@ pub(crate) fn wire_delegation(
     if !specs.contains_key("docker") {
         return Ok(());
     }
+    wire_lxc_delegation(specs)?;
     let PluginSpec::Managed { command: embedded, .. } = kiln_runner::backends::embedded_host()?
     else {
         return Ok(());
@@ -101,6 +106,39 @@ pub(crate) fn wire_delegation(
     if let Some(PluginSpec::Managed { command, .. }) = specs.get_mut("docker") {
         let root = kiln_plugin_host::HostConfig::default_root("host");
         let root = std::fs::canonicalize(&root).unwrap_or(root);
+        command.extend(["--valid-volume".to_owned(), format!("{}/*", root.display())]);
+    }
+    Ok(())
+}
+
+/// Like [`wire_delegation`] for kiln's embedded lxc plugin: `--delegate docker`, and the
+/// managed docker plugin may mount the job containers' work directories (`--valid-volume
+/// ROOT/*`, ROOT being the lxc plugin's `--root`).
+fn wire_lxc_delegation(
+    specs: &mut std::collections::BTreeMap<String, kiln_runner::backends::PluginSpec>,
+) -> anyhow::Result<()> {
+    use kiln_runner::backends::PluginSpec;
+    let PluginSpec::Managed { command: embedded, .. } =
+        kiln_runner::backends::embedded_plugin("lxc")?
+    else {
+        return Ok(());
+    };
+    let root = match specs.get_mut("lxc") {
+        Some(PluginSpec::Managed { command, .. }) if command.starts_with(&embedded) => {
+            if !command.iter().any(|a| a == "--delegate" || a.starts_with("--delegate=")) {
+                command.extend(["--delegate".to_owned(), "docker".to_owned()]);
+            }
+            let given = command.iter().enumerate().find_map(|(i, a)| {
+                a.strip_prefix("--root=")
+                    .map(str::to_owned)
+                    .or_else(|| (a == "--root").then(|| command.get(i + 1).cloned()).flatten())
+            });
+            std::path::PathBuf::from(given.unwrap_or_else(|| kiln_plugin_lxc::DEFAULT_ROOT.into()))
+        }
+        _ => return Ok(()),
+    };
+    let root = std::fs::canonicalize(&root).unwrap_or(root);
+    if let Some(PluginSpec::Managed { command, .. }) = specs.get_mut("docker") {
         command.extend(["--valid-volume".to_owned(), format!("{}/*", root.display())]);
     }
     Ok(())
@@ -154,5 +192,21 @@ mod tests {
                 "docker"
             )
         );
+    }
+
+    #[test]
+    fn the_embedded_lxc_plugin_delegates_to_a_configured_docker_plugin() {
+        let mut lxc = embedded_plugin("lxc").unwrap();
+        if let PluginSpec::Managed { command, .. } = &mut lxc {
+            command.extend(["--root".to_owned(), "/nonexistent/kiln-lxc".to_owned()]);
+        }
+        let mut specs = BTreeMap::from([
+            ("lxc".to_owned(), lxc),
+            ("docker".to_owned(), embedded_plugin("docker").unwrap()),
+        ]);
+        super::wire_delegation(&mut specs).unwrap();
+        assert!(command(&specs, "lxc").ends_with(&["--delegate".into(), "docker".into()]));
+        let docker = command(&specs, "docker");
+        assert_eq!(docker[docker.len() - 2..], ["--valid-volume", "/nonexistent/kiln-lxc/*"]);
     }
 }

@@ -70,7 +70,7 @@ pub fn embedded_host() -> anyhow::Result<PluginSpec> {
     embedded_plugin("host")
 }
 
-/// A first-party plugin served by this executable (`kiln plugin <name>`: host, docker, test).
+/// A first-party plugin served by this executable (`kiln plugin <name>`: host, docker, lxc, test).
 pub fn embedded_plugin(name: &str) -> anyhow::Result<PluginSpec> {
     let exe = std::env::current_exe().context("locating the kiln executable")?;
     Ok(PluginSpec::Managed {

@@ -367,17 +367,18 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-/// Checks that every label's backend is configured (`host` and `docker` always are).
+/// Checks that every label's backend is configured (`host`, `docker` and `lxc` always are).
 pub fn check_labels(
     labels: &[LabelConfig],
     plugins: &BTreeMap<String, PluginSpec>,
 ) -> anyhow::Result<()> {
     for l in labels {
         let b = l.backend.as_str();
-        // host and docker are first-party: kiln serves them itself when not configured.
+        // host, docker and lxc are first-party: kiln serves them itself when not configured.
         if b.is_empty()
             || b == "host"
             || b == "docker"
+            || b == "lxc"
             || b == labels::SKIP
             || plugins.contains_key(b)
         {
@@ -574,5 +575,19 @@ mod tests {
             err("plugins:\n  d: {}\n"),
             "c.yaml: plugins.d: needs command: [program, args…] or endpoint: unix:///path.sock"
         );
+    }
+
+    #[test]
+    fn lxc_labels_need_no_plugins_entry() {
+        // Forgejo Runner's form; kiln serves its lxc plugin itself, like docker.
+        let c = parse(
+            "runner:\n  labels: [\"ubuntu-latest:lxc://debian:bookworm\"]\n",
+            Path::new("c.yaml"),
+        )
+        .unwrap();
+        let labels = c.runner.labels.unwrap();
+        assert_eq!(labels[0].backend, "lxc");
+        assert_eq!(labels[0].options.get("args").and_then(|v| v.as_str()), Some("debian:bookworm"));
+        assert_eq!(labels[0].to_string(), "ubuntu-latest:lxc://debian:bookworm");
     }
 }

@@ -1,7 +1,9 @@
 //! Label configurations: which backend (and with which options) a `runs-on` label runs on.
 //!
 //! String form, as in Forgejo Runner and on the `-P` command line: `name:host`,
-//! `name:docker://image`, `name:<backend>[:<args>]` (any backend configured as a plugin).
+//! `name:docker://image`, `name:<backend>[:<args>]` (any backend configured as a plugin), and
+//! `name:<backend>://<args>` (Forgejo Runner's `lxc://debian:bookworm`: the same as
+//! `name:lxc:debian:bookworm`).
 //! The structured form of the config file (`{name, backend, options}`) builds the same type.
 
 use std::fmt;
@@ -25,7 +27,9 @@ impl fmt::Display for LabelConfig {
         if let Some(image) = self.options.get("image").and_then(|v| v.as_str()) {
             write!(f, "://{image}")?;
         } else if let Some(args) = self.options.get("args").and_then(|v| v.as_str()) {
-            write!(f, ":{args}")?;
+            // Forgejo Runner writes LXC labels as a URL: `lxc://debian:bookworm`.
+            let sep = if self.backend == "lxc" { "://" } else { ":" };
+            write!(f, "{sep}{args}")?;
         }
         Ok(())
     }
@@ -149,6 +153,10 @@ mod tests {
         assert_eq!(show(parse_platform("a=docker://img")), "a -> docker {\"image\":\"img\"}");
         assert!(parse_platform("nolabel").is_err());
         assert_eq!(show(parse_platform("old=")), "old -> skip {}");
+        for s in ["vm:lxc://debian:bookworm", "vm:lxc:debian:bookworm"] {
+            assert_eq!(parse_label(s).unwrap().to_string(), "vm:lxc://debian:bookworm", "{s}");
+        }
+        assert_eq!(parse_label("vm:qemu:debian-12").unwrap().to_string(), "vm:qemu:debian-12");
     }
 
     #[test]
