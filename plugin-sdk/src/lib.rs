@@ -4,7 +4,8 @@
 //! - [`server`]: serve a `Backend` on a unix socket or TCP (mutual TLS), with grpc.health.
 //! - [`client`]: [`client::GrpcBackend`], the runner's `Backend` over gRPC.
 //! - [`archive`]: tar helpers with the traversal rules.
-//! - [`conformance`]: the black-box conformance suite (also the `kiln-conformance` binary).
+//! - `conformance` (cargo feature `conformance`, off by default): the black-box conformance
+//!   suite (also the `kiln-conformance` binary).
 #![warn(missing_docs)]
 
 mod convert;
@@ -12,11 +13,14 @@ mod convert;
 pub mod archive;
 pub mod backend;
 pub mod client;
+#[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod dirs;
 pub mod error;
 pub mod ids;
 pub mod server;
+pub mod spec;
+pub mod time;
 pub mod tls;
 pub mod words;
 
