@@ -68,8 +68,8 @@ async fn locate_remote(
     uses: &str,
 ) -> Result<LocatedAction, String> {
     let resolver = &cx.shared.opts.actions;
-    let r = resolver.parse(uses)?;
-    let fetched = resolver.fetch(&r).await?;
+    let r = resolver.parse(uses).map_err(|e| e.to_string())?;
+    let fetched = resolver.fetch(&r).await.map_err(|e| e.to_string())?;
     let local_dir = fetched.dir.join(&r.path);
     let (file, text) = ["action.yml", "action.yaml"]
         .iter()

@@ -265,7 +265,7 @@ async fn load(opts: &RunOptions, uses: &str) -> Result<Workflow, String> {
             }
         }
     } else {
-        let r = opts.actions.parse(uses)?;
+        let r = opts.actions.parse(uses).map_err(|e| e.to_string())?;
         if r.path.is_empty() {
             return Err(format!(
                 "{uses}: name the workflow file: {{owner}}/{{repo}}/.github/workflows/<file>@{{ref}}"
@@ -282,7 +282,7 @@ async fn load(opts: &RunOptions, uses: &str) -> Result<Workflow, String> {
 }
 
 async fn read_remote(opts: &RunOptions, r: &RemoteRef) -> Result<(String, String), String> {
-    let fetched = opts.actions.fetch(r).await?;
+    let fetched = opts.actions.fetch(r).await.map_err(|e| e.to_string())?;
     let path = fetched.dir.join(&r.path);
     let text = std::fs::read_to_string(&path)
         .map_err(|e| format!("{r}: reading {} of {} at {}: {e}", r.path, r.url, r.git_ref))?;
