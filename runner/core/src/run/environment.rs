@@ -24,6 +24,48 @@ pub(crate) struct Delegated<'a> {
     pub(crate) env: Environment,
 }
 
+/// Why an environment (or a container layer's place) cannot be had.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum EnvError {
+    /// The job needs a layer its backend neither provides nor delegates.
+    #[error(
+        "the job needs {what}, which backend {backend:?} does not support{}",
+        detail_suffix(detail)
+    )]
+    Unsupported { what: String, backend: String, detail: String },
+    /// The layer is delegated to a backend that is not configured.
+    #[error(
+        "the job needs {what}, which backend {backend:?} delegates to backend {delegate:?}, which \
+         is not configured; add it under plugins: in the config file (or --plugin \
+         {delegate}=COMMAND)"
+    )]
+    DelegateNotConfigured { what: String, backend: String, delegate: String },
+    /// The delegate does not provide the layer natively.
+    #[error(
+        "the job needs {what}, which backend {backend:?} delegates to backend {delegate:?}, which \
+         does not support it natively"
+    )]
+    DelegateNotNative { what: String, backend: String, delegate: String },
+    /// The environment's Create returned no delegation although its layers are delegated.
+    #[error("environment {0} declares delegated layers but its Create returned no delegation")]
+    NoDelegation(String),
+    /// The delegation names another backend than the capabilities.
+    #[error(
+        "the environment delegates to backend {declared:?}, but its capabilities name {named:?}"
+    )]
+    WrongDelegate { declared: String, named: String },
+    /// The plugin refused or failed.
+    #[error(transparent)]
+    Backend(#[from] kiln_plugin_sdk::Error),
+    /// The job was cancelled meanwhile.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+fn detail_suffix(detail: &str) -> String {
+    if detail.is_empty() { String::new() } else { format!(": {detail}") }
+}
+
 /// Creates the delegate environment `id` for `env` (its parent), with the options of
 /// `env.delegation`; returns it with `env`'s paths.
 pub(crate) async fn create_delegate(
@@ -31,9 +73,9 @@ pub(crate) async fn create_delegate(
     env: &Environment,
     base: &EnvironmentRequest,
     id: &str,
-) -> Result<Environment, String> {
+) -> Result<Environment, EnvError> {
     let request = delegate_request(delegate, env, base, id)?;
-    let created = create_with_retry(delegate, request).await.map_err(|e| e.to_string())?;
+    let created = create_with_retry(delegate, request).await?;
     Ok(Environment { paths: env.paths.clone(), ..created })
 }
 
@@ -44,18 +86,15 @@ pub(crate) fn delegate_request(
     env: &Environment,
     base: &EnvironmentRequest,
     id: &str,
-) -> Result<EnvironmentRequest, String> {
+) -> Result<EnvironmentRequest, EnvError> {
     let Some(d) = &env.delegation else {
-        return Err(format!(
-            "environment {} declares delegated layers but its Create returned no delegation",
-            env.id
-        ));
+        return Err(EnvError::NoDelegation(env.id.clone()));
     };
     if d.backend != delegate.name {
-        return Err(format!(
-            "the environment delegates to backend {:?}, but its capabilities name {:?}",
-            d.backend, delegate.name
-        ));
+        return Err(EnvError::WrongDelegate {
+            declared: d.backend.clone(),
+            named: delegate.name.clone(),
+        });
     }
     Ok(EnvironmentRequest {
         environment_id: id.to_owned(),
@@ -77,33 +116,26 @@ pub(crate) fn layer_plugin<'a>(
     plugin: &'a Plugin,
     layer: Layer,
     what: &str,
-) -> Result<&'a Plugin, String> {
+) -> Result<&'a Plugin, EnvError> {
+    let (what, backend) = (what.to_owned(), plugin.name.clone());
     match layer(&plugin.capabilities) {
         LayerSupport::Native => Ok(plugin),
-        LayerSupport::Delegated { backend } => {
-            let Some(delegate) = shared.backends.get(backend) else {
-                return Err(format!(
-                    "the job needs {what}, which backend {:?} delegates to backend {backend:?}, \
-                     which is not configured; add it under plugins: in the config file (or \
-                     --plugin {backend}=COMMAND)",
-                    plugin.name
-                ));
+        LayerSupport::Delegated { backend: delegate } => {
+            let delegate_name = delegate.clone();
+            let Some(delegate) = shared.backends.get(delegate) else {
+                return Err(EnvError::DelegateNotConfigured {
+                    what,
+                    backend,
+                    delegate: delegate_name,
+                });
             };
             match layer(&delegate.capabilities) {
                 LayerSupport::Native => Ok(delegate),
-                _ => Err(format!(
-                    "the job needs {what}, which backend {:?} delegates to backend {backend:?}, \
-                     which does not support it natively",
-                    plugin.name
-                )),
+                _ => Err(EnvError::DelegateNotNative { what, backend, delegate: delegate_name }),
             }
         }
         LayerSupport::Unsupported(detail) => {
-            let detail = if detail.is_empty() { String::new() } else { format!(": {detail}") };
-            Err(format!(
-                "the job needs {what}, which backend {:?} does not support{detail}",
-                plugin.name
-            ))
+            Err(EnvError::Unsupported { what, backend, detail: detail.clone() })
         }
     }
 }

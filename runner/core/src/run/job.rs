@@ -25,7 +25,7 @@ use super::containers::{Containers, create_containers};
 use super::context::{ComboResult, JobEnvRequest, JobRun, Shared, StaticHost, Timer, to_obj};
 use super::docker_step;
 use super::environment::{
-    Delegated, Layer, create_delegate, create_with_retry, delegate_request, layer_plugin,
+    Delegated, EnvError, Layer, create_delegate, create_with_retry, delegate_request, layer_plugin,
     remove_env,
 };
 use super::exec::exec_id;
@@ -280,7 +280,8 @@ impl JobCx {
             if !needed {
                 continue;
             }
-            let p = layer_plugin(&self.shared, plugin, layer, what).map_err(JobEnd::failed)?;
+            let p = layer_plugin(&self.shared, plugin, layer, what)
+                .map_err(|e| JobEnd::failed(e.to_string()))?;
             if p.name != plugin.name {
                 delegate = Some(p);
             }
@@ -421,11 +422,11 @@ impl JobCx {
         dp: &'a Plugin,
         envs: &Envs<'a>,
         base_request: &EnvironmentRequest,
-    ) -> Result<Delegated<'a>, String> {
+    ) -> Result<Delegated<'a>, EnvError> {
         self.run.leases.take(&self.shared.backends, &dp.name, &envs.inner_id);
         let created = tokio::select! {
             r = create_delegate(dp, &envs.own.env, base_request, &envs.inner_id) => r,
-            _ = self.run.cancel.cancelled() => Err("cancelled".into()),
+            _ = self.run.cancel.cancelled() => Err(EnvError::Cancelled),
         };
         Ok(Delegated { plugin: dp, backend: dp.client(), env: created? })
     }
