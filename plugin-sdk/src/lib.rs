@@ -18,6 +18,7 @@ pub mod conformance;
 pub mod dirs;
 pub mod error;
 pub mod ids;
+pub mod paths;
 pub mod server;
 pub mod spec;
 pub mod time;
