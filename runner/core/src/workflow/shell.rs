@@ -51,7 +51,8 @@ pub fn shell_command(shell: Option<&str>, bash_available: bool) -> Result<ShellS
         // cmd parses its own quoting: keep the /C argument verbatim.
         ["cmd", "/D", "/E:ON", "/V:OFF", "/S", "/C", "\"CALL \"{0}\"\""].map(String::from).to_vec()
     } else {
-        kiln_plugin_sdk::words::split_command(template).map_err(|m| Error::msg(format!("shell `{shell}`: {m}")))?
+        kiln_plugin_sdk::words::split_command(template)
+            .map_err(|m| Error::msg(format!("shell `{shell}`: {m}")))?
     };
     let program = argv.first().cloned().unwrap_or_default();
     if program.is_empty() {
