@@ -5,7 +5,8 @@
 //! - [`client`]: [`client::GrpcBackend`], the runner's `Backend` over gRPC.
 //! - [`archive`]: tar helpers with the traversal rules.
 //! - [`child`]: stream a local child process as an exec (timeouts, signals, drain).
-//! - [`conformance`]: the black-box conformance suite (also the `kiln-conformance` binary).
+//! - `conformance` (cargo feature `conformance`, off by default): the black-box conformance
+//!   suite (also the `kiln-conformance` binary).
 #![warn(missing_docs)]
 
 mod convert;
@@ -14,11 +15,15 @@ pub mod archive;
 pub mod backend;
 pub mod child;
 pub mod client;
+#[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod dirs;
 pub mod error;
 pub mod ids;
+pub mod paths;
 pub mod server;
+pub mod spec;
+pub mod time;
 pub mod tls;
 pub mod words;
 

@@ -12,6 +12,10 @@ log() { printf 'docker-setup: %s\n' "$*"; }
 
 apt_updated=
 apt_install() {
+    if ! command -v apt-get >/dev/null 2>&1 || [ "$(id -u)" != 0 ]; then
+        log "cannot install $* (needs root and apt-get): install Docker, then run this again"
+        exit 1
+    fi
     if [ -z "$apt_updated" ]; then
         DEBIAN_FRONTEND=noninteractive apt-get update -qq
         apt_updated=1

@@ -54,11 +54,11 @@ fn test_plugin_passes_conformance() {
 
 /// Runs the suite against `kiln plugin docker PLUGIN_ARGS`, every environment with the
 /// options `image=IMAGE` and `options`; checks that the container layers passed and that
-/// nothing is left.
-fn docker_suite(test: &str, plugin_args: &str, options: &[String]) {
+/// nothing is left. Returns false when it did not run (no engine; see `docker_ready`).
+fn docker_suite(test: &str, plugin_args: &str, options: &[String]) -> bool {
     use crate::docker::{IMAGE, assert_nothing_left, docker_ready};
     if !docker_ready(test) {
-        return;
+        return false;
     }
     let root = tempfile::tempdir().unwrap();
     let junit = root.path().join("junit.xml");
@@ -97,6 +97,7 @@ fn docker_suite(test: &str, plugin_args: &str, options: &[String]) {
         );
     }
     assert_nothing_left(&namespace);
+    true
 }
 
 #[test]
@@ -110,12 +111,12 @@ fn docker_plugin_passes_conformance_on_a_remote_daemon() {
     // file goes through the engine's API. (Environments naming their own daemon with the
     // option docker_host take the same path: see docker.rs.)
     let engine = crate::docker::tcp_engine();
-    docker_suite(
+    let ran = docker_suite(
         "docker_plugin_passes_conformance_on_a_remote_daemon",
         &format!("--docker-host {} --remote-daemon", engine.url),
         &[],
     );
-    assert!(engine.connections.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    assert!(!ran || engine.connections.load(std::sync::atomic::Ordering::SeqCst) > 0);
 }
 
 #[test]

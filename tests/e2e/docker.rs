@@ -1,8 +1,9 @@
 //! `kiln exec` on the Docker backend (`kiln plugin docker`) against a real engine, with the
 //! local test image `kiln-test/busybox:1` that `tests/docker/setup.sh` builds.
 //!
-//! Without a usable engine the tests print why and pass, unless `KILN_REQUIRE_DOCKER=1` (set
-//! by `.ci/run`), which makes a missing engine a failure. Every test checks that nothing
+//! Without a usable engine the tests do not run and say why (`tests/run` lists them at the
+//! end), unless `KILN_REQUIRE_DOCKER=1` (set by `.ci/run`), which makes a missing engine a
+//! failure. Every test checks that nothing
 //! labelled with its runner id (`dev.kiln.runner-id`) is left: containers, networks, volumes.
 
 use std::process::Command;
@@ -13,9 +14,8 @@ use crate::support::{Repo, kiln_bin};
 pub(crate) const IMAGE: &str = "kiln-test/busybox:1";
 
 /// Whether the engine and the test image are there; panics when they are not and
-/// `KILN_REQUIRE_DOCKER=1`, else prints why the test is skipped.
+/// `KILN_REQUIRE_DOCKER=1`, else records the test as not run (`support::prerequisite`).
 pub(crate) fn docker_ready(test: &str) -> bool {
-    let required = std::env::var("KILN_REQUIRE_DOCKER").is_ok_and(|v| v == "1");
     let problem = match Command::new("docker").args(["image", "inspect", IMAGE]).output() {
         Err(e) => Some(format!("the docker client cannot run: {e}")),
         Ok(o) if o.status.success() => None,
@@ -24,14 +24,7 @@ pub(crate) fn docker_ready(test: &str) -> bool {
             String::from_utf8_lossy(&o.stderr).trim()
         )),
     };
-    match problem {
-        None => true,
-        Some(p) if required => panic!("{test}: KILN_REQUIRE_DOCKER=1 but {p}"),
-        Some(p) => {
-            println!("skipping {test}: {p}");
-            false
-        }
-    }
+    crate::support::prerequisite(test, "docker", problem)
 }
 
 /// Panics when any container, network or volume carries `dev.kiln.runner-id=<runner_id>`.

@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::support::{Repo, kiln_bin, processes_with, wait_for};
+use crate::support::{Repo, Run, kiln_bin, processes_with, wait_for};
 
 #[test]
 fn step_timeout_kills_the_process_tree_and_failure_steps_still_run() {
@@ -425,4 +425,57 @@ fn a_managed_plugin_killed_with_sigkill_mid_step_fails_the_job_and_is_replaced()
         "left behind: {:?}",
         processes_with(&marker)
     );
+}
+
+#[test]
+fn a_job_whose_task_panics_fails_releases_its_slot_and_its_environment_is_removed() {
+    // Both combinations panic on the runner's side after setup (the debug-build hook
+    // KILN_TEST_PANIC_IN_JOB): the second only starts when the first's slot (max-parallel 1)
+    // is released; the job after them sees the failure.
+    let repo = Repo::with_workflow(
+        "panic.yml",
+        r#"
+on: push
+jobs:
+  boom:
+    runs-on: ubuntu-latest
+    strategy:
+      max-parallel: 1
+      fail-fast: false
+      matrix:
+        n: [1, 2]
+    steps:
+      - run: echo "a step of a panicking job must not run"
+  after:
+    needs: boom
+    if: always()
+    runs-on: ubuntu-latest
+    steps:
+      - run: echo "after ran, boom was ${{ needs.boom.result }}"
+"#,
+    );
+    let root = tempfile::tempdir().unwrap();
+    let plugin = format!("test={} plugin test --root {}", kiln_bin(), root.path().display());
+    let out = repo
+        .kiln()
+        .args(["exec", "--plugin", &plugin, "-P", "ubuntu-latest=test"])
+        .env("KILN_TEST_PANIC_IN_JOB", "boom")
+        .output()
+        .unwrap();
+    let run = Run::from(out);
+    run.assert_code(1)
+        .assert_stdout(&[
+            "boom (1)",
+            "boom (2)",
+            "kiln panicked while running this job: KILN_TEST_PANIC_IN_JOB: job boom panics",
+            "after ran, boom was failure",
+        ])
+        .assert_no_stdout(&["a step of a panicking job must not run"]);
+    let panics = run.stdout.matches("kiln panicked while running this job").count();
+    assert_eq!(panics, 2, "{}", run.show());
+    let failed = run.stdout.lines().filter(|l| l.contains("boom (") && l.contains("(failure)"));
+    assert_eq!(failed.count(), 2, "{}", run.show());
+    // The environments were removed by this run (nothing collects them at its end).
+    let left = entries(root.path());
+    assert!(left.is_empty(), "environments left behind: {left:?}\n{}", run.show());
 }

@@ -10,15 +10,14 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::docker::{assert_nothing_left, docker_ready, runner_id};
-use crate::support::{Repo, kiln_bin, processes_with, wait_for};
+use crate::support::{self, Repo, kiln_bin, processes_with, wait_for};
 
 /// The image every test uses.
 pub(crate) const LXC_IMAGE: &str = "debian:bookworm";
 
-/// Whether LXC and the base of [`LXC_IMAGE`] are there; panics when they are not and
-/// `KILN_REQUIRE_LXC=1`, else prints why the test is skipped.
+/// Whether LXC and the base of [`LXC_IMAGE`] are there ([`support::prerequisite`](crate::support::prerequisite): a failure
+/// under `KILN_REQUIRE_LXC=1`, else the test is recorded as not run).
 pub(crate) fn lxc_ready(test: &str) -> bool {
-    let required = std::env::var("KILN_REQUIRE_LXC").is_ok_and(|v| v == "1");
     let image: kiln_plugin_lxc::Image = LXC_IMAGE.parse().unwrap();
     let problem = if !nix::unistd::geteuid().is_root() {
         Some("LXC system containers need root".to_owned())
@@ -29,14 +28,7 @@ pub(crate) fn lxc_ready(test: &str) -> bool {
     } else {
         None
     };
-    match problem {
-        None => true,
-        Some(p) if required => panic!("{test}: KILN_REQUIRE_LXC=1 but {p}"),
-        Some(p) => {
-            println!("skipping {test}: {p}");
-            false
-        }
-    }
+    support::prerequisite(test, "lxc", problem)
 }
 
 /// Panics unless no job container is left under `root`: no directory, nothing running.

@@ -33,10 +33,11 @@ fn sq(s: &str) -> String {
 
 #[test]
 fn python_plugin_passes_conformance() {
-    if let Some(reason) = python_missing() {
-        let required = std::env::var("KILN_REQUIRE_PYTHON_PLUGIN").is_ok_and(|v| v == "1");
-        assert!(!required, "KILN_REQUIRE_PYTHON_PLUGIN=1, but {reason}");
-        println!("skipping python_plugin_passes_conformance: {reason}");
+    if !crate::support::prerequisite(
+        "python_plugin_passes_conformance",
+        "python-plugin",
+        python_missing(),
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

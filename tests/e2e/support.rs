@@ -158,3 +158,26 @@ pub(crate) fn wait_for(secs: u64, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
+
+/// Whether a test's prerequisite is there. When it is not (`problem` says why): with
+/// `KILN_REQUIRE_<PREREQUISITE>=1` (CI) the test fails; otherwise the test is recorded as not
+/// run — a line in `$KILN_SKIPPED_DIR/<test>`, which `tests/run` lists at the end of the run —
+/// and printed, and the caller returns early.
+pub(crate) fn prerequisite(test: &str, prerequisite: &str, problem: Option<String>) -> bool {
+    let Some(problem) = problem else { return true };
+    let var = format!("KILN_REQUIRE_{}", prerequisite.to_uppercase().replace('-', "_"));
+    let required = std::env::var(&var).is_ok_and(|v| v == "1");
+    assert!(!required, "{test}: {var}=1 but {problem}");
+    record_skip(test, prerequisite, &problem);
+    false
+}
+
+/// Records a test that did not run (see [`prerequisite`]).
+pub(crate) fn record_skip(test: &str, prerequisite: &str, problem: &str) {
+    println!("skipping {test}: {problem}");
+    if let Some(dir) = std::env::var_os("KILN_SKIPPED_DIR") {
+        let line = format!("{prerequisite}: {problem}\n");
+        let _ = std::fs::create_dir_all(&dir);
+        let _ = std::fs::write(Path::new(&dir).join(test), line);
+    }
+}

@@ -329,10 +329,11 @@ fn docker_plugin_passes_conformance_over_mutual_tls() {
 
 #[test]
 fn python_plugin_passes_conformance_over_mutual_tls() {
-    if let Some(reason) = python_missing() {
-        let required = std::env::var("KILN_REQUIRE_PYTHON_PLUGIN").is_ok_and(|v| v == "1");
-        assert!(!required, "KILN_REQUIRE_PYTHON_PLUGIN=1, but {reason}");
-        println!("skipping python_plugin_passes_conformance_over_mutual_tls: {reason}");
+    if !crate::support::prerequisite(
+        "python_plugin_passes_conformance_over_mutual_tls",
+        "python-plugin",
+        python_missing(),
+    ) {
         return;
     }
     let pki = Pki::new();

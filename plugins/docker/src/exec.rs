@@ -237,15 +237,7 @@ async fn exit_code(docker: &Docker, exec_id: &str) -> Result<i64> {
 
 /// Checks an absolute path without `..`.
 pub(crate) fn check_path(path: &str, field: &str) -> Result<()> {
-    let p = Path::new(path);
-    if !p.is_absolute() {
-        return Err(Error::invalid_argument(format!("{field} {path:?} is not an absolute path"))
-            .field(field));
-    }
-    if p.components().any(|c| c == Component::ParentDir) {
-        return Err(Error::invalid_argument(format!("{field} {path:?} contains '..'")).field(field));
-    }
-    Ok(())
+    kiln_plugin_sdk::paths::absolute_without_dotdot(path, field).map(|_| ())
 }
 
 /// The host path of a container path under `/__kiln`, the workspace (when it is a host

@@ -3,8 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use kiln_plugin_sdk::{EnvironmentRequest, Owner};
-use sha2::{Digest, Sha256};
+use kiln_plugin_sdk::Owner;
 
 /// Prefix of every label the plugin writes.
 pub(crate) const PREFIX: &str = "dev.kiln.";
@@ -60,12 +59,7 @@ pub(crate) fn scoped_volume(env: &str, name: &str) -> String {
     format!("kiln_{env}_v_{name}")
 }
 
-/// Milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+pub(crate) use kiln_plugin_sdk::time::now_ms;
 
 /// The labels of every object of an environment.
 pub(crate) fn owner_labels(env: &str, owner: &Owner, spec_hash: &str) -> HashMap<String, String> {
@@ -104,46 +98,7 @@ pub(crate) fn owner_from(labels: &HashMap<String, String>) -> Owner {
 }
 
 /// The hash of everything a replayed environment create must repeat (rule 3).
-pub(crate) fn env_spec_hash(req: &EnvironmentRequest) -> String {
-    let o = &req.owner;
-    let spec = serde_json::json!({
-        "label": req.label,
-        "options": canonical(&serde_json::Value::Object(req.options.clone())),
-        "hints": [req.hints.job_container, req.hints.service_containers, req.hints.step_containers],
-        "owner": {
-            "runner_id": o.runner_id,
-            "boot_id": o.boot_id,
-            "job_id": o.job_id,
-            "parent_environment_id": o.parent_environment_id,
-            "expires_at_unix_ms": o.expires_at_unix_ms,
-            "labels": o.labels,
-        },
-    });
-    hash_json(&spec)
-}
-
-/// SHA-256 of a JSON value, hex.
-pub(crate) fn hash_json(v: &serde_json::Value) -> String {
-    let bytes = serde_json::to_vec(v).unwrap_or_default();
-    hex::encode(Sha256::digest(&bytes))
-}
-
-/// A JSON value with object keys sorted, so key order does not change a hash.
-fn canonical(v: &serde_json::Value) -> serde_json::Value {
-    match v {
-        serde_json::Value::Object(m) => {
-            let mut keys: Vec<_> = m.keys().collect();
-            keys.sort();
-            let mut out = serde_json::Map::new();
-            for k in keys {
-                out.insert(k.clone(), canonical(&m[k]));
-            }
-            serde_json::Value::Object(out)
-        }
-        serde_json::Value::Array(a) => serde_json::Value::Array(a.iter().map(canonical).collect()),
-        other => other.clone(),
-    }
-}
+pub(crate) use kiln_plugin_sdk::spec::{environment_spec_hash as env_spec_hash, hash_json};
 
 /// A label filter for the engine's list calls: `dev.kiln.environment-id` (any value) or a
 /// given `key=value`.

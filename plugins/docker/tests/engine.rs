@@ -3,7 +3,7 @@
 //! refusing a volume before anything is created, and everything gone after Remove.
 //!
 //! Needs the local image `kiln-test/busybox:1` (`tests/docker/setup.sh`). Without an engine
-//! the tests log why and pass, unless `KILN_REQUIRE_DOCKER=1`.
+//! the tests do not run and say why (`tests/run` lists them), unless `KILN_REQUIRE_DOCKER=1`.
 
 use std::time::{Duration, Instant};
 
@@ -27,7 +27,13 @@ async fn backend(test: &str, state: &std::path::Path) -> Option<DockerBackend> {
         Err(e) => format!("no docker engine: {e:#}"),
     };
     assert!(!required, "{test}: KILN_REQUIRE_DOCKER=1 but {problem}");
+    // Not run: said here, and listed by `tests/run` at the end of the run.
     tracing::warn!("skipping {test}: {problem}");
+    if let Some(dir) = std::env::var_os("KILN_SKIPPED_DIR") {
+        let _ = std::fs::create_dir_all(&dir);
+        let _ =
+            std::fs::write(std::path::Path::new(&dir).join(test), format!("docker: {problem}\n"));
+    }
     None
 }
 

@@ -15,7 +15,6 @@ use kiln_plugin_sdk::{
     Environment, EnvironmentRequest, EnvironmentSummary, Error, Owner, Paths, Result,
 };
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::exec::ExecHandle;
 use crate::lock;
@@ -107,41 +106,7 @@ impl EnvMeta {
 
 /// The hash of everything a replayed create must repeat (rule 3). `created_at` is the
 /// plugin's, so it is left out.
-pub(crate) fn spec_hash(req: &EnvironmentRequest) -> String {
-    let o = &req.owner;
-    let spec = serde_json::json!({
-        "label": req.label,
-        "options": canonical(&serde_json::Value::Object(req.options.clone())),
-        "hints": [req.hints.job_container, req.hints.service_containers, req.hints.step_containers],
-        "owner": {
-            "runner_id": o.runner_id,
-            "boot_id": o.boot_id,
-            "job_id": o.job_id,
-            "parent_environment_id": o.parent_environment_id,
-            "expires_at_unix_ms": o.expires_at_unix_ms,
-            "labels": o.labels,
-        },
-    });
-    let bytes = serde_json::to_vec(&spec).unwrap_or_default();
-    hex::encode(Sha256::digest(&bytes))
-}
-
-/// A JSON value with object keys sorted, so key order does not change the hash.
-fn canonical(v: &serde_json::Value) -> serde_json::Value {
-    match v {
-        serde_json::Value::Object(m) => {
-            let mut keys: Vec<_> = m.keys().collect();
-            keys.sort();
-            let mut out = serde_json::Map::new();
-            for k in keys {
-                out.insert(k.clone(), canonical(&m[k]));
-            }
-            serde_json::Value::Object(out)
-        }
-        serde_json::Value::Array(a) => serde_json::Value::Array(a.iter().map(canonical).collect()),
-        other => other.clone(),
-    }
-}
+pub(crate) use kiln_plugin_sdk::spec::environment_spec_hash as spec_hash;
 
 /// A process group one of the environment's execs created.
 pub(crate) struct Group {
@@ -354,9 +319,4 @@ fn read_groups(dir: &Path, kernel_boot: &str) -> (HashSet<String>, Vec<Group>) {
     (ids, groups)
 }
 
-/// Milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+pub(crate) use kiln_plugin_sdk::time::now_ms;

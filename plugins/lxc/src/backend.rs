@@ -465,7 +465,7 @@ impl Backend for LxcBackend {
     async fn create_environment(&self, request: EnvironmentRequest) -> Result<Environment> {
         validate_id(&request.environment_id, "environment_id")?;
         let id = request.environment_id.clone();
-        let hash = env::spec_hash(&request);
+        let hash = kiln_plugin_sdk::spec::environment_spec_hash(&request);
         if let Some(env) = self.env(&id)? {
             if lock(&env.state).removed {
                 return Err(Error::unavailable(format!(

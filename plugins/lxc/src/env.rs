@@ -15,7 +15,6 @@ use kiln_plugin_sdk::{
     Environment, EnvironmentRequest, EnvironmentSummary, Error, Owner, Paths, Result,
 };
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::rootfs::Rootfs;
 
@@ -85,7 +84,7 @@ impl EnvMeta {
                 boot_id: o.boot_id.clone(),
                 job_id: o.job_id.clone(),
                 parent_environment_id: o.parent_environment_id.clone(),
-                created_at_unix_ms: now_ms(),
+                created_at_unix_ms: kiln_plugin_sdk::time::now_ms(),
                 expires_at_unix_ms: o.expires_at_unix_ms,
                 labels: o.labels.clone(),
             },
@@ -130,25 +129,6 @@ pub(crate) fn environment(meta: &EnvMeta, dir: &Path) -> Environment {
     }
 }
 
-/// The hash of everything a replayed create must repeat (rule 3).
-pub(crate) fn spec_hash(req: &EnvironmentRequest) -> String {
-    let o = &req.owner;
-    let options: BTreeMap<&String, &serde_json::Value> = req.options.iter().collect();
-    let spec = serde_json::json!({
-        "label": req.label,
-        "options": options,
-        "hints": [req.hints.job_container, req.hints.service_containers, req.hints.step_containers],
-        "owner": {
-            "runner_id": o.runner_id,
-            "boot_id": o.boot_id,
-            "job_id": o.job_id,
-            "parent_environment_id": o.parent_environment_id,
-            "expires_at_unix_ms": o.expires_at_unix_ms,
-            "labels": o.labels,
-        },
-    });
-    hex::encode(Sha256::digest(serde_json::to_vec(&spec).unwrap_or_default()))
-}
 
 /// The mutable part of an environment.
 #[derive(Default)]
@@ -255,11 +235,4 @@ pub(crate) fn read_meta(dir: &Path) -> Result<Option<EnvMeta>> {
     serde_json::from_slice(&data)
         .map(Some)
         .map_err(|e| Error::internal(format!("{} is corrupt: {e}", path.display())))
-}
-
-/// Milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }

@@ -427,6 +427,7 @@ pub(crate) async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
             secrets: secrets.clone(),
             vars: vars.clone(),
             extra_env: extra_env.clone(),
+            job_env: Vec::new(),
             labels: label_configs.clone(),
             default_backend: Some("host".into()),
             only_jobs: (!args.job.is_empty()).then(|| args.job.clone()),

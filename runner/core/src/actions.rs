@@ -51,19 +51,103 @@ impl ActionSource {
     }
 
     /// Parses an override `owner/repo[@ref]=DIR` (the form of the command line).
-    pub fn parse_override(text: &str) -> Result<(String, PathBuf), String> {
-        let (name, dir) = text.split_once('=').ok_or_else(|| {
-            format!("action override {text:?}: expected owner/repo@ref=DIR (or owner/repo=DIR)")
-        })?;
+    pub fn parse_override(text: &str) -> Result<(String, PathBuf), ActionError> {
+        let bad = || ActionError::BadOverride { text: text.to_owned() };
+        let (name, dir) = text.split_once('=').ok_or_else(bad)?;
         let name = name.trim();
         let repo = name.split('@').next().unwrap_or("");
         if repo.split('/').filter(|p| !p.is_empty()).count() != 2 || dir.is_empty() {
-            return Err(format!(
-                "action override {text:?}: expected owner/repo@ref=DIR (or owner/repo=DIR)"
-            ));
+            return Err(bad());
         }
         Ok((name.to_owned(), PathBuf::from(dir)))
     }
+}
+
+/// Why a remote action (or reusable workflow) cannot be had; every message names the action
+/// (or the text given) and what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ActionError {
+    /// `--local-repository` / `actions.local_repositories` is not `owner/repo[@ref]=DIR`.
+    #[error("action override {text:?}: expected owner/repo@ref=DIR (or owner/repo=DIR)")]
+    BadOverride {
+        /// The text given.
+        text: String,
+    },
+    /// A `uses:` that is not `owner/repo[/path]@ref`.
+    #[error(
+        "uses: {uses:?}: expected {{owner}}/{{repo}}[/path]@{{ref}}{}",
+        if *ref_missing { " (a ref is required)" } else { "" }
+    )]
+    BadReference {
+        /// The `uses:` value.
+        uses: String,
+        /// It has no `@ref`.
+        ref_missing: bool,
+    },
+    /// An override names a directory that does not exist.
+    #[error("action {action}: the override directory {} does not exist", dir.display())]
+    OverrideMissing {
+        /// The action (`owner/repo[/path]@ref`).
+        action: String,
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// Offline mode, and the action is not in the cache.
+    #[error(
+        "action {action}: not in the action cache ({}) and offline mode is on; run once without \
+         offline mode to fetch it from {url}",
+        cache.display()
+    )]
+    Offline {
+        /// The action.
+        action: String,
+        /// The cache directory.
+        cache: PathBuf,
+        /// Where it would come from.
+        url: String,
+    },
+    /// The cache directory cannot be written.
+    #[error("action {action}: {what}: {error}")]
+    Cache {
+        /// The action.
+        action: String,
+        /// What failed.
+        what: String,
+        /// The I/O error.
+        error: String,
+    },
+    /// `git` cannot be run.
+    #[error("action {action}: running git: {error}; install git to use remote actions")]
+    NoGit {
+        /// The action.
+        action: String,
+        /// Why.
+        error: String,
+    },
+    /// A git command took too long.
+    #[error("action {action}: git {command} took longer than {secs}s ({url})")]
+    GitTimeout {
+        /// The action.
+        action: String,
+        /// The git subcommand.
+        command: String,
+        /// The limit.
+        secs: u64,
+        /// The URL.
+        url: String,
+    },
+    /// The server did not give the ref.
+    #[error("action {action}: fetching ref {git_ref:?} from {url} failed: {detail}")]
+    FetchFailed {
+        /// The action.
+        action: String,
+        /// The ref.
+        git_ref: String,
+        /// The URL.
+        url: String,
+        /// git's last line of error output.
+        detail: String,
+    },
 }
 
 /// A parsed remote reference: `owner/repo[/path]@ref` or `https://host/owner/repo[/path]@ref`.
@@ -91,12 +175,12 @@ impl std::fmt::Display for RemoteRef {
 
 impl RemoteRef {
     /// Parses a `uses:` value that is neither local (`./`) nor `docker://`.
-    pub fn parse(uses: &str, base_url: &str) -> Result<RemoteRef, String> {
-        const FORMAT: &str = "expected {owner}/{repo}[/path]@{ref}";
+    pub fn parse(uses: &str, base_url: &str) -> Result<RemoteRef, ActionError> {
         let uses = uses.trim();
+        let bad = |ref_missing| ActionError::BadReference { uses: uses.to_owned(), ref_missing };
         let (location, git_ref) = match uses.rsplit_once('@') {
             Some((l, r)) if !r.trim().is_empty() && !l.trim().is_empty() => (l.trim(), r.trim()),
-            _ => return Err(format!("uses: {uses:?}: {FORMAT} (a ref is required)")),
+            _ => return Err(bad(true)),
         };
         let (host, rest) = match location.split_once("://") {
             Some((scheme, rest)) => {
@@ -107,7 +191,7 @@ impl RemoteRef {
         };
         let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
         if parts.len() < 2 || parts.iter().any(|p| *p == "." || *p == "..") {
-            return Err(format!("uses: {uses:?}: {FORMAT}"));
+            return Err(bad(false));
         }
         let repo_name = parts[1].strip_suffix(".git").unwrap_or(parts[1]);
         let repo = format!("{}/{repo_name}", parts[0]);
@@ -151,7 +235,7 @@ pub struct Fetched {
 }
 
 /// One run's fetch of one cache key, shared by the jobs that need it.
-type FetchCell = tokio::sync::OnceCell<Result<Fetched, String>>;
+type FetchCell = tokio::sync::OnceCell<Result<Fetched, ActionError>>;
 
 /// Fetches remote references, once per run for mutable refs.
 pub struct Resolver {
@@ -173,18 +257,15 @@ impl Resolver {
     }
 
     /// Parses a reference against this resolver's base URL.
-    pub fn parse(&self, uses: &str) -> Result<RemoteRef, String> {
+    pub fn parse(&self, uses: &str) -> Result<RemoteRef, ActionError> {
         RemoteRef::parse(uses, &self.source.base_url)
     }
 
     /// The local directory holding the repository of `r` (its root; `r.path` is inside).
-    pub async fn fetch(&self, r: &RemoteRef) -> Result<Fetched, String> {
+    pub async fn fetch(&self, r: &RemoteRef) -> Result<Fetched, ActionError> {
         if let Some(dir) = self.override_for(r) {
             if !dir.is_dir() {
-                return Err(format!(
-                    "action {r}: the override directory {} does not exist",
-                    dir.display()
-                ));
+                return Err(ActionError::OverrideMissing { action: r.to_string(), dir });
             }
             let key = format!("override-{}", r.cache_key());
             return Ok(Fetched { dir, key });
@@ -209,19 +290,18 @@ impl Resolver {
         find(&exact).or_else(|| find(&r.repo))
     }
 
-    async fn fetch_uncached(&self, r: &RemoteRef, key: String) -> Result<Fetched, String> {
+    async fn fetch_uncached(&self, r: &RemoteRef, key: String) -> Result<Fetched, ActionError> {
         let dir = self.source.cache_dir.join(&key);
         let cached = dir.is_dir();
         if self.source.offline {
             return if cached {
                 Ok(Fetched { dir, key })
             } else {
-                Err(format!(
-                    "action {r}: not in the action cache ({}) and offline mode is on; run once \
-                     without offline mode to fetch it from {}",
-                    self.source.cache_dir.display(),
-                    r.url
-                ))
+                Err(ActionError::Offline {
+                    action: r.to_string(),
+                    cache: self.source.cache_dir.clone(),
+                    url: r.url.clone(),
+                })
             };
         }
         if cached && r.is_full_sha() {
@@ -238,10 +318,12 @@ impl Resolver {
     }
 
     /// Fetches `r` into a temporary directory and renames it to `dest`.
-    async fn clone_into_cache(&self, r: &RemoteRef, dest: &Path) -> Result<(), String> {
+    async fn clone_into_cache(&self, r: &RemoteRef, dest: &Path) -> Result<(), ActionError> {
         let cache = &self.source.cache_dir;
-        std::fs::create_dir_all(cache).map_err(|e| {
-            format!("action {r}: creating the action cache {}: {e}", cache.display())
+        std::fs::create_dir_all(cache).map_err(|e| ActionError::Cache {
+            action: r.to_string(),
+            what: format!("creating the action cache {}", cache.display()),
+            error: e.to_string(),
         })?;
         let tmp = cache.join(format!(".tmp-{}", crate::identity::short_nonce()));
         let auth =
@@ -263,7 +345,11 @@ impl Resolver {
         if let Err(e) = std::fs::rename(&tmp, dest) {
             let _ = std::fs::remove_dir_all(&tmp);
             if !dest.is_dir() {
-                return Err(format!("action {r}: storing it in the cache: {e}"));
+                return Err(ActionError::Cache {
+                    action: r.to_string(),
+                    what: "storing it in the cache".into(),
+                    error: e.to_string(),
+                });
             }
         }
         Ok(())
@@ -275,7 +361,7 @@ async fn fetch_to(
     r: &RemoteRef,
     dir: &Path,
     auth: Option<&(String, String)>,
-) -> Result<(), String> {
+) -> Result<(), ActionError> {
     let dir_s = dir.to_string_lossy().into_owned();
     git(r, auth, &["init", "-q", &dir_s]).await?;
     let shallow =
@@ -312,7 +398,11 @@ async fn fetch_to(
 
 /// Runs one git command with no prompts, bounded in time; the error names the action, the ref
 /// and the URL.
-async fn git(r: &RemoteRef, auth: Option<&(String, String)>, args: &[&str]) -> Result<(), String> {
+async fn git(
+    r: &RemoteRef,
+    auth: Option<&(String, String)>,
+    args: &[&str],
+) -> Result<(), ActionError> {
     let mut cmd = tokio::process::Command::new("git");
     if let Some((prefix, token)) = auth {
         use base64::Engine as _;
@@ -332,15 +422,16 @@ async fn git(r: &RemoteRef, auth: Option<&(String, String)>, args: &[&str]) -> R
     let out = match tokio::time::timeout(GIT_TIMEOUT, cmd.output()).await {
         Ok(Ok(out)) => out,
         Ok(Err(e)) => {
-            return Err(format!("action {r}: running git: {e}; install git to use remote actions"));
+            return Err(ActionError::NoGit { action: r.to_string(), error: e.to_string() });
         }
         Err(_) => {
-            return Err(format!(
-                "action {r}: git {} took longer than {}s ({})",
-                args.iter().find(|a| !a.starts_with('-') && **a != "-C").unwrap_or(&""),
-                GIT_TIMEOUT.as_secs(),
-                r.url
-            ));
+            let command = args.iter().find(|a| !a.starts_with('-') && **a != "-C").unwrap_or(&"");
+            return Err(ActionError::GitTimeout {
+                action: r.to_string(),
+                command: (*command).to_owned(),
+                secs: GIT_TIMEOUT.as_secs(),
+                url: r.url.clone(),
+            });
         }
     };
     if out.status.success() {
@@ -348,7 +439,12 @@ async fn git(r: &RemoteRef, auth: Option<&(String, String)>, args: &[&str]) -> R
     }
     let stderr = String::from_utf8_lossy(&out.stderr);
     let detail = stderr.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("").trim();
-    Err(format!("action {r}: fetching ref {:?} from {} failed: {detail}", r.git_ref, r.url))
+    Err(ActionError::FetchFailed {
+        action: r.to_string(),
+        git_ref: r.git_ref.clone(),
+        url: r.url.clone(),
+        detail: detail.to_owned(),
+    })
 }
 
 #[cfg(test)]
@@ -445,6 +541,8 @@ mod tests {
         // Offline with an empty cache: a clear error naming the action and the cache.
         let offline = Resolver::new(ActionSource { offline: true, ..source.clone() });
         let e = offline.fetch(&r).await.unwrap_err();
+        assert!(matches!(e, ActionError::Offline { .. }), "{e:?}");
+        let e = e.to_string();
         assert!(e.contains("o/act@v1") && e.contains("offline"), "{e}");
 
         let fetched = Resolver::new(source.clone()).fetch(&r).await.unwrap();
@@ -476,6 +574,8 @@ mod tests {
         // A missing ref names the ref and the URL.
         let missing = RemoteRef::parse("o/act@v9", &source.base_url).unwrap();
         let e = Resolver::new(source.clone()).fetch(&missing).await.unwrap_err();
+        assert!(matches!(e, ActionError::FetchFailed { .. }), "{e:?}");
+        let e = e.to_string();
         assert!(e.contains("\"v9\"") && e.contains(&source.base_url), "{e}");
 
         // An override wins over the cache.

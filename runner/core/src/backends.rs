@@ -226,7 +226,7 @@ async fn collect_on(
     active: &Mutex<BTreeSet<String>>,
 ) -> usize {
     let client = plugin.client();
-    let now = crate::run::now_ms();
+    let now = kiln_plugin_sdk::time::now_ms();
     let grace = i64::try_from(GC_GRACE.as_millis()).unwrap_or(i64::MAX);
     let envs = match client.list_environments(Selector::default()).await {
         Ok(e) => e,

@@ -184,6 +184,7 @@ pub fn prepare(task: &Task, instance: &str, settings: &RunnerSettings) -> Result
         vars: task.vars.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         inputs,
         extra_env: env,
+        job_env: Vec::new(),
         labels: settings.labels.clone(),
         default_backend: Some(settings.default_backend.clone()),
         only_jobs: None,
@@ -211,6 +212,7 @@ fn unusable(text: &str, why: &str) -> String {
 
 /// Runs one task to the end and reports it. `cancel` stops the job (shutdown, or the server
 /// cancelling it); `force` stops everything, including the final reports' retries.
+#[tracing::instrument(name = "task", skip_all, fields(task = task.id))]
 pub async fn run_task(
     client: Arc<Client>,
     task: Task,

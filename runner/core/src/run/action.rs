@@ -6,25 +6,19 @@
 
 use std::sync::Arc;
 
-use indexmap::IndexMap;
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
-use super::job::JobState;
-use super::step::{self, ExecPlan, Frame, StepContext};
+use super::context::Timer;
+use super::exec::{copy_out_file, exec_command};
+use super::report::{announce, report_finished};
+use super::state::{
+    ExecPlan, Frame, JobProgress, LocatedAction, MAX_COMPOSITE_DEPTH, StepContext, StepRef,
+    eval_env, input_env,
+};
 use crate::expr::{self, JobStatus, Scope};
 use crate::output::{Event, LineKind, Outcome};
 use crate::workflow::{self, Action, Runs, Step};
-
-/// An action, parsed, and the directory that holds it inside the environment.
-#[derive(Debug, Clone)]
-pub(crate) struct LocatedAction {
-    /// The action's directory in the environment (`github.action_path`).
-    pub(crate) dir: String,
-    /// `uses/action.yml`, for messages.
-    pub(crate) manifest: String,
-    pub(crate) action: Arc<Action>,
-}
 
 /// Whether a `uses:` names a remote action (neither local nor `docker://`).
 pub(crate) fn is_remote(uses: &str) -> bool {
@@ -34,7 +28,7 @@ pub(crate) fn is_remote(uses: &str) -> bool {
 /// Finds (and for remote actions, fetches and copies in) the action of a `uses:` step.
 pub(crate) async fn locate(
     cx: &StepContext,
-    state: &mut JobState,
+    state: &mut JobProgress,
     uses: &str,
 ) -> Result<LocatedAction, String> {
     if let Some(rel) = uses.strip_prefix("./") {
@@ -56,7 +50,7 @@ async fn locate_local(cx: &StepContext, uses: &str, rel: &str) -> Result<Located
     let base = base.trim_end_matches("/.").trim_end_matches('/').to_owned();
     for f in ["action.yml", "action.yaml"] {
         let path = format!("{base}/{f}");
-        if let Ok(data) = step::copy_out_file(cx, &path).await {
+        if let Ok(data) = copy_out_file(cx, &path).await {
             let manifest = format!("{uses}/{f}");
             let text = String::from_utf8_lossy(&data);
             let action = workflow::parse_action(&text, &manifest).map_err(|e| e.to_string())?;
@@ -70,12 +64,12 @@ async fn locate_local(cx: &StepContext, uses: &str, rel: &str) -> Result<Located
 /// its files copied into the environment under the runner's file area.
 async fn locate_remote(
     cx: &StepContext,
-    state: &mut JobState,
+    state: &mut JobProgress,
     uses: &str,
 ) -> Result<LocatedAction, String> {
     let resolver = &cx.shared.opts.actions;
-    let r = resolver.parse(uses)?;
-    let fetched = resolver.fetch(&r).await?;
+    let r = resolver.parse(uses).map_err(|e| e.to_string())?;
+    let fetched = resolver.fetch(&r).await.map_err(|e| e.to_string())?;
     let local_dir = fetched.dir.join(&r.path);
     let (file, text) = ["action.yml", "action.yaml"]
         .iter()
@@ -151,14 +145,6 @@ pub(crate) fn action_inputs(
     Ok(inputs)
 }
 
-/// `INPUT_<NAME>`: upper case, spaces to underscores, as the actions toolkit reads them.
-pub(crate) fn input_env(inputs: &Map<String, Value>) -> IndexMap<String, String> {
-    inputs
-        .iter()
-        .map(|(k, v)| (format!("INPUT_{}", k.replace(' ', "_").to_uppercase()), expr::to_string(v)))
-        .collect()
-}
-
 /// "Set up job" for actions: fetches every remote action of the job's steps (so a missing one
 /// fails the job before any step runs) and runs the `pre:` of remote node actions, in step
 /// order, each with its `pre-if` (default `always()`); for a remote composite action, the
@@ -166,7 +152,7 @@ pub(crate) fn input_env(inputs: &Map<String, Value>) -> IndexMap<String, String>
 /// false when the job cannot go on.
 pub(crate) async fn run_pres(
     cx: &StepContext,
-    state: &mut JobState,
+    state: &mut JobProgress,
     contexts: &mut Map<String, Value>,
     steps: &[Step],
     job_cancel: &CancellationToken,
@@ -192,7 +178,7 @@ struct Pre {
 
 fn run_pre<'a>(
     cx: &'a StepContext,
-    state: &'a mut JobState,
+    state: &'a mut JobProgress,
     contexts: &'a mut Map<String, Value>,
     s: &'a Step,
     at: Pre,
@@ -213,7 +199,7 @@ fn run_pre<'a>(
                 return false;
             }
         };
-        let host = step::StepHost::new(state.status, cx.hash_root.as_deref());
+        let host = cx.host(state.status, false);
         let where_ = format!("jobs.{}.steps[{}]", cx.job_id, at.index);
         let inputs = match action_inputs(
             s,
@@ -229,7 +215,7 @@ fn run_pre<'a>(
             }
         };
         match &located.action.runs {
-            Runs::Composite { steps } if at.depth < super::step::MAX_COMPOSITE_DEPTH => {
+            Runs::Composite { steps } if at.depth < MAX_COMPOSITE_DEPTH => {
                 let saved = contexts.insert("inputs".into(), Value::Object(inputs));
                 let mut ok = true;
                 for (i, inner) in steps.iter().enumerate() {
@@ -260,7 +246,7 @@ fn run_pre<'a>(
                 match expr::evaluate_if(cond, &Scope { contexts, host: &host }) {
                     Ok(true) => {}
                     Ok(false) => {
-                        step::report_finished(
+                        report_finished(
                             cx,
                             &frame,
                             at.index,
@@ -280,13 +266,13 @@ fn run_pre<'a>(
                     }
                 }
                 let mut env_ctx = cx.env_ctx.clone();
-                if let Ok(step_env) = super::job::eval_env(&s.env, contexts, &host) {
+                if let Ok(step_env) = eval_env(&s.env, contexts, &host) {
                     env_ctx.extend(step_env);
                 }
                 let mut extra = input_env(&inputs);
                 extra.insert("GITHUB_ACTION_PATH".into(), located.dir.clone());
-                let timer = super::Timer::start();
-                step::announce(cx, &frame, at.index, &name);
+                let timer = Timer::start();
+                announce(cx, &frame, at.index, &name);
                 let plan = ExecPlan {
                     argv: vec!["node".into(), format!("{}/{pre}", located.dir)],
                     script: None,
@@ -296,22 +282,20 @@ fn run_pre<'a>(
                     timeout: None,
                 };
                 let key = s.id.clone().unwrap_or_else(|| format!("__{}", at.index));
-                let (outcome, _, saved, message) =
-                    step::exec_command(cx, state, at.index, &key, &name, plan, job_cancel, false)
-                        .await;
-                if let Some(message) = message {
+                let step = StepRef {
+                    index: at.index,
+                    key: &key,
+                    name: &name,
+                    job_cancel,
+                    cancelled: false,
+                };
+                let ended = exec_command(cx, state, &step, plan).await;
+                if let Some(message) = ended.message {
                     log(message, LineKind::RunnerError);
                 }
+                let (outcome, saved) = (ended.outcome, ended.saved_state);
                 state.pre_state.insert(at.position, saved);
-                step::report_finished(
-                    cx,
-                    &frame,
-                    at.index,
-                    &name,
-                    outcome,
-                    outcome,
-                    timer.elapsed(),
-                );
+                report_finished(cx, &frame, at.index, &name, outcome, outcome, timer.elapsed());
                 match outcome {
                     Outcome::Success => true,
                     Outcome::Cancelled => {

@@ -4,15 +4,14 @@
 //! repository at the run's commit) or from another repository (`owner/repo/path@ref`), fetched
 //! like a remote action. Nested jobs show as `caller / job`.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use indexmap::IndexMap;
 use serde_json::{Map, Value, json};
 
-use super::job::JobRun;
-use super::{ComboResult, RunOptions, Shared, StaticHost, Timer, job_level_contexts};
+use super::context::{
+    ComboResult, JobRun, RunOptions, RunResult, Shared, StaticHost, job_level_contexts,
+};
 use crate::actions::RemoteRef;
 use crate::expr::{self, JobStatus, Scope};
 use crate::output::{Event, EventSink, LineKind, Outcome};
@@ -22,38 +21,27 @@ use crate::workflow::{self, InputType, JobSecrets, Workflow};
 /// below it.
 pub(crate) const MAX_DEPTH: usize = 10;
 
-/// Runs one combination of a job that calls a reusable workflow.
-pub(crate) fn run_call(
-    shared: Arc<Shared>,
-    run: JobRun,
-) -> Pin<Box<dyn Future<Output = ComboResult> + Send>> {
-    Box::pin(async move {
-        let timer = Timer::start();
-        let name = run.display_name.clone();
-        let uses = shared.opts.workflow.jobs[run.job_id.as_str()].uses.clone().unwrap_or_default();
-        shared.sink.event(Event::JobStarted { job: name.clone(), runs_on: uses });
-        let result = match call(&shared, &run).await {
-            Ok(r) => r,
-            Err(message) => {
-                shared.sink.event(Event::Line {
-                    job: name.clone(),
-                    step: None,
-                    text: message,
-                    kind: LineKind::RunnerError,
-                });
-                ComboResult { result: Outcome::Failure, outputs: Map::new() }
-            }
-        };
-        shared.sink.event(Event::JobFinished {
-            job: name,
-            result: result.result,
-            duration: timer.elapsed(),
-        });
-        result
-    })
+/// A call, prepared: the nested run's options and sink, and what [`conclude`] needs to turn
+/// its result into the calling job's. The scheduler runs it (this module does not know the
+/// scheduler).
+pub(crate) struct PreparedCall {
+    /// The nested run's options: the called workflow, its inputs and secrets.
+    pub(crate) options: RunOptions,
+    /// The caller's sink, the nested jobs' names prefixed with the caller's.
+    pub(crate) sink: Arc<dyn EventSink>,
+    /// What [`conclude`] needs.
+    pub(crate) called: CalledWorkflow,
 }
 
-async fn call(shared: &Arc<Shared>, run: &JobRun) -> Result<ComboResult, String> {
+/// The called workflow and its evaluated inputs, for the outputs' expressions.
+pub(crate) struct CalledWorkflow {
+    workflow: Arc<Workflow>,
+    inputs: Map<String, Value>,
+}
+
+/// Loads the called workflow and evaluates its inputs and secrets (errors name the
+/// workflow file and key).
+pub(crate) async fn prepare(shared: &Arc<Shared>, run: &JobRun) -> Result<PreparedCall, String> {
     let opts = &shared.opts;
     let file = &opts.workflow.file;
     let job = &opts.workflow.jobs[run.job_id.as_str()];
@@ -92,7 +80,7 @@ async fn call(shared: &Arc<Shared>, run: &JobRun) -> Result<ComboResult, String>
             .map_err(|e| format!("{file}: jobs.{}.with.{name}: {e}", run.job_id))?;
         inputs.insert(name.clone(), v);
     }
-    let mut called_contexts = job_level_contexts(opts, Map::new(), Map::new());
+    let called_contexts = job_level_contexts(opts, Map::new(), Map::new());
     for (name, input) in &decl.inputs {
         if inputs.contains_key(name) {
             continue;
@@ -162,6 +150,7 @@ async fn call(shared: &Arc<Shared>, run: &JobRun) -> Result<ComboResult, String>
         vars: opts.vars.clone(),
         inputs: inputs.clone(),
         extra_env: opts.extra_env.clone(),
+        job_env: opts.job_env.clone(),
         labels: opts.labels.clone(),
         default_backend: opts.default_backend.clone(),
         only_jobs: None,
@@ -176,24 +165,28 @@ async fn call(shared: &Arc<Shared>, run: &JobRun) -> Result<ComboResult, String>
     };
     let sink: Arc<dyn EventSink> =
         Arc::new(Prefixed { inner: shared.sink.clone(), prefix: prefix.clone() });
-    let result = super::run_nested(
-        child,
-        shared.backends.clone(),
-        sink,
-        run.cancel.clone(),
-        shared.force.clone(),
-        shared.depth + 1,
-    )
-    .await;
+    let called = CalledWorkflow { workflow: called, inputs };
+    Ok(PreparedCall { options: child, sink, called })
+}
 
-    // Outputs: `on.workflow_call.outputs.*.value` with the called jobs' results and outputs.
+/// The calling job's result from the nested run's: `on.workflow_call.outputs.*.value` with the
+/// called jobs' results and outputs.
+pub(crate) fn conclude(
+    shared: &Shared,
+    run: &JobRun,
+    call: CalledWorkflow,
+    result: RunResult,
+) -> ComboResult {
+    let (called, prefix) = (call.workflow, &run.display_name);
+    let decl = called.on.as_ref().and_then(|on| on.events.get("workflow_call"));
+    let mut called_contexts = job_level_contexts(&shared.opts, Map::new(), Map::new());
     let mut jobs = Map::new();
     for (id, outcome) in &result.jobs {
         let outputs = result.outputs.get(id).cloned().unwrap_or_default();
         jobs.insert(id.clone(), json!({ "result": outcome.as_str(), "outputs": outputs }));
     }
     called_contexts.insert("jobs".into(), Value::Object(jobs));
-    called_contexts.insert("inputs".into(), Value::Object(inputs));
+    called_contexts.insert("inputs".into(), Value::Object(call.inputs));
     let mut outputs = Map::new();
     let mut failed = false;
     let status = match result.result {
@@ -202,7 +195,7 @@ async fn call(shared: &Arc<Shared>, run: &JobRun) -> Result<ComboResult, String>
         _ => JobStatus::Success,
     };
     let host = StaticHost(status);
-    for (name, out) in &decl.outputs {
+    for (name, out) in decl.iter().flat_map(|d| &d.outputs) {
         match expr::interpolate(&out.value, &Scope { contexts: &called_contexts, host: &host }) {
             Ok(v) => {
                 outputs.insert(name.clone(), Value::String(v));
@@ -223,7 +216,7 @@ async fn call(shared: &Arc<Shared>, run: &JobRun) -> Result<ComboResult, String>
         Outcome::Skipped => Outcome::Success,
         other => other,
     };
-    Ok(ComboResult { result, outputs })
+    ComboResult { result, outputs }
 }
 
 /// Types a `with:` value as the input declares: booleans and numbers from their string forms.
@@ -272,7 +265,7 @@ async fn load(opts: &RunOptions, uses: &str) -> Result<Workflow, String> {
             }
         }
     } else {
-        let r = opts.actions.parse(uses)?;
+        let r = opts.actions.parse(uses).map_err(|e| e.to_string())?;
         if r.path.is_empty() {
             return Err(format!(
                 "{uses}: name the workflow file: {{owner}}/{{repo}}/.github/workflows/<file>@{{ref}}"
@@ -289,7 +282,7 @@ async fn load(opts: &RunOptions, uses: &str) -> Result<Workflow, String> {
 }
 
 async fn read_remote(opts: &RunOptions, r: &RemoteRef) -> Result<(String, String), String> {
-    let fetched = opts.actions.fetch(r).await?;
+    let fetched = opts.actions.fetch(r).await.map_err(|e| e.to_string())?;
     let path = fetched.dir.join(&r.path);
     let text = std::fs::read_to_string(&path)
         .map_err(|e| format!("{r}: reading {} of {} at {}: {e}", r.path, r.url, r.git_ref))?;

@@ -19,107 +19,51 @@
 //! Where step containers are created is [`StepContainerHost`]: the job's own backend when its
 //! `step_containers` layer is native, the delegate when it is delegated (`job.rs`).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use indexmap::IndexMap;
-use kiln_plugin_sdk::{
-    Backend, ContainerKind, ContainerRequest, ContainerSpec, Environment, EnvironmentRequest,
-    ImageBuild, RemoveRequest,
-};
+use kiln_plugin_sdk::{ContainerKind, ContainerRequest, ContainerSpec, ImageBuild, RemoveRequest};
 use serde_json::{Map, Value};
-use tokio_util::sync::CancellationToken;
 
-use super::job::{JobState, eval_env};
-use super::step::{ExecPlan, Frame, PostStep, StepContext, StepHost, UsesStep, exec_command};
-use crate::expr::{self, JobStatus, Scope};
+use super::exec::exec_command;
+use super::state::{
+    DockerPost, ExecPlan, JobProgress, PostStep, StepContainerHost, StepContext, StepOutcome,
+    StepRef, UsesStep, eval_env, input_env,
+};
+use crate::expr::{self, Scope};
 use crate::output::{Event, LineKind, Outcome};
 use crate::workflow::{self, DockerRuns, Step};
 
-/// The result of a docker step: outcome, outputs and an error message, for `finish_step`.
-pub(crate) type StepResult = (Outcome, Map<String, Value>, Option<String>);
-
-/// Where a job's step containers are created: its own backend (native layer) or the delegate
-/// (delegated layer, an environment created with the job's as parent).
-#[derive(Clone)]
-pub(crate) struct StepContainerHost {
-    pub(crate) backend: Arc<dyn Backend>,
-    /// The plugin's name, for messages.
-    pub(crate) plugin: String,
-    /// The environment the containers go in. Its `paths` are the job's: a delegate mounts the
-    /// job's workspace and runner files at the same paths.
-    pub(crate) env: Environment,
-    /// The plugin builds images (Dockerfile actions).
-    pub(crate) image_build: bool,
-    /// A delegate environment nobody created yet (the job was not known to have docker steps
-    /// when it started): the first docker step creates it. `env` already holds its id and the
-    /// job's paths.
-    pub(crate) pending: Option<Arc<PendingEnv>>,
-}
-
-/// A delegate environment created on first use, once.
-pub(crate) struct PendingEnv {
-    request: EnvironmentRequest,
-    created: tokio::sync::OnceCell<Result<(), String>>,
-}
-
-impl PendingEnv {
-    pub(crate) fn new(request: EnvironmentRequest) -> Arc<PendingEnv> {
-        Arc::new(PendingEnv { request, created: tokio::sync::OnceCell::new() })
-    }
-}
-
-impl StepContainerHost {
-    /// Makes sure the environment exists: creates a pending delegate environment (once).
-    async fn ready(&self) -> Result<(), String> {
-        let Some(p) = &self.pending else { return Ok(()) };
-        p.created
-            .get_or_init(|| async {
-                self.backend.create_environment(p.request.clone()).await.map(|_| ()).map_err(|e| {
-                    format!(
-                        "creating the environment for docker steps on backend {:?}: {e}",
-                        self.plugin
-                    )
-                })
-            })
-            .await
-            .clone()
-    }
-}
-
-/// A registered `post-entrypoint`: the container to run after the main steps.
-#[derive(Debug, Clone)]
-pub(crate) struct DockerPost {
-    pub(crate) spec: ContainerSpec,
-    /// `INPUT_*`, `runs.env` and `STATE_*`.
-    pub(crate) extra_env: IndexMap<String, String>,
+/// A docker action found for a `uses:` step.
+pub(crate) struct DockerAction<'a> {
+    pub(crate) uses: &'a str,
+    /// The action's directory inside the environment (the build context of a Dockerfile).
+    pub(crate) dir: &'a str,
+    pub(crate) action: &'a workflow::Action,
+    /// Its inputs, evaluated.
+    pub(crate) inputs: &'a Map<String, Value>,
 }
 
 /// Runs a `uses: docker://IMAGE` step: `with.entrypoint` and `with.args` (split like a command
 /// line) override the image's; every `with` entry is also `INPUT_<NAME>`.
-#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run_docker_uri(
     cx: &StepContext,
-    state: &mut JobState,
+    state: &mut JobProgress,
     contexts: &mut Map<String, Value>,
-    index: usize,
     step: &Step,
     uses: &str,
-    job_cancel: &CancellationToken,
     u: &UsesStep<'_>,
-) -> StepResult {
+) -> StepOutcome {
+    let index = u.at.index;
     let field = |k: &str| format!("jobs.{}.steps[{index}].with.{k}", cx.job_id);
     let image = uses.trim_start_matches("docker://").trim();
     if image.is_empty() {
-        return fail(format!(
+        return StepOutcome::failed(format!(
             "jobs.{}.steps[{index}].uses: {uses:?} names no image; write docker://IMAGE[:TAG]",
             cx.job_id
         ));
     }
-    let host = StepHost {
-        status: if u.cancelled { JobStatus::Cancelled } else { state.status },
-        workspace: cx.hash_root.as_deref(),
-    };
+    let host = cx.host(state.status, u.at.cancelled);
     let mut inputs = Map::new();
     {
         let scope = Scope { contexts, host: &host };
@@ -128,7 +72,7 @@ pub(crate) async fn run_docker_uri(
                 Ok(v) => {
                     inputs.insert(name.to_lowercase(), Value::String(v));
                 }
-                Err(e) => return fail(format!("{}: {e}", field(name))),
+                Err(e) => return StepOutcome::failed(format!("{}: {e}", field(name))),
             }
         }
     }
@@ -137,62 +81,37 @@ pub(crate) async fn run_docker_uri(
     let cmd = match text("args").map(|a| kiln_plugin_sdk::words::split_command(&a)) {
         None => Vec::new(),
         Some(Ok(words)) => words,
-        Some(Err(e)) => return fail(format!("{}: {e}", field("args"))),
+        Some(Err(e)) => return StepOutcome::failed(format!("{}: {e}", field("args"))),
     };
     let spec = ContainerSpec { image: image.to_owned(), entrypoint, cmd, ..step_spec(cx) };
-    let extra: IndexMap<String, String> = super::action::input_env(&inputs);
-    let mut env_ctx = u.env_ctx.clone();
-    env_ctx.extend(u.step_env.iter().map(|(k, v)| (k.clone(), v.clone())));
-    let (outcome, outputs, _, message) =
-        run_container(cx, state, index, u.key, u.name, spec, env_ctx, extra, u, job_cancel).await;
-    (outcome, outputs, message)
+    let extra: IndexMap<String, String> = input_env(&inputs);
+    let mut ended = run_container(cx, state, &u.at, spec, u.full_env(), extra, u.timeout).await;
+    ended.saved_state.clear();
+    ended
 }
 
-/// Runs a docker action found in `action_dir` (a directory inside the environment) with its
-/// evaluated `inputs`: `pre-entrypoint` (when its `pre-if` holds), the main entrypoint, and
-/// `post-entrypoint` registered for after the main steps.
-#[allow(clippy::too_many_arguments)]
+/// Runs a docker action with its evaluated inputs: `pre-entrypoint` (when its `pre-if`
+/// holds), the main entrypoint, and `post-entrypoint` registered for after the main steps.
 pub(crate) async fn run_docker_action(
     cx: &StepContext,
-    _frame: &Frame,
-    state: &mut JobState,
+    state: &mut JobProgress,
     contexts: &mut Map<String, Value>,
-    index: usize,
-    uses: &str,
-    action_dir: &str,
-    action: &workflow::Action,
-    inputs: &Map<String, Value>,
-    job_cancel: &CancellationToken,
+    found: DockerAction<'_>,
     u: &UsesStep<'_>,
-) -> StepResult {
-    let workflow::Runs::Docker(runs) = &action.runs else {
-        return fail(format!("uses: {uses}: not a docker action (runs.using is not docker)"));
+) -> StepOutcome {
+    let uses = found.uses;
+    let workflow::Runs::Docker(runs) = &found.action.runs else {
+        return StepOutcome::failed(format!(
+            "uses: {uses}: not a docker action (runs.using is not docker)"
+        ));
     };
     let manifest = format!("{uses}/action.yml");
-    let mut base = step_spec(cx);
-    match runs.image.strip_prefix("docker://") {
-        Some(image) => base.image = image.trim().to_owned(),
-        None => {
-            let Some(target) = &cx.step_containers else {
-                return fail(no_step_containers(cx, &format!("uses: {uses}")));
-            };
-            if !target.image_build {
-                return fail(format!(
-                    "uses: {uses}: the action's image is built from {:?}, and backend {:?} does \
-                     not build images (feature image_build); use a backend that does, or an \
-                     action with image: docker://IMAGE",
-                    runs.image, target.plugin
-                ));
-            }
-            base.build = Some(ImageBuild {
-                context_dir: action_dir.trim_end_matches('/').to_owned(),
-                dockerfile: runs.image.trim_start_matches("./").to_owned(),
-            });
-        }
-    }
-
+    let mut base = match action_image(cx, &found, runs) {
+        Ok(spec) => spec,
+        Err(message) => return StepOutcome::failed(message),
+    };
     // args, env and the entrypoints see the `inputs` context.
-    let saved_inputs = contexts.insert("inputs".into(), Value::Object(inputs.clone()));
+    let saved_inputs = contexts.insert("inputs".into(), Value::Object(found.inputs.clone()));
     let evaluated = evaluate_runs(runs, contexts, state, cx, u, &manifest);
     match saved_inputs {
         Some(v) => contexts.insert("inputs".into(), v),
@@ -200,50 +119,49 @@ pub(crate) async fn run_docker_action(
     };
     let (args, runs_env) = match evaluated {
         Ok(x) => x,
-        Err(message) => return fail(message),
+        Err(message) => return StepOutcome::failed(message),
     };
     base.cmd = args;
-    let mut extra: IndexMap<String, String> = super::action::input_env(inputs);
+    let mut extra: IndexMap<String, String> = input_env(found.inputs);
     extra.extend(runs_env);
-    let mut env_ctx = u.env_ctx.clone();
-    env_ctx.extend(u.step_env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let env_ctx = u.full_env();
     let with_entrypoint = |e: &Option<String>| ContainerSpec {
         entrypoint: vec![e.clone().unwrap_or_default()],
         ..base.clone()
+    };
+    let state_env = |saved: &IndexMap<String, String>| {
+        let mut env = extra.clone();
+        env.extend(saved.iter().map(|(k, v)| (format!("STATE_{k}"), v.clone())));
+        env
     };
 
     let mut saved_state = IndexMap::new();
     if runs.pre_entrypoint.as_deref().is_some_and(|e| !e.trim().is_empty()) {
         let condition = runs.pre_if.as_deref().unwrap_or("always()");
-        let run_it = {
-            let host = StepHost { status: state.status, workspace: cx.hash_root.as_deref() };
-            expr::evaluate_if(condition, &Scope { contexts, host: &host })
-        };
-        match run_it {
-            Err(e) => return fail(format!("{manifest}: runs.pre-if: {e}")),
+        let host = cx.host(state.status, false);
+        match expr::evaluate_if(condition, &Scope { contexts, host: &host }) {
+            Err(e) => return StepOutcome::failed(format!("{manifest}: runs.pre-if: {e}")),
             Ok(false) => {}
             Ok(true) => {
-                line(cx, index, format!("running the pre-entrypoint of {uses}"));
+                line(cx, u.at.index, format!("running the pre-entrypoint of {uses}"));
                 let spec = with_entrypoint(&runs.pre_entrypoint);
-                let (outcome, _, saved, message) = run_container(
+                let pre = run_container(
                     cx,
                     state,
-                    index,
-                    u.key,
-                    u.name,
+                    &u.at,
                     spec,
                     env_ctx.clone(),
                     extra.clone(),
-                    u,
-                    job_cancel,
+                    u.timeout,
                 )
                 .await;
-                if outcome != Outcome::Success {
-                    let message =
-                        message.unwrap_or_else(|| format!("the pre-entrypoint of {uses} failed"));
-                    return (outcome, Map::new(), Some(message));
+                if pre.outcome != Outcome::Success {
+                    let message = pre
+                        .message
+                        .unwrap_or_else(|| format!("the pre-entrypoint of {uses} failed"));
+                    return StepOutcome { message: Some(message), ..StepOutcome::of(pre.outcome) };
                 }
-                saved_state = saved;
+                saved_state = pre.saved_state;
             }
         }
     }
@@ -252,89 +170,79 @@ pub(crate) async fn run_docker_action(
         Some(e) if !e.trim().is_empty() => with_entrypoint(&runs.entrypoint),
         _ => base.clone(),
     };
-    let mut main_extra = extra.clone();
-    main_extra.extend(saved_state.iter().map(|(k, v)| (format!("STATE_{k}"), v.clone())));
-    let (outcome, outputs, saved, message) = run_container(
-        cx,
-        state,
-        index,
-        u.key,
-        u.name,
-        main,
-        env_ctx.clone(),
-        main_extra,
-        u,
-        job_cancel,
-    )
-    .await;
-    saved_state.extend(saved);
+    let main_extra = state_env(&saved_state);
+    let mut ended =
+        run_container(cx, state, &u.at, main, env_ctx.clone(), main_extra, u.timeout).await;
+    saved_state.extend(std::mem::take(&mut ended.saved_state));
 
     if runs.post_entrypoint.as_deref().is_some_and(|e| !e.trim().is_empty()) {
-        let mut post_extra = extra;
-        post_extra.extend(saved_state.iter().map(|(k, v)| (format!("STATE_{k}"), v.clone())));
         state.posts.push(PostStep {
-            name: format!("Post {}", u.name),
+            name: format!("Post {}", u.at.name),
             condition: runs.post_if.clone().unwrap_or_else(|| "always()".into()),
             argv: Vec::new(),
             env: env_ctx,
             container: Some(Box::new(DockerPost {
                 spec: with_entrypoint(&runs.post_entrypoint),
-                extra_env: post_extra,
+                extra_env: state_env(&saved_state),
             })),
         });
     }
-    (outcome, outputs, message)
+    ended
 }
 
-/// Runs a registered `post-entrypoint` (from `run_posts`); returns the outcome and a message.
+/// The image of a docker action: `docker://IMAGE`, or a Dockerfile built by the step
+/// containers' backend (which must declare the feature `image_build`).
+fn action_image(
+    cx: &StepContext,
+    found: &DockerAction<'_>,
+    runs: &DockerRuns,
+) -> Result<ContainerSpec, String> {
+    let uses = found.uses;
+    let mut base = step_spec(cx);
+    if let Some(image) = runs.image.strip_prefix("docker://") {
+        base.image = image.trim().to_owned();
+        return Ok(base);
+    }
+    let Some(target) = &cx.step_containers else {
+        return Err(no_step_containers(cx, &format!("uses: {uses}")));
+    };
+    if !target.image_build {
+        return Err(format!(
+            "uses: {uses}: the action's image is built from {:?}, and backend {:?} does not \
+             build images (feature image_build); use a backend that does, or an action with \
+             image: docker://IMAGE",
+            runs.image, target.plugin
+        ));
+    }
+    base.build = Some(ImageBuild {
+        context_dir: found.dir.trim_end_matches('/').to_owned(),
+        dockerfile: runs.image.trim_start_matches("./").to_owned(),
+    });
+    Ok(base)
+}
+
+/// Runs a registered `post-entrypoint` (from `run_posts`).
 pub(crate) async fn run_post(
     cx: &StepContext,
-    state: &mut JobState,
-    index: usize,
-    post: &PostStep,
+    state: &mut JobProgress,
+    at: &StepRef<'_>,
     docker: &DockerPost,
-    job_cancel: &CancellationToken,
-    cancelled: bool,
-) -> (Outcome, Option<String>) {
-    let u = UsesStep {
-        key: "post",
-        name: &post.name,
-        timer: &super::Timer::start(),
-        env_ctx: &post.env,
-        step_env: &IndexMap::new(),
-        continue_on_error: false,
-        timeout: None,
-        cancelled,
-    };
-    let (outcome, _, _, message) = run_container(
-        cx,
-        state,
-        index,
-        "post",
-        &post.name,
-        docker.spec.clone(),
-        post.env.clone(),
-        docker.extra_env.clone(),
-        &u,
-        job_cancel,
-    )
-    .await;
-    (outcome, message)
+    env: &IndexMap<String, String>,
+) -> StepOutcome {
+    let (spec, extra) = (docker.spec.clone(), docker.extra_env.clone());
+    run_container(cx, state, at, spec, env.clone(), extra, None).await
 }
 
 /// Evaluates `runs.args` and `runs.env` (with `inputs` in the contexts).
 fn evaluate_runs(
     runs: &DockerRuns,
     contexts: &Map<String, Value>,
-    state: &JobState,
+    state: &JobProgress,
     cx: &StepContext,
     u: &UsesStep<'_>,
     manifest: &str,
 ) -> Result<(Vec<String>, IndexMap<String, String>), String> {
-    let host = StepHost {
-        status: if u.cancelled { JobStatus::Cancelled } else { state.status },
-        workspace: cx.hash_root.as_deref(),
-    };
+    let host = cx.host(state.status, u.at.cancelled);
     let scope = Scope { contexts, host: &host };
     let mut args = Vec::with_capacity(runs.args.len());
     for (i, a) in runs.args.iter().enumerate() {
@@ -357,10 +265,6 @@ fn step_spec(cx: &StepContext) -> ContainerSpec {
     }
 }
 
-fn fail(message: String) -> StepResult {
-    (Outcome::Failure, Map::new(), Some(message))
-}
-
 fn line(cx: &StepContext, index: usize, text: String) {
     cx.shared.sink.event(Event::Line {
         job: cx.job_name.clone(),
@@ -380,31 +284,21 @@ fn no_step_containers(cx: &StepContext, what: &str) -> String {
 }
 
 /// Creates one step container, runs its main process as the step's exec, and removes it.
-/// Returns the outcome, outputs, saved state and message of `exec_command`.
-#[allow(clippy::too_many_arguments)]
 async fn run_container(
     cx: &StepContext,
-    state: &mut JobState,
-    index: usize,
-    key: &str,
-    name: &str,
+    state: &mut JobProgress,
+    at: &StepRef<'_>,
     spec: ContainerSpec,
     env_ctx: IndexMap<String, String>,
     extra_env: IndexMap<String, String>,
-    u: &UsesStep<'_>,
-    job_cancel: &CancellationToken,
-) -> (Outcome, Map<String, Value>, IndexMap<String, String>, Option<String>) {
+    timeout: Option<Duration>,
+) -> StepOutcome {
     let Some(target) = &cx.step_containers else {
-        return (
-            Outcome::Failure,
-            Map::new(),
-            IndexMap::new(),
-            Some(no_step_containers(cx, &format!("step {name:?}"))),
-        );
+        return StepOutcome::failed(no_step_containers(cx, &format!("step {:?}", at.name)));
     };
     let container_id = kiln_plugin_sdk::ids::make_id(&[
         "step",
-        &index.to_string(),
+        &at.index.to_string(),
         &crate::identity::short_nonce(),
     ]);
     let what = match &spec.build {
@@ -416,8 +310,7 @@ async fn run_container(
         container_id: container_id.clone(),
         spec,
     };
-    // The step's token, as exec_command chooses it.
-    let token = if u.cancelled { cx.shared.force.clone() } else { job_cancel.clone() };
+    let token = at.token(cx);
     let create = async {
         target.ready().await?;
         target
@@ -430,16 +323,18 @@ async fn run_container(
         r = create => r,
         _ = token.cancelled() => Err("cancelled while creating the step container".to_owned()),
     };
-    let result = match created {
-        Err(e) => (
-            if token.is_cancelled() { Outcome::Cancelled } else { Outcome::Failure },
-            Map::new(),
-            IndexMap::new(),
-            Some(format!(
+    let ended = match created {
+        Err(e) => StepOutcome {
+            message: Some(format!(
                 "creating the step container ({what}) on backend {:?}: {e}",
                 target.plugin
             )),
-        ),
+            ..StepOutcome::of(if token.is_cancelled() {
+                Outcome::Cancelled
+            } else {
+                Outcome::Failure
+            })
+        },
         Ok(_) => {
             let scx = container_context(cx, target, &container_id);
             let plan = ExecPlan {
@@ -448,16 +343,27 @@ async fn run_container(
                 env_ctx,
                 extra_env,
                 working_dir: cx.env.paths.workspace.clone(),
-                timeout: u.timeout,
+                timeout,
             };
-            exec_command(&scx, state, index, key, name, plan, job_cancel, u.cancelled).await
+            exec_command(&scx, state, at, plan).await
         }
     };
+    remove_container(cx, target, &container_id, at.index).await;
+    ended
+}
+
+/// Removes a step container; what fails goes with the environment.
+async fn remove_container(
+    cx: &StepContext,
+    target: &StepContainerHost,
+    container_id: &str,
+    index: usize,
+) {
     let removed = target
         .backend
         .remove(RemoveRequest {
             environment_id: target.env.id.clone(),
-            container_id: Some(container_id.clone()),
+            container_id: Some(container_id.to_owned()),
             grace: Duration::from_secs(2),
         })
         .await;
@@ -473,13 +379,12 @@ async fn run_container(
             kind: LineKind::RunnerError,
         });
     }
-    result
 }
 
 /// The step context of one step container: its backend, environment and container, and a base
 /// environment of GitHub's variables only (the image brings its own `PATH` and `HOME`).
 fn container_context(cx: &StepContext, target: &StepContainerHost, container: &str) -> StepContext {
-    let extra = &cx.shared.opts.extra_env;
+    let extra = &cx.extra_env;
     let base_env = cx
         .base_env
         .iter()
@@ -501,6 +406,7 @@ fn container_context(cx: &StepContext, target: &StepContainerHost, container: &s
         container_id: container.to_owned(),
         job_context: cx.job_context.clone(),
         base_env,
+        extra_env: cx.extra_env.clone(),
         env_ctx: cx.env_ctx.clone(),
         bash_available: cx.bash_available,
         hash_root: cx.hash_root.clone(),

@@ -2,104 +2,63 @@
 //! the jobs it `needs` are done (a true DAG, not stage barriers), expands matrices, honours
 //! `max-parallel` and `fail-fast`, and collects results.
 
+//!
+//! `run/` is layered; a module imports only modules below it (the test
+//! `run_modules_import_only_downwards` keeps it so):
+//!
+//! ```text
+//! mod (the scheduler)
+//! ├── call          reusable workflows: prepare the nested run, conclude from its result
+//! └── job           one combination, in phases: resolve, preflight, create, setup, pre, steps, post, remove
+//!     ├── containers    services and the job container
+//!     ├── environment   create / remove environments, delegation
+//!     └── step          one step, in phases; composite and node actions; post steps
+//!         ├── action        find an action, `pre:` steps
+//!         └── docker_step   docker:// steps and docker actions
+//!             └── exec          one process of a step: one Exec, its output and env files
+//!                 └── report    StepStarted / StepFinished
+//!                     └── state     JobProgress, StepContext, Frame, ExecPlan, StepOutcome
+//!                         └── context   RunOptions, Shared, JobRun, Leases, job-level contexts
+//! ```
+
 mod action;
 mod call;
+mod containers;
+mod context;
 mod docker_step;
+mod environment;
+mod exec;
 mod job;
+mod report;
+mod state;
 mod step;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::path::PathBuf;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use futures::FutureExt;
 use indexmap::IndexMap;
 use serde_json::{Map, Value, json};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+pub use context::{JobEnvProvider, JobEnvRequest, RunOptions, RunResult};
+
 use crate::backends::Backends;
 use crate::expr::{self, JobStatus, Scope};
-use crate::identity::Identity;
-use crate::labels::LabelConfig;
 use crate::output::{Event, EventSink, LineKind, Outcome};
 use crate::workflow::{self, BoolOrExpr, NumberOrExpr, Workflow};
+use context::{ComboResult, JobRun, Leases, Shared, StaticHost, Timer, job_level_contexts};
 
-/// Everything a run needs besides the plugins.
-pub struct RunOptions {
-    /// The parsed, validated workflow.
-    pub workflow: Arc<Workflow>,
-    /// The `github` context, without the per-job keys (`job`, `workspace`, `action`).
-    pub github: Map<String, Value>,
-    /// Secrets.
-    pub secrets: IndexMap<String, String>,
-    /// Configuration variables.
-    pub vars: IndexMap<String, String>,
-    /// `inputs` (workflow_dispatch / workflow_call).
-    pub inputs: Map<String, Value>,
-    /// Environment added to every step, below the workflow's `env`.
-    pub extra_env: IndexMap<String, String>,
-    /// Label configurations.
-    pub labels: Vec<LabelConfig>,
-    /// The backend for `runs-on` labels no configuration names (`host` in `kiln exec`).
-    pub default_backend: Option<String>,
-    /// Only these jobs (and what they need); `None` = all.
-    pub only_jobs: Option<Vec<String>>,
-    /// The directory copied into each job's workspace.
-    pub workspace: Option<PathBuf>,
-    /// Who we are.
-    pub identity: Identity,
-    /// Upper bound on any job's run time (`runner.timeout`).
-    pub max_job_time: Option<Duration>,
-    /// Set `ACT=true` like act does (local runs).
-    pub act_compat: bool,
-    /// Satisfy `actions/checkout` of the repository being run from the workspace copy (local
-    /// runs, like act) instead of running the action.
-    pub skip_local_checkout: bool,
-    /// Extra combinations (`--matrix k:v`): only combinations matching all are run.
-    pub matrix_filter: Vec<(String, String)>,
-    /// `needs` entries for jobs that are not in this workflow, already finished elsewhere
-    /// (daemon mode: the server sends each job alone, with the results and outputs of the jobs
-    /// it needs), as `{id: {"result": "success", "outputs": {…}}}`. They count as done.
-    pub external_needs: Map<String, Value>,
-    /// Where remote actions and reusable workflows come from.
-    pub actions: Arc<crate::actions::Resolver>,
-}
-
-/// The result of a run.
-#[derive(Debug, Clone)]
-pub struct RunResult {
-    /// The workflow's result.
-    pub result: Outcome,
-    /// Each job (matrix combinations merged) and its result, in workflow order.
-    pub jobs: Vec<(String, Outcome)>,
-    /// Outputs of each job.
-    pub outputs: BTreeMap<String, Map<String, Value>>,
-}
-
-/// Shared by every job of a run.
-pub(crate) struct Shared {
-    pub(crate) opts: RunOptions,
-    pub(crate) backends: Arc<Backends>,
-    pub(crate) sink: Arc<dyn EventSink>,
-    /// Cancelled on the second interrupt: stops even `always()` steps.
-    pub(crate) force: CancellationToken,
-    /// How many reusable-workflow calls enclose this run (0 at the top).
-    pub(crate) depth: usize,
-    /// The workspace copied into each job (its file list taken once).
-    pub(crate) workspace: Option<Arc<crate::workspace::Workspace>>,
-}
-
-/// What a finished job (one combination) reports to the scheduler.
-pub(crate) struct ComboResult {
-    pub(crate) result: Outcome,
-    pub(crate) outputs: Map<String, Value>,
-}
-
-enum JobState {
+/// Where a job of the workflow is in the scheduler.
+enum Scheduled {
     Pending,
     Running {
-        queue: VecDeque<job::JobRun>,
+        queue: VecDeque<JobRun>,
         running: usize,
         max_parallel: usize,
         fail_fast: bool,
@@ -138,34 +97,44 @@ async fn run_nested(
     let selected = select_jobs(&wf, opts.only_jobs.as_deref());
     let workspace = opts.workspace.clone().map(crate::workspace::Workspace::new);
     let shared = Arc::new(Shared { opts, backends, sink, force, depth, workspace });
-    let mut states: IndexMap<String, JobState> =
-        selected.iter().map(|id| (id.clone(), JobState::Pending)).collect();
+    let mut states: IndexMap<String, Scheduled> =
+        selected.iter().map(|id| (id.clone(), Scheduled::Pending)).collect();
     let mut tasks: JoinSet<(String, ComboResult)> = JoinSet::new();
+    // The job id of each task, for a task that ends without a result.
+    let mut lost: std::collections::HashMap<tokio::task::Id, String> = Default::default();
 
     loop {
         // Settle: finish jobs whose combinations are all done, start jobs whose needs are all
         // done, launch queued combinations; repeat until nothing changes.
-        while settle(&shared, &wf, &mut states, &mut tasks, &cancel) {}
-        if states.values().all(|s| matches!(s, JobState::Done { .. })) {
+        while settle(&shared, &wf, &mut states, &mut tasks, &mut lost, &cancel) {}
+        if states.values().all(|s| matches!(s, Scheduled::Done { .. })) {
             break;
         }
-        let Some(joined) = tasks.join_next().await else {
+        let Some(joined) = tasks.join_next_with_id().await else {
             // Nothing runs and nothing can start: the remaining jobs wait on each other.
             for state in states.values_mut() {
-                if matches!(state, JobState::Pending) {
-                    *state = JobState::Done { result: Outcome::Skipped, outputs: Map::new() };
+                if matches!(state, Scheduled::Pending) {
+                    *state = Scheduled::Done { result: Outcome::Skipped, outputs: Map::new() };
                 }
             }
             break;
         };
         let (id, combo) = match joined {
-            Ok(r) => r,
+            Ok((task, r)) => {
+                lost.remove(&task);
+                r
+            }
             Err(e) => {
-                tracing::error!(error = %e, "a job task panicked");
-                continue;
+                // A combination's task cannot panic (see `spawn_combination`); one that was
+                // aborted or panicked anyway is counted as failed so the job can finish.
+                tracing::error!(error = %e, "a job task ended without a result");
+                match lost.remove(&e.id()) {
+                    Some(id) => (id, ComboResult::bare(Outcome::Failure)),
+                    None => continue,
+                }
             }
         };
-        if let Some(JobState::Running { running, fail_fast, results, outputs, token, .. }) =
+        if let Some(Scheduled::Running { running, fail_fast, results, outputs, token, .. }) =
             states.get_mut(&id)
         {
             *running -= 1;
@@ -182,7 +151,7 @@ async fn run_nested(
     let mut jobs = Vec::new();
     let mut outputs = BTreeMap::new();
     for (id, state) in states {
-        if let JobState::Done { result, outputs: o } = state {
+        if let Scheduled::Done { result, outputs: o } = state {
             jobs.push((id.clone(), result));
             outputs.insert(id, o);
         }
@@ -203,30 +172,31 @@ async fn run_nested(
 fn settle(
     shared: &Arc<Shared>,
     wf: &Workflow,
-    states: &mut IndexMap<String, JobState>,
+    states: &mut IndexMap<String, Scheduled>,
     tasks: &mut JoinSet<(String, ComboResult)>,
+    lost: &mut std::collections::HashMap<tokio::task::Id, String>,
     cancel: &CancellationToken,
 ) -> bool {
     let mut changed = false;
     // Finish jobs whose combinations are all done.
     for state in states.values_mut() {
-        if let JobState::Running { queue, running: 0, results, outputs, .. } = state
+        if let Scheduled::Running { queue, running: 0, results, outputs, .. } = state
             && queue.is_empty()
         {
             let result = aggregate(results);
-            *state = JobState::Done { result, outputs: std::mem::take(outputs) };
+            *state = Scheduled::Done { result, outputs: std::mem::take(outputs) };
             changed = true;
         }
     }
     // Start every pending job whose needs are all done.
     let ids: Vec<String> = states.keys().cloned().collect();
     for id in &ids {
-        if !matches!(states.get(id), Some(JobState::Pending)) {
+        if !matches!(states.get(id), Some(Scheduled::Pending)) {
             continue;
         }
         let job = &wf.jobs[id.as_str()];
         let needs_done =
-            job.needs.iter().all(|n| matches!(states.get(n), Some(JobState::Done { .. }) | None));
+            job.needs.iter().all(|n| matches!(states.get(n), Some(Scheduled::Done { .. }) | None));
         if !needs_done {
             continue;
         }
@@ -237,7 +207,7 @@ fn settle(
     }
     // Launch queued combinations up to each job's max-parallel.
     for (id, state) in states.iter_mut() {
-        if let JobState::Running { queue, running, max_parallel, token, results, .. } = state {
+        if let Scheduled::Running { queue, running, max_parallel, token, results, .. } = state {
             while *running < *max_parallel {
                 let Some(run) = queue.pop_front() else { break };
                 changed = true;
@@ -251,17 +221,109 @@ fn settle(
                     continue;
                 }
                 *running += 1;
-                let id = id.clone();
-                let shared = shared.clone();
-                if shared.opts.workflow.jobs[id.as_str()].uses.is_some() {
-                    tasks.spawn(async move { (id, call::run_call(shared, run).await) });
-                } else {
-                    tasks.spawn(async move { (id, job::run_job(shared, run).await) });
-                }
+                let task = tasks.spawn(spawn_combination(shared.clone(), id.clone(), run));
+                lost.insert(task.id(), id.clone());
             }
         }
     }
     changed
+}
+
+/// One combination's task: the job (or the reusable-workflow call) with its panic caught. A
+/// job whose task panicked is a failed job: reported finished with the panic's message, its
+/// environments removed (its leases live outside the job's future), and its result counted
+/// like any other, which releases its slot.
+async fn spawn_combination(shared: Arc<Shared>, id: String, run: JobRun) -> (String, ComboResult) {
+    let timer = Timer::start();
+    let leases = run.leases.clone();
+    let name = run.display_name.clone();
+    let ran = if shared.opts.workflow.jobs[id.as_str()].uses.is_some() {
+        AssertUnwindSafe(run_call(shared.clone(), run)).catch_unwind().await
+    } else {
+        AssertUnwindSafe(job::run_job(shared.clone(), run)).catch_unwind().await
+    };
+    let result = match ran {
+        Ok(result) => result,
+        Err(panic) => after_panic(&shared, &id, &name, &leases, &timer, panic).await,
+    };
+    (id, result)
+}
+
+/// Cleans up after a combination whose task panicked: the message in the job's log, its
+/// environments removed (newest first), the job reported failed.
+async fn after_panic(
+    shared: &Shared,
+    id: &str,
+    name: &str,
+    leases: &Leases,
+    timer: &Timer,
+    panic: Box<dyn std::any::Any + Send>,
+) -> ComboResult {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned());
+    tracing::error!(job = id, name, panic = %what, "a job's task panicked");
+    let log = |text: String, kind: LineKind| {
+        shared.sink.event(Event::Line { job: name.to_owned(), step: None, text, kind });
+    };
+    log(
+        format!("internal error: kiln panicked while running this job: {what}"),
+        LineKind::RunnerError,
+    );
+    for lease in leases.held() {
+        if let Some(plugin) = shared.backends.get(&lease.plugin) {
+            environment::remove_env(plugin, &lease.environment_id, &log).await;
+        }
+        leases.give_back(&shared.backends, &lease.environment_id);
+    }
+    shared.sink.event(Event::JobFinished {
+        job: name.to_owned(),
+        result: Outcome::Failure,
+        duration: timer.elapsed(),
+    });
+    ComboResult::bare(Outcome::Failure)
+}
+
+/// One combination of a job that calls a reusable workflow: the call prepared, the called
+/// workflow run by this scheduler one level deeper, the caller's result concluded from it.
+fn run_call(shared: Arc<Shared>, run: JobRun) -> Pin<Box<dyn Future<Output = ComboResult> + Send>> {
+    Box::pin(async move {
+        let timer = Timer::start();
+        let name = run.display_name.clone();
+        let uses = shared.opts.workflow.jobs[run.job_id.as_str()].uses.clone().unwrap_or_default();
+        shared.sink.event(Event::JobStarted { job: name.clone(), runs_on: uses });
+        let result = match call::prepare(&shared, &run).await {
+            Ok(prepared) => {
+                let result = run_nested(
+                    prepared.options,
+                    shared.backends.clone(),
+                    prepared.sink,
+                    run.cancel.clone(),
+                    shared.force.clone(),
+                    shared.depth + 1,
+                )
+                .await;
+                call::conclude(&shared, &run, prepared.called, result)
+            }
+            Err(message) => {
+                shared.sink.event(Event::Line {
+                    job: name.clone(),
+                    step: None,
+                    text: message,
+                    kind: LineKind::RunnerError,
+                });
+                ComboResult::bare(Outcome::Failure)
+            }
+        };
+        shared.sink.event(Event::JobFinished {
+            job: name,
+            result: result.result,
+            duration: timer.elapsed(),
+        });
+        result
+    })
 }
 
 /// The jobs to run: all, or the selected ones and everything they need, transitively.
@@ -292,14 +354,14 @@ fn aggregate(results: &[Outcome]) -> Outcome {
 }
 
 fn needs_context(
-    states: &IndexMap<String, JobState>,
+    states: &IndexMap<String, Scheduled>,
     needs: &[String],
     external: &Map<String, Value>,
 ) -> Map<String, Value> {
     let mut ctx = Map::new();
     for n in needs {
         let (result, outputs) = match states.get(n) {
-            Some(JobState::Done { result, outputs }) => (*result, outputs.clone()),
+            Some(Scheduled::Done { result, outputs }) => (*result, outputs.clone()),
             None if external.contains_key(n) => {
                 ctx.insert(n.clone(), external[n.as_str()].clone());
                 continue;
@@ -309,18 +371,6 @@ fn needs_context(
         ctx.insert(n.clone(), json!({ "result": result.as_str(), "outputs": outputs }));
     }
     ctx
-}
-
-/// A status host for job-level expressions (`if`, `strategy`, `runs-on`).
-struct StaticHost(JobStatus);
-
-impl expr::Host for StaticHost {
-    fn job_status(&self) -> JobStatus {
-        self.0
-    }
-    fn hash_files(&self, _: &[String]) -> Result<String, String> {
-        Err("hashFiles is only available in steps".into())
-    }
 }
 
 /// Whether a condition calls success(), failure(), cancelled() or always().
@@ -336,7 +386,7 @@ fn start_job(
     id: &str,
     needs: Map<String, Value>,
     cancel: &CancellationToken,
-) -> JobState {
+) -> Scheduled {
     let wf = &shared.opts.workflow;
     let job = &wf.jobs[id];
     let sink = &shared.sink;
@@ -351,7 +401,7 @@ fn start_job(
             });
         }
         sink.event(Event::JobFinished { job: name, result, duration: Duration::ZERO });
-        JobState::Done { result, outputs: Map::new() }
+        Scheduled::Done { result, outputs: Map::new() }
     };
     if cancel.is_cancelled() {
         return finish(Outcome::Cancelled, None);
@@ -449,10 +499,10 @@ fn start_job(
                 "job-total": total,
                 "max-parallel": if max_parallel == usize::MAX { total } else { max_parallel },
             });
-            job::JobRun::new(shared, id, index, combo, strategy_ctx, needs.clone(), token.clone())
+            JobRun::new(shared, id, index, combo, strategy_ctx, needs.clone(), token.clone())
         })
         .collect();
-    JobState::Running {
+    Scheduled::Running {
         queue,
         running: 0,
         max_parallel,
@@ -522,55 +572,101 @@ fn is_insert_directive(key: &str) -> bool {
         .is_some_and(|k| k.trim().eq_ignore_ascii_case("insert"))
 }
 
-/// The contexts available at job level: github, vars, secrets, inputs, needs, matrix, env
-/// (the workflow's), strategy.
-pub(crate) fn job_level_contexts(
-    opts: &RunOptions,
-    needs: Map<String, Value>,
-    matrix: Map<String, Value>,
-) -> Map<String, Value> {
-    let mut c = Map::new();
-    c.insert("github".into(), Value::Object(opts.github.clone()));
-    c.insert("vars".into(), to_obj(&opts.vars));
-    c.insert("secrets".into(), to_obj(&opts.secrets));
-    c.insert("inputs".into(), Value::Object(opts.inputs.clone()));
-    c.insert("needs".into(), Value::Object(needs));
-    c.insert("matrix".into(), Value::Object(matrix));
-    c.insert("strategy".into(), Value::Object(Map::new()));
-    c.insert("env".into(), Value::Object(Map::new()));
-    c.insert("job".into(), Value::Object(Map::new()));
-    c.insert("runner".into(), Value::Object(Map::new()));
-    c.insert("steps".into(), Value::Object(Map::new()));
-    c
-}
-
-pub(crate) fn to_obj(m: &IndexMap<String, String>) -> Value {
-    Value::Object(m.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect())
-}
-
-/// Milliseconds since the epoch.
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-/// A monotonic start time and its duration so far.
-pub(crate) struct Timer(Instant);
-
-impl Timer {
-    pub(crate) fn start() -> Timer {
-        Timer(Instant::now())
-    }
-    pub(crate) fn elapsed(&self) -> Duration {
-        self.0.elapsed()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each module of `run/` and its layer: a module may use only modules of a lower layer
+    /// (so the import graph has no cycle). `mod` is the scheduler in `mod.rs`.
+    const LAYERS: &[(&str, u32)] = &[
+        ("mod", 9),
+        ("call", 8),
+        ("job", 8),
+        ("step", 7),
+        ("action", 6),
+        ("docker_step", 6),
+        ("containers", 5),
+        ("environment", 5),
+        ("exec", 4),
+        ("report", 3),
+        ("state", 2),
+        ("context", 1),
+    ];
+
+    /// The modules of `run/` a module's code (its tests left out) names: `super::x`,
+    /// `super::{x, y}`, `crate::run::x`, and in `mod.rs` `x::`.
+    fn uses(module: &str, source: &str) -> std::collections::BTreeSet<String> {
+        let code = source.split("#[cfg(test)]").next().unwrap_or(source);
+        let names: Vec<&str> = LAYERS.iter().map(|(n, _)| *n).collect();
+        let mut found = std::collections::BTreeSet::new();
+        let mut add = |path: &str| {
+            let first = path.trim().split("::").next().unwrap_or("").trim();
+            if first.is_empty() || first == "self" {
+                return;
+            }
+            // `super::Item` names an item of mod.rs itself.
+            let target = if names.contains(&first) { first } else { "mod" };
+            found.insert(target.to_owned());
+        };
+        for prefix in ["super::", "crate::run::"] {
+            for (at, _) in code.match_indices(prefix) {
+                let rest = &code[at + prefix.len()..];
+                if let Some(group) = rest.strip_prefix('{') {
+                    let end = group.find('}').unwrap_or(group.len());
+                    group[..end].split(',').for_each(&mut add);
+                } else {
+                    let end = rest
+                        .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
+                        .unwrap_or(rest.len());
+                    add(&rest[..end]);
+                }
+            }
+        }
+        if module == "mod" {
+            for name in &names {
+                let bare = format!("{name}::");
+                let named = code.match_indices(&bare).any(|(at, _)| {
+                    !code[..at].ends_with(|c: char| c.is_alphanumeric() || c == '_' || c == ':')
+                });
+                if named {
+                    found.insert((*name).to_owned());
+                }
+            }
+        }
+        found.remove(module);
+        found
+    }
+
+    #[test]
+    fn run_modules_import_only_downwards() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/run");
+        let mut files: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|f| f.ends_with(".rs"))
+            .collect();
+        files.sort();
+        let rank = |m: &str| LAYERS.iter().find(|(n, _)| *n == m).map(|(_, r)| *r);
+        let mut wrong = Vec::new();
+        for file in &files {
+            let module = file.trim_end_matches(".rs");
+            let Some(own) = rank(module) else {
+                wrong.push(format!("{file}: not in LAYERS; give the new module a layer"));
+                continue;
+            };
+            let source = std::fs::read_to_string(dir.join(file)).unwrap();
+            for used in uses(module, &source) {
+                if rank(&used).is_none_or(|r| r >= own) {
+                    wrong.push(format!("{module} (layer {own}) uses {used} (not below it)"));
+                }
+            }
+        }
+        assert!(wrong.is_empty(), "run/ imports upwards or sideways:\n{}", wrong.join("\n"));
+        // And the check sees an upward import.
+        assert!(uses("state", "use super::step::x;").contains("step"));
+        assert!(uses("exec", "use super::{state::A, job};").contains("job"));
+        assert!(uses("step", "super::now_ms()").contains("mod"));
+    }
 
     struct Always;
 

@@ -26,7 +26,7 @@ impl ShellSpec {
 /// `bash -e {0}` when `bash_available`, else `sh -e {0}` (GitHub's Linux behaviour; the
 /// executor decides whether bash exists). An explicit `bash` gets
 /// `bash --noprofile --norc -e -o pipefail {0}`. Any other value is a custom template that
-/// must contain `{0}`.
+/// must contain `{0}`, split into words as `sh` does (`kiln_plugin_sdk::words`, as act does).
 pub fn shell_command(shell: Option<&str>, bash_available: bool) -> Result<ShellSpec, Error> {
     let shell = shell.map(str::trim).unwrap_or("");
     let template = match shell {
@@ -51,7 +51,8 @@ pub fn shell_command(shell: Option<&str>, bash_available: bool) -> Result<ShellS
         // cmd parses its own quoting: keep the /C argument verbatim.
         ["cmd", "/D", "/E:ON", "/V:OFF", "/S", "/C", "\"CALL \"{0}\"\""].map(String::from).to_vec()
     } else {
-        split_words(template).map_err(|m| Error::msg(format!("shell `{shell}`: {m}")))?
+        kiln_plugin_sdk::words::split_command(template)
+            .map_err(|m| Error::msg(format!("shell `{shell}`: {m}")))?
     };
     let program = argv.first().cloned().unwrap_or_default();
     if program.is_empty() {
@@ -73,59 +74,4 @@ fn extension_for(program: &str) -> &'static str {
         "node" => ".js",
         _ => ".sh",
     }
-}
-
-/// Splits a command template into words: whitespace separates, `'…'` and `"…"` group
-/// (quotes removed, `\"` and `\\` escapes inside double quotes).
-fn split_words(s: &str) -> Result<Vec<String>, String> {
-    let mut words = Vec::new();
-    let mut cur = String::new();
-    let mut in_word = false;
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            c if c.is_whitespace() => {
-                if in_word {
-                    words.push(std::mem::take(&mut cur));
-                    in_word = false;
-                }
-            }
-            '\'' => {
-                in_word = true;
-                loop {
-                    match chars.next() {
-                        Some('\'') => break,
-                        Some(c) => cur.push(c),
-                        None => return Err("unclosed `'`; close the quote".into()),
-                    }
-                }
-            }
-            '"' => {
-                in_word = true;
-                loop {
-                    match chars.next() {
-                        Some('"') => break,
-                        Some('\\') => match chars.next() {
-                            Some(c @ ('"' | '\\')) => cur.push(c),
-                            Some(c) => {
-                                cur.push('\\');
-                                cur.push(c);
-                            }
-                            None => return Err("unclosed `\"`; close the quote".into()),
-                        },
-                        Some(c) => cur.push(c),
-                        None => return Err("unclosed `\"`; close the quote".into()),
-                    }
-                }
-            }
-            c => {
-                in_word = true;
-                cur.push(c);
-            }
-        }
-    }
-    if in_word {
-        words.push(cur);
-    }
-    Ok(words)
 }

@@ -43,11 +43,22 @@ fn all_files(dir: &Path, out: &mut Vec<PathBuf>) {
 #[test]
 fn act_testdata_corpus() {
     let root = corpus_dir();
-    assert!(
-        root.join("cases.tsv").is_file(),
-        "corpus not found at {}; set KILN_ACT_TESTDATA",
-        root.display()
-    );
+    if !root.join("cases.tsv").is_file() {
+        // A prerequisite outside the repository: a failure under KILN_REQUIRE_ACT_TESTDATA=1
+        // (CI), else recorded as not run for tests/run's list (ARCHITECTURE.md, "Test
+        // prerequisites").
+        let problem = format!("corpus not found at {}; set KILN_ACT_TESTDATA", root.display());
+        let required = std::env::var("KILN_REQUIRE_ACT_TESTDATA").is_ok_and(|v| v == "1");
+        assert!(!required, "KILN_REQUIRE_ACT_TESTDATA=1 but {problem}");
+        if let Some(dir) = std::env::var_os("KILN_SKIPPED_DIR") {
+            let _ = std::fs::create_dir_all(&dir);
+            let _ = std::fs::write(
+                Path::new(&dir).join("act_testdata_corpus"),
+                format!("act-testdata: {problem}\n"),
+            );
+        }
+        return;
+    }
     // Workflows: yml files directly in each case dir (and nested case dirs such as
     // steps-context/outcome), plus .github/workflows. Actions: every action.yml/action.yaml.
     let mut workflows = yaml_files(&root.join(".github/workflows"));
