@@ -11,6 +11,7 @@ mod convert;
 
 pub mod archive;
 pub mod backend;
+pub mod beneath;
 pub mod client;
 pub mod conformance;
 pub mod dirs;

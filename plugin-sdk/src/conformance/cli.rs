@@ -128,6 +128,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                 _ => None,
             };
             let endpoint = Endpoint::parse(endpoint, tls, args.insecure)?;
+            config.endpoint = Some(endpoint.clone());
             Arc::new(connect(&endpoint, "plugin", Duration::from_secs(10)).await?)
         }
         (None, Some(command)) => {
@@ -138,6 +139,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                 Duration::from_secs(args.ready_timeout),
             )
             .await?;
+            config.endpoint = Some(plugin.endpoint());
             managed = Some(plugin);
             backend
         }

@@ -57,6 +57,8 @@ struct Inner {
     removals: Mutex<tokio::task::JoinSet<()>>,
     /// Numbers the directories renamed aside.
     removed_seq: std::sync::atomic::AtomicU64,
+    /// How environments' processes are held (cgroup, subreaper, groups).
+    containment: procs::Containment,
 }
 
 /// The directory under the root that Remove renames environment directories into, to delete
@@ -101,6 +103,7 @@ impl HostBackend {
                 .map(|u| u.dir.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "/".to_owned())
         });
+        let containment = procs::Containment::new(config.containment, &root);
         let backend = HostBackend {
             inner: Arc::new(Inner {
                 root,
@@ -113,6 +116,7 @@ impl HostBackend {
                 execs: Mutex::new(HashMap::new()),
                 removals: Mutex::new(tokio::task::JoinSet::new()),
                 removed_seq: std::sync::atomic::AtomicU64::new(0),
+                containment,
             }),
         };
         // What a killed plugin renamed aside and did not delete.
@@ -444,7 +448,8 @@ impl Backend for HostBackend {
             }
             st.exec_ids.insert(exec_id.clone());
         }
-        let (handle, stream) = exec::start(&env, request, &self.inner.kernel_boot)?;
+        let (handle, stream) =
+            exec::start(&env, request, &self.inner.kernel_boot, &self.inner.containment)?;
         lock(&self.inner.execs).insert(exec_id, handle);
         Ok(stream)
     }
@@ -555,7 +560,10 @@ impl Backend for HostBackend {
             Env::close_log(&mut st);
             std::mem::take(&mut st.groups)
         };
-        Self::kill_groups(&env, groups, exec::grace_or_default(request.grace)).await;
+        let grace = exec::grace_or_default(request.grace);
+        Self::kill_groups(&env, groups, grace).await;
+        let created = env.meta.owner.created_at_unix_ms;
+        self.inner.containment.end_all(&env.id, &env.dir, created, grace).await;
         self.delete_env_dir(env.dir.clone()).await?;
         let exec_ids: Vec<String> = lock(&env.state).exec_ids.iter().cloned().collect();
         {
