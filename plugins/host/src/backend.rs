@@ -189,6 +189,7 @@ impl HostBackend {
             while set.join_next().await.is_some() {}
         }
         let _ = std::fs::remove_dir(self.inner.root.join(REMOVED_DIR));
+        self.inner.containment.release();
     }
 
     /// The (canonical) directory environments live in.

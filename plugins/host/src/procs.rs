@@ -245,7 +245,7 @@ impl Containment {
     fn env_cgroup(base: &Path, env_id: &str, env_dir: &Path) -> Option<PathBuf> {
         let cg = base.join(env_id);
         if !cg.is_dir() {
-            if let Err(e) = std::fs::create_dir(&cg)
+            if let Err(e) = std::fs::create_dir_all(&cg)
                 && e.kind() != std::io::ErrorKind::AlreadyExists
             {
                 tracing::warn!(cgroup = %cg.display(), error = %e, "cannot create the cgroup");
@@ -286,6 +286,14 @@ impl Containment {
             tracing::debug!(cgroup = %cg.display(), pid, error = %e, "cannot move into the cgroup");
         }
         spawned
+    }
+
+    /// Removes the (empty) cgroup base when the plugin exits; one still holding environments
+    /// stays for the next instance.
+    pub(crate) fn release(&self) {
+        if let Containment::Cgroup { base, .. } = self {
+            let _ = std::fs::remove_dir(base);
+        }
     }
 
     /// Ends every process of the environment held by the containment: SIGTERM, up to `grace`,
