@@ -9,6 +9,7 @@ mod docker;
 mod exec;
 mod fake_forgejo;
 mod lifecycle;
+mod node_plugin;
 mod python_plugin;
 mod support;
 mod tls;
