@@ -427,10 +427,10 @@ impl TestBackend {
         if squash || missing1 || naive_collect.is_some() {
             stream = Box::pin(stream.map(move |e| match e {
                 Ok(ExecEvent::Exited(mut x)) => {
-                    if let kiln_plugin_sdk::ExitStatus::Code(c) = x.status {
-                        if (squash && c != 0) || (missing1 && c == 127) {
-                            x.status = kiln_plugin_sdk::ExitStatus::Code(1);
-                        }
+                    if let kiln_plugin_sdk::ExitStatus::Code(c) = x.status
+                        && ((squash && c != 0) || (missing1 && c == 127))
+                    {
+                        x.status = kiln_plugin_sdk::ExitStatus::Code(1);
                     }
                     if let Some((paths, limit)) = &naive_collect {
                         x.files = collect_naively(paths, *limit);

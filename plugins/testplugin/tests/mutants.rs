@@ -7,6 +7,7 @@
 //! `--command` would, so the faults tier runs too), several mutants at a time; a JUnit file
 //! is written per mutant. The table of mutants, their catching case and the wall time is
 //! printed.
+#![allow(clippy::print_stdout)]
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
