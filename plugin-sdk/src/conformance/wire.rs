@@ -246,7 +246,8 @@ pub(crate) async fn error_detail_check(
 }
 
 /// ErrorDetail (and `field`) on INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS,
-/// FAILED_PRECONDITION, UNIMPLEMENTED and PERMISSION_DENIED.
+/// FAILED_PRECONDITION, UNIMPLEMENTED and (where the plugin refuses a staged path outside the
+/// environment) PERMISSION_DENIED.
 pub(crate) async fn error_detail(ctx: &Ctx<'_>) -> Check {
     use tonic::Code as C;
     let mut c = raw(ctx).await?;
@@ -388,6 +389,25 @@ pub(crate) async fn error_detail(ctx: &Ctx<'_>) -> Check {
             &mut problems,
         )
         .await;
+        // Outside the environment: a plugin may allow it; when it refuses, PERMISSION_DENIED
+        // carries the detail and names the field (§9.2).
+        let mut req = ctx.sh_request(&env, "true");
+        req.files = vec![StagedFile {
+            path: format!("/kiln-conformance-outside-{}/x", nonce(8)),
+            content: bytes::Bytes::from_static(b"x"),
+            mode: 0,
+        }];
+        let got = exec_status(&mut c, pb::ExecRequest::from(req)).await?;
+        if got.as_ref().is_some_and(|s| s.code() == C::PermissionDenied) {
+            error_detail_check(
+                "Exec staging a path outside the environment",
+                got,
+                C::PermissionDenied,
+                Some("files[0].path"),
+                &mut problems,
+            )
+            .await;
+        }
     }
     ensure!(problems.is_empty(), "{}", problems.join("\n"));
     Ok(())
