@@ -16,23 +16,55 @@ const KEPT: usize = 4;
 /// Bound on one request or answer in the report.
 const WIDTH: usize = 360;
 
-/// The calls of one case, newest last.
+/// The calls of one case, newest last; a call repeated with only a fresh exec id (a poll)
+/// is kept once with a count, so it does not push the calls that matter out.
 #[derive(Debug, Default, Clone)]
-pub(crate) struct Journal(Arc<Mutex<VecDeque<String>>>);
+pub(crate) struct Journal(Arc<Mutex<VecDeque<(String, String, usize)>>>);
+
+/// A call without its exec id, to recognise repeats.
+fn key(line: &str) -> String {
+    match line.find("exec_id: \"") {
+        Some(i) => {
+            let rest = &line[i + 10..];
+            let end = rest.find('"').map_or(rest.len(), |e| e + 1);
+            format!("{}{}", &line[..i], &rest[end..])
+        }
+        None => line.to_owned(),
+    }
+}
 
 impl Journal {
     fn push(&self, line: String) {
         if let Ok(mut j) = self.0.lock() {
+            let k = key(&line);
+            if let Some(last) = j.back_mut()
+                && last.0 == k
+            {
+                last.1 = line;
+                last.2 += 1;
+                return;
+            }
             if j.len() == KEPT {
                 j.pop_front();
             }
-            j.push_back(line);
+            j.push_back((k, line, 1));
         }
     }
 
     /// The kept calls as report lines, oldest first.
     pub(crate) fn lines(&self) -> Vec<String> {
-        self.0.lock().map(|j| j.iter().cloned().collect()).unwrap_or_default()
+        self.0
+            .lock()
+            .map(|j| {
+                j.iter()
+                    .map(
+                        |(_, l, n)| {
+                            if *n > 1 { format!("{l} (×{n}, the last shown)") } else { l.clone() }
+                        },
+                    )
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 }
 
@@ -153,5 +185,24 @@ impl Backend for Recorder {
                 .map_err(Clone::clone),
         );
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn polls_fold() {
+        let j = Journal::default();
+        j.push("Create a → ok".to_owned());
+        for i in 0..5 {
+            j.push(format!("Exec ExecRequest {{ exec_id: \"x-{i}\", argv: [\"poll\"] }} → ok"));
+        }
+        j.push("Remove a → ok true".to_owned());
+        let lines = j.lines();
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert!(lines[1].contains("x-4") && lines[1].ends_with("(×5, the last shown)"));
+        assert_eq!(lines[2], "Remove a → ok true");
     }
 }
