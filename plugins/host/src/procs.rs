@@ -11,7 +11,8 @@
 //!
 //! Process groups do not hold a process that calls `setsid` or double-forks, so every
 //! environment also has a **containment** ([`Containment`], §5.12 of the protocol): a cgroup
-//! v2 of its own where the cgroup filesystem is writable (the plugin moves itself into the
+//! v2 of its own (`<own cgroup>/kiln-envs/kiln-<hash of root>-<env id>`) where the cgroup
+//! filesystem is writable (the plugin moves itself into the
 //! environment's cgroup around each spawn, under a lock, so the child is born there and
 //! cannot fork before it is contained; Remove freezes it, sends SIGTERM to every member, waits
 //! the grace, then `cgroup.kill`; the cgroup is a boundary no PID reuse can cross and it
@@ -204,10 +205,13 @@ pub enum ContainmentMode {
 /// The containment in force.
 #[derive(Debug, Clone)]
 pub(crate) enum Containment {
-    /// One cgroup per environment under `base`; `home` is the plugin's own cgroup.
+    /// One cgroup per environment, `base/<tag>-<env id>`; `home` is the plugin's own cgroup.
     Cgroup {
-        /// Where environments' cgroups are created.
+        /// Where environments' cgroups are created (`<own cgroup>/kiln-envs`, shared by every
+        /// plugin of this cgroup, so that any of them can sweep empty leftovers).
         base: PathBuf,
+        /// This plugin's tag (a hash of its root), prefixing its environments' cgroups.
+        tag: String,
         /// The cgroup the plugin returns to after each spawn.
         home: PathBuf,
     },
@@ -229,10 +233,11 @@ impl Containment {
             return Containment::Groups;
         }
         if mode == ContainmentMode::Auto
-            && let Some((base, home)) = cgroup_base(root)
+            && let Some((base, home, tag)) = cgroup_base(root)
         {
             tracing::debug!(base = %base.display(), "one cgroup per environment");
-            return Containment::Cgroup { base, home };
+            sweep(&base);
+            return Containment::Cgroup { base, tag, home };
         }
         if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
             tracing::warn!(error = %e, "cannot become a child subreaper");
@@ -242,8 +247,8 @@ impl Containment {
     }
 
     /// The environment's cgroup, created on first use and recorded in its directory.
-    fn env_cgroup(base: &Path, env_id: &str, env_dir: &Path) -> Option<PathBuf> {
-        let cg = base.join(env_id);
+    fn env_cgroup(base: &Path, tag: &str, env_id: &str, env_dir: &Path) -> Option<PathBuf> {
+        let cg = base.join(format!("{tag}-{env_id}"));
         if !cg.is_dir() {
             if let Err(e) = std::fs::create_dir_all(&cg)
                 && e.kind() != std::io::ErrorKind::AlreadyExists
@@ -269,11 +274,16 @@ impl Containment {
         pid_of: impl Fn(&T) -> Option<u32>,
     ) -> std::io::Result<T> {
         static SPAWN: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let Containment::Cgroup { base, home } = self else { return spawn() };
-        let Some(cg) = Self::env_cgroup(base, env_id, env_dir) else { return spawn() };
+        let Containment::Cgroup { base, tag, home } = self else { return spawn() };
+        let Some(cg) = Self::env_cgroup(base, tag, env_id, env_dir) else { return spawn() };
         let me = std::process::id().to_string();
         let _guard = SPAWN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let entered = std::fs::write(cg.join("cgroup.procs"), &me).is_ok();
+        let mut entered = std::fs::write(cg.join("cgroup.procs"), &me).is_ok();
+        if !entered {
+            // Swept as empty by another plugin a moment ago: made again.
+            let _ = std::fs::create_dir_all(&cg);
+            entered = std::fs::write(cg.join("cgroup.procs"), &me).is_ok();
+        }
         let spawned = spawn();
         if entered {
             if let Err(e) = std::fs::write(home.join("cgroup.procs"), &me) {
@@ -288,11 +298,11 @@ impl Containment {
         spawned
     }
 
-    /// Removes the (empty) cgroup base when the plugin exits; one still holding environments
-    /// stays for the next instance.
+    /// Removes the empty environment cgroups when the plugin exits (also those of
+    /// environments never removed, e.g. by tests); a cgroup with processes stays for `Remove`.
     pub(crate) fn release(&self) {
         if let Containment::Cgroup { base, .. } = self {
-            let _ = std::fs::remove_dir(base);
+            sweep(base);
         }
     }
 
@@ -312,8 +322,8 @@ impl Containment {
             .ok()
             .map(|b| PathBuf::from(String::from_utf8_lossy(&b).trim()));
         let mut cgroups: Vec<PathBuf> = recorded.into_iter().collect();
-        if let Containment::Cgroup { base, .. } = self {
-            let own = base.join(env_id);
+        if let Containment::Cgroup { base, tag, .. } = self {
+            let own = base.join(format!("{tag}-{env_id}"));
             if !cgroups.contains(&own) {
                 cgroups.push(own);
             }
@@ -424,9 +434,23 @@ async fn end_cgroup(cg: &Path, grace: Duration) {
     tracing::warn!(cgroup = %cg.display(), "cannot remove the cgroup");
 }
 
-/// `<cgroup2 mount><own cgroup>/kiln-<hash of root>`, created, when writable; and the own
-/// cgroup's directory.
-fn cgroup_base(root: &Path) -> Option<(PathBuf, PathBuf)> {
+/// Removes every environment cgroup under `base` that holds no process. Always safe: an
+/// environment's cgroup is made again at its next spawn (and its path stays the same).
+fn sweep(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else { return };
+    for entry in entries.flatten() {
+        let cg = entry.path();
+        let empty =
+            std::fs::read_to_string(cg.join("cgroup.procs")).is_ok_and(|p| p.trim().is_empty());
+        if empty {
+            let _ = std::fs::remove_dir(&cg);
+        }
+    }
+}
+
+/// `<cgroup2 mount><own cgroup>/kiln-envs`, created, when writable; the own cgroup's
+/// directory; and this plugin's tag (`kiln-<hash of root>`).
+fn cgroup_base(root: &Path) -> Option<(PathBuf, PathBuf, String)> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     // "36 25 0:30 / /sys/fs/cgroup rw,… - cgroup2 cgroup2 rw,…"
     let mount = mountinfo.lines().find_map(|l| {
@@ -445,7 +469,7 @@ fn cgroup_base(root: &Path) -> Option<(PathBuf, PathBuf)> {
         format!("kiln-{h:016x}")
     };
     let home = mount.join(own);
-    let base = home.join(tag);
+    let base = home.join("kiln-envs");
     match std::fs::create_dir(&base) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -456,7 +480,7 @@ fn cgroup_base(root: &Path) -> Option<(PathBuf, PathBuf)> {
     std::fs::create_dir(&probe).ok()?;
     std::fs::remove_dir(&probe).ok()?;
     (base.join("cgroup.procs").is_file() && home.join("cgroup.procs").is_file())
-        .then_some((base, home))
+        .then_some((base, home, tag))
 }
 
 /// Clock ticks since boot at the Unix time `unix_ms` (0 when unknown: every process counts
