@@ -464,6 +464,10 @@ impl TestBackend {
 fn stage_naively(files: &[kiln_plugin_sdk::StagedFile]) {
     for f in files {
         let path = std::path::Path::new(&f.path);
+        // Only absolute paths: a relative one would land in the plugin's working directory.
+        if !path.is_absolute() {
+            continue;
+        }
         if let Some(parent) = path.parent() {
             let _ = std::fs::create_dir_all(parent);
         }
