@@ -32,6 +32,7 @@ tests only (``--listen tcp://127.0.0.1:7443 --insecure``). Stubs are generated o
 """
 
 import argparse
+import errno
 import hashlib
 import json
 import logging
@@ -41,6 +42,7 @@ import queue
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -564,33 +566,99 @@ class ExecHandle:
                 self.stdin_lock.release()
 
 
-def stage(path, content, mode):
-    """Writes a staged file with exactly ``mode`` (0 means 0644), creating parents."""
+def _open_parent(root, path, create):
+    """A directory descriptor of ``path``'s parent below ``root``, walked one component at a
+    time with O_NOFOLLOW: a symlink in a parent position is refused (PermissionError),
+    missing directories are created when ``create``. Returns (fd, final name)."""
+    rel = os.path.relpath(path, root)
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    if not parts or parts[0] == ".." or ".." in parts:
+        raise PermissionError("%s is outside %s" % (path, root))
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in parts[:-1]:
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                nfd = os.open(name, flags, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                try:
+                    os.mkdir(name, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                nfd = os.open(name, flags, dir_fd=fd)
+            except (NotADirectoryError, OSError) as e:
+                if isinstance(e, FileNotFoundError):
+                    raise
+                raise PermissionError(
+                    "%s: a symlink or a non-directory in a parent position" % path
+                ) from e
+            os.close(fd)
+            fd = nfd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, parts[-1]
+
+
+def stage(root, path, content, mode):
+    """Writes a staged file with exactly ``mode`` (0 means 0644), creating parents, never
+    through a symlink: one in a parent position is refused, one at ``path`` replaced."""
     mode = (mode & 0o7777) or 0o644
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    dfd, name = _open_parent(root, path, True)
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(name, flags, mode, dir_fd=dfd)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            os.unlink(name, dir_fd=dfd)
+            fd = os.open(name, flags | os.O_EXCL, mode, dir_fd=dfd)
+    finally:
+        os.close(dfd)
     with os.fdopen(fd, "wb") as f:
         f.write(content)
         os.fchmod(f.fileno(), mode)
 
 
-def collect_files(paths, names, limit):
-    """Reads the files to collect, each bounded by ``limit`` and all by COLLECT_BUDGET."""
+def read_beneath(root, path, bound):
+    """At most ``bound + 1`` bytes of the regular file ``path`` below ``root``; None when it
+    is missing, a symlink, behind one, or not a regular file."""
+    try:
+        dfd, name = _open_parent(root, path, False)
+    except OSError:
+        return None
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError:
+        return None
+    finally:
+        os.close(dfd)
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            return None
+        return fh.read(bound + 1)
+
+
+def collect_files(root, paths, names, limit):
+    """Reads the files to collect, each bounded by ``limit`` and all by COLLECT_BUDGET, never
+    through a symlink (a GITHUB_ENV linked outside the environment comes back missing)."""
     budget = COLLECT_BUDGET
     out = []
     for path, name in zip(paths, names):
         bound = min(limit, budget)
         f = pb.CollectedFile(path=name)
-        try:
-            with open(path, "rb") as fh:
-                data = fh.read(bound + 1)
+        data = read_beneath(root, path, bound)
+        if data is None:
+            f.missing = True
+        else:
             if len(data) > bound:
                 data = data[:bound]
                 f.truncated = True
             budget -= len(data)
             f.content = data
-        except OSError:
-            f.missing = True
         out.append(f)
     return out
 
@@ -606,10 +674,153 @@ def child_environment(req):
     return env
 
 
+class Cgroups:
+    """Every process of an environment ends with Remove (§5.12), also one that called setsid
+    or double-forked: one cgroup v2 per environment under ``<own cgroup>/kiln-<hash>`` when
+    the cgroup filesystem is writable. The plugin moves itself into the environment's cgroup
+    around each spawn (under a lock), so the child is born contained; Remove freezes the
+    cgroup, sends SIGTERM to its members, waits the grace, then writes ``cgroup.kill``.
+    Without a writable cgroup v2, Remove also ends every process that works inside or names
+    the environment's directory (evidence, §6.3)."""
+
+    def __init__(self, root):
+        self.lock = threading.Lock()
+        self.base = self.home = None
+        try:
+            mount = None
+            with open("/proc/self/mountinfo") as f:
+                for line in f:
+                    left, _, right = line.partition(" - ")
+                    if right.split()[:1] == ["cgroup2"]:
+                        mount = left.split()[4]
+                        break
+            own = None
+            with open("/proc/self/cgroup") as f:
+                for line in f:
+                    if line.startswith("0::"):
+                        own = line[3:].strip().lstrip("/")
+            if mount is None or own is None:
+                return
+            home = os.path.join(mount, own) if own else mount
+            tag = hashlib.sha256(os.fsencode(root)).hexdigest()[:16]
+            base = os.path.join(home, "kiln-py-" + tag)
+            os.makedirs(base, exist_ok=True)
+            probe = os.path.join(base, "probe-%d" % os.getpid())
+            os.mkdir(probe)
+            os.rmdir(probe)
+            if os.path.isfile(os.path.join(home, "cgroup.procs")):
+                self.base, self.home = base, home
+        except OSError as e:
+            log.info("no writable cgroup v2 (%s): environments are held by /proc evidence", e)
+
+    def spawn_in(self, env_id, env_dir, spawn):
+        if self.base is None:
+            return spawn()
+        cg = os.path.join(self.base, env_id)
+        try:
+            os.makedirs(cg, exist_ok=True)  # also the base, if a tidy-up removed it
+            with open(os.path.join(env_dir, "cgroup"), "w") as f:
+                f.write(cg)
+        except OSError:
+            return spawn()
+        me = str(os.getpid())
+        with self.lock:
+            try:
+                with open(os.path.join(cg, "cgroup.procs"), "w") as f:
+                    f.write(me)
+                entered = True
+            except OSError:
+                entered = False
+            try:
+                return spawn()
+            finally:
+                if entered:
+                    with open(os.path.join(self.home, "cgroup.procs"), "w") as f:
+                        f.write(me)
+
+    @staticmethod
+    def _members(cg):
+        try:
+            with open(os.path.join(cg, "cgroup.procs")) as f:
+                return [int(x) for x in f.read().split()]
+        except OSError:
+            return []
+
+    def end_all(self, env_id, env_dir, grace):
+        cgs = []
+        try:
+            with open(os.path.join(env_dir, "cgroup")) as f:
+                cgs.append(f.read().strip())
+        except OSError:
+            pass
+        if self.base is not None and os.path.join(self.base, env_id) not in cgs:
+            cgs.append(os.path.join(self.base, env_id))
+        for cg in cgs:
+            if not os.path.isfile(os.path.join(cg, "cgroup.procs")):
+                continue
+            freeze = os.path.join(cg, "cgroup.freeze")
+            try:
+                with open(freeze, "w") as f:
+                    f.write("1")
+                frozen = True
+            except OSError:
+                frozen = False
+            for pid in self._members(cg):
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except OSError:
+                    pass
+            if frozen:
+                with open(freeze, "w") as f:
+                    f.write("0")
+            deadline = time.monotonic() + grace
+            while self._members(cg) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            stop = time.monotonic() + 5
+            while self._members(cg) and time.monotonic() < stop:
+                try:
+                    with open(os.path.join(cg, "cgroup.kill"), "w") as f:
+                        f.write("1")
+                except OSError:
+                    for pid in self._members(cg):
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except OSError:
+                            pass
+                time.sleep(0.02)
+            for _ in range(100):
+                try:
+                    os.rmdir(cg)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.02)
+        # Evidence: processes that work inside or name the environment's directory.
+        me = os.getpid()
+        pids = []
+        for name in os.listdir("/proc"):
+            if name.isdigit() and int(name) != me and _references(int(name), env_dir):
+                pids.append(int(name))
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+            if sig == signal.SIGTERM and pids:
+                deadline = time.monotonic() + grace
+                while time.monotonic() < deadline and any(
+                    os.path.exists("/proc/%d/cwd" % p) for p in pids
+                ):
+                    time.sleep(0.02)
+
+
 class ExecPlan:
     """What the streaming part of an exec needs."""
 
-    def __init__(self, req, collect):
+    def __init__(self, req, collect, root):
+        self.root = root
         self.collect = collect
         self.collect_names = list(req.collect)
         self.collect_limit = req.collect_limit_bytes or DEFAULT_COLLECT_LIMIT
@@ -628,7 +839,7 @@ def spawn_failure_events(err, program, cwd, plan):
         code, message = 126, "python-host: %s: permission denied\n" % program
     else:
         raise unavailable("cannot start %s: %s" % (program, err))
-    files = collect_files(plan.collect, plan.collect_names, plan.collect_limit)
+    files = collect_files(plan.root, plan.collect, plan.collect_names, plan.collect_limit)
     duration = int((time.monotonic() - plan.started) * 1000)
     return [
         pb.ExecEvent(started=pb.Started()),
@@ -753,7 +964,7 @@ def _exec_events(handle, plan, events, timer):
         rc = proc.returncode
         exited = pb.Exited(
             timed_out=handle.timed_out,
-            files=collect_files(plan.collect, plan.collect_names, plan.collect_limit),
+            files=collect_files(plan.root, plan.collect, plan.collect_names, plan.collect_limit),
             duration_ms=int(((handle.ended_at or time.monotonic()) - plan.started) * 1000),
         )
         if rc is not None and rc < 0:
@@ -780,6 +991,7 @@ class HostBackend:
         self.root = os.path.realpath(root)
         self.instance_id = uuid.uuid4().hex
         self.kernel_boot = kernel_boot_id()
+        self.cgroups = Cgroups(root)
         self.home = os.environ.get("HOME") or os.path.expanduser("~") or "/"
         self.lock = threading.Lock()
         self.envs = {}
@@ -977,7 +1189,7 @@ class HostBackend:
         staged = [
             (inside(env.dir, f.path, "files[%d].path" % i), f) for i, f in enumerate(req.files)
         ]
-        plan = ExecPlan(req, collect)
+        plan = ExecPlan(req, collect, env.dir)
         child_env = child_environment(req)
 
         with env.lock:
@@ -993,24 +1205,32 @@ class HostBackend:
             env.exec_ids.add(req.exec_id)
             for i, (path, f) in enumerate(staged):
                 try:
-                    stage(path, f.content, f.mode)
+                    stage(env.dir, path, f.content, f.mode)
+                except PermissionError as e:
+                    raise permission_denied(
+                        "staging %s: %s" % (path, e), "files[%d].path" % i
+                    ) from e
                 except OSError as e:
-                    raise io_error("staging %s" % path, e, "files[%d]" % i) from e
+                    raise io_error("staging %s" % path, e, "files[%d].path" % i) from e
             kwargs = {}
             if sys.version_info >= (3, 11):
                 kwargs["process_group"] = 0
             else:  # pragma: no cover
                 kwargs["preexec_fn"] = os.setpgrp
             try:
-                proc = subprocess.Popen(
-                    list(req.argv),
-                    env=child_env,
-                    cwd=cwd,
-                    stdin=subprocess.PIPE if req.stdin else subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    close_fds=True,
-                    **kwargs,
+                proc = self.cgroups.spawn_in(
+                    env.id,
+                    env.dir,
+                    lambda: subprocess.Popen(
+                        list(req.argv),
+                        env=child_env,
+                        cwd=cwd,
+                        stdin=subprocess.PIPE if req.stdin else subprocess.DEVNULL,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        close_fds=True,
+                        **kwargs,
+                    ),
                 )
             except OSError as e:
                 env.log_group(0, 0, self.kernel_boot, req.exec_id)
@@ -1183,6 +1403,7 @@ class HostBackend:
             env.removed = True
             groups = list(env.groups)
         self._kill_groups(env, groups, grace)
+        self.cgroups.end_all(env.id, env.dir, grace)
         self._delete_tree(directory)
         with self.lock:
             if self.envs.get(env_id) is env:
@@ -1577,6 +1798,11 @@ def main(argv=None):
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     server.stop(grace=2).wait()
+    if backend.cgroups.base is not None:
+        try:
+            os.rmdir(backend.cgroups.base)  # empty unless environments remain
+        except OSError:
+            pass
     if socket_path:
         try:
             os.unlink(socket_path)

@@ -118,6 +118,13 @@ struct InstanceState {
 
 /// Opens a channel to `endpoint`, waiting at most `timeout` for the connection.
 pub async fn connect(endpoint: &Endpoint, name: &str, timeout: Duration) -> Result<GrpcBackend> {
+    Ok(GrpcBackend::new(channel(endpoint, name, timeout).await?, name))
+}
+
+/// Opens a raw gRPC channel to `endpoint` (unix socket, mutual TLS or plaintext), waiting at
+/// most `timeout`: for clients that speak to the wire directly (the conformance suite's
+/// metadata and error-encoding checks, grpc.health).
+pub async fn channel(endpoint: &Endpoint, name: &str, timeout: Duration) -> Result<Channel> {
     let unavailable = |e: &dyn std::fmt::Display| {
         Error::unavailable(format!("connecting to plugin {name:?} at {endpoint}: {e}"))
     };
@@ -162,7 +169,7 @@ pub async fn connect(endpoint: &Endpoint, name: &str, timeout: Duration) -> Resu
             .await
             .map_err(|e| unavailable(&e))?,
     };
-    Ok(GrpcBackend::new(channel, name))
+    Ok(channel)
 }
 
 impl GrpcBackend {

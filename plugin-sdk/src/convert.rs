@@ -68,7 +68,7 @@ pub(crate) struct RpcStatus {
 }
 
 /// The ErrorDetail of a status, if its details carry one.
-fn error_detail(status: &tonic::Status) -> Option<pb::ErrorDetail> {
+pub(crate) fn error_detail(status: &tonic::Status) -> Option<pb::ErrorDetail> {
     if status.details().is_empty() {
         return None;
     }

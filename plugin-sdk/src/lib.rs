@@ -13,6 +13,7 @@ mod convert;
 
 pub mod archive;
 pub mod backend;
+pub mod beneath;
 pub mod child;
 pub mod client;
 #[cfg(feature = "conformance")]

@@ -54,16 +54,54 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+/// Deliberate violations of the protocol by the server side, for the test plugin's mutants
+/// (`kiln plugin test --violate …`): the conformance suite must catch each. A real plugin
+/// never sets them; [`Violations::default`] is the conformant server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Violations {
+    /// Send no `kiln-instance-id` response header (§2.3).
+    pub omit_instance_id: bool,
+    /// Accept any `kiln-protocol-version` request header (§2.3).
+    pub ignore_version_header: bool,
+    /// Errors without the `google.rpc.Status`/`ErrorDetail` trailer (§7.2).
+    pub no_error_detail: bool,
+    /// Do not serve `grpc.health.v1.Health` (§1.5).
+    pub no_health: bool,
+    /// Accept messages only up to this size while announcing 16 MiB (§1.6).
+    pub max_receive_bytes: Option<usize>,
+    /// Create the unix socket with this mode instead of 0600 (§1.4).
+    pub socket_mode: Option<u32>,
+    /// Keep running on SIGTERM and SIGINT (§1.3).
+    pub ignore_sigterm: bool,
+}
+
 /// The adapter from the generated gRPC service to a [`Backend`].
 struct Adapter<B> {
     backend: Arc<B>,
     instance_id: String,
     /// The protocol version the backend speaks, learnt once at start.
     version: u32,
+    violations: Violations,
+}
+
+/// An error as a status: with its `ErrorDetail`, unless a mutant drops it.
+fn to_status(e: Error, violations: Violations) -> Status {
+    if violations.no_error_detail {
+        let s = Status::from(e);
+        return Status::new(s.code(), s.message());
+    }
+    Status::from(e)
 }
 
 impl<B> Adapter<B> {
+    fn status(&self, e: Error) -> Status {
+        to_status(e, self.violations)
+    }
+
     fn check<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        if self.violations.ignore_version_header {
+            return Ok(());
+        }
         let Some(v) = request.metadata().get(PROTOCOL_VERSION_HEADER) else {
             return Ok(());
         };
@@ -71,15 +109,20 @@ impl<B> Adapter<B> {
         if v.split(',').any(|v| v.trim() == self.version.to_string()) {
             return Ok(());
         }
-        Err(Error::failed_precondition(format!(
-            "protocol version mismatch: the client speaks {v}, this plugin speaks {}",
-            self.version
+        Err(self.status(
+            Error::failed_precondition(format!(
+                "protocol version mismatch: the client speaks {v}, this plugin speaks {}",
+                self.version
+            ))
+            .fault(crate::Fault::Config),
         ))
-        .into())
     }
 
     fn respond<T>(&self, message: T) -> Response<T> {
         let mut response = Response::new(message);
+        if self.violations.omit_instance_id {
+            return response;
+        }
         if let Ok(v) = self.instance_id.parse() {
             response.metadata_mut().insert(INSTANCE_ID_HEADER, v);
         }
@@ -95,7 +138,11 @@ impl<B> Adapter<B> {
         B: Backend,
     {
         self.check(&request)?;
-        let c = self.backend.create_container(kind, request.into_inner().into()).await?;
+        let c = self
+            .backend
+            .create_container(kind, request.into_inner().into())
+            .await
+            .map_err(|e| self.status(e))?;
         Ok(self.respond(c.into()))
     }
 }
@@ -110,13 +157,16 @@ impl<B: Backend> pb::backend_server::Backend for Adapter<B> {
     ) -> Result<Response<pb::CapabilitiesResponse>, Status> {
         let request: backend::CapabilitiesRequest = request.into_inner().into();
         let offered = request.protocol_versions.clone();
-        let mut caps = self.backend.capabilities(request).await?;
+        let mut caps = self.backend.capabilities(request).await.map_err(|e| self.status(e))?;
         if !offered.is_empty() && !offered.contains(&caps.protocol_version) {
-            return Err(Error::failed_precondition(format!(
-                "protocol version mismatch: the client speaks {offered:?}, plugin {:?} speaks {}",
-                caps.plugin_name, caps.protocol_version
-            ))
-            .into());
+            return Err(self.status(
+                Error::failed_precondition(format!(
+                    "protocol version mismatch: the client speaks {offered:?}, plugin {:?} \
+                     speaks {}",
+                    caps.plugin_name, caps.protocol_version
+                ))
+                .fault(crate::Fault::Config),
+            ));
         }
         caps.instance_id = self.instance_id.clone();
         if caps.max_message_bytes == 0 {
@@ -130,7 +180,11 @@ impl<B: Backend> pb::backend_server::Backend for Adapter<B> {
         request: Request<pb::CreateEnvironmentRequest>,
     ) -> Result<Response<pb::Environment>, Status> {
         self.check(&request)?;
-        let env = self.backend.create_environment(request.into_inner().into()).await?;
+        let env = self
+            .backend
+            .create_environment(request.into_inner().into())
+            .await
+            .map_err(|e| self.status(e))?;
         Ok(self.respond(env.into()))
     }
 
@@ -160,7 +214,11 @@ impl<B: Backend> pb::backend_server::Backend for Adapter<B> {
         request: Request<pb::ContainerRef>,
     ) -> Result<Response<pb::Container>, Status> {
         self.check(&request)?;
-        let c = self.backend.start_container(request.into_inner().into()).await?;
+        let c = self
+            .backend
+            .start_container(request.into_inner().into())
+            .await
+            .map_err(|e| self.status(e))?;
         Ok(self.respond(c.into()))
     }
 
@@ -169,7 +227,8 @@ impl<B: Backend> pb::backend_server::Backend for Adapter<B> {
         request: Request<pb::ContainerRef>,
     ) -> Result<Response<pb::ContainerStatus>, Status> {
         self.check(&request)?;
-        let s = self.backend.inspect(request.into_inner().into()).await?;
+        let s =
+            self.backend.inspect(request.into_inner().into()).await.map_err(|e| self.status(e))?;
         Ok(self.respond(s.into()))
     }
 
@@ -180,8 +239,10 @@ impl<B: Backend> pb::backend_server::Backend for Adapter<B> {
         request: Request<pb::ExecRequest>,
     ) -> Result<Response<Self::ExecStream>, Status> {
         self.check(&request)?;
-        let stream = self.backend.exec(request.into_inner().into()).await?;
-        let stream = stream.map(|e| e.map(Into::into).map_err(Status::from));
+        let stream =
+            self.backend.exec(request.into_inner().into()).await.map_err(|e| self.status(e))?;
+        let v = self.violations;
+        let stream = stream.map(move |e| e.map(Into::into).map_err(|e| to_status(e, v)));
         Ok(self.respond(Box::pin(stream) as Self::ExecStream))
     }
 
@@ -190,7 +251,11 @@ impl<B: Backend> pb::backend_server::Backend for Adapter<B> {
         request: Request<pb::SignalExecRequest>,
     ) -> Result<Response<pb::SignalExecResponse>, Status> {
         self.check(&request)?;
-        let delivered = self.backend.signal_exec(request.into_inner().into()).await?;
+        let delivered = self
+            .backend
+            .signal_exec(request.into_inner().into())
+            .await
+            .map_err(|e| self.status(e))?;
         Ok(self.respond(pb::SignalExecResponse { delivered }))
     }
 
@@ -200,19 +265,20 @@ impl<B: Backend> pb::backend_server::Backend for Adapter<B> {
     ) -> Result<Response<pb::WriteStdinResponse>, Status> {
         self.check(&request)?;
         let mut stream = request.into_inner();
-        let first = stream
-            .message()
-            .await?
-            .ok_or_else(|| Error::invalid_argument("empty stdin stream").field("exec_id"))?;
+        let first = stream.message().await?.ok_or_else(|| {
+            self.status(Error::invalid_argument("empty stdin stream").field("exec_id"))
+        })?;
         if first.exec_id.is_empty() {
-            return Err(Error::invalid_argument("the first stdin chunk must name the exec")
-                .field("exec_id")
-                .into());
+            return Err(self.status(
+                Error::invalid_argument("the first stdin chunk must name the exec")
+                    .field("exec_id"),
+            ));
         }
         let head = futures::stream::iter([Ok(bytes::Bytes::from(first.data))]);
         let rest = stream.map(|c| c.map(|c| bytes::Bytes::from(c.data)).map_err(Error::from));
         let data = Box::pin(head.chain(rest));
-        let bytes = self.backend.write_stdin(first.exec_id, data).await?;
+        let bytes =
+            self.backend.write_stdin(first.exec_id, data).await.map_err(|e| self.status(e))?;
         Ok(self.respond(pb::WriteStdinResponse { bytes }))
     }
 
@@ -225,9 +291,10 @@ impl<B: Backend> pb::backend_server::Backend for Adapter<B> {
         let header = match stream.message().await? {
             Some(pb::CopyInChunk { chunk: Some(pb::copy_in_chunk::Chunk::Header(h)) }) => h,
             _ => {
-                return Err(Error::invalid_argument("the first CopyIn frame must be the header")
-                    .field("header")
-                    .into());
+                return Err(self.status(
+                    Error::invalid_argument("the first CopyIn frame must be the header")
+                        .field("header"),
+                ));
             }
         };
         let data = stream.map(|c| match c {
@@ -239,7 +306,11 @@ impl<B: Backend> pb::backend_server::Backend for Adapter<B> {
             }
             Err(e) => Err(Error::from(e)),
         });
-        let stats = self.backend.copy_in(header.into(), Box::pin(data)).await?;
+        let stats = self
+            .backend
+            .copy_in(header.into(), Box::pin(data))
+            .await
+            .map_err(|e| self.status(e))?;
         Ok(self.respond(pb::CopyInResponse { entries: stats.entries, bytes: stats.bytes }))
     }
 
@@ -250,9 +321,12 @@ impl<B: Backend> pb::backend_server::Backend for Adapter<B> {
         request: Request<pb::CopyOutRequest>,
     ) -> Result<Response<Self::CopyOutStream>, Status> {
         self.check(&request)?;
-        let stream = self.backend.copy_out(request.into_inner().into()).await?;
-        let stream = stream
-            .map(|c| c.map(|data| pb::CopyOutChunk { data: data.into() }).map_err(Status::from));
+        let stream =
+            self.backend.copy_out(request.into_inner().into()).await.map_err(|e| self.status(e))?;
+        let v = self.violations;
+        let stream = stream.map(move |c| {
+            c.map(|data| pb::CopyOutChunk { data: data.into() }).map_err(|e| to_status(e, v))
+        });
         Ok(self.respond(Box::pin(stream) as Self::CopyOutStream))
     }
 
@@ -261,7 +335,8 @@ impl<B: Backend> pb::backend_server::Backend for Adapter<B> {
         request: Request<pb::RemoveRequest>,
     ) -> Result<Response<pb::RemoveResponse>, Status> {
         self.check(&request)?;
-        let existed = self.backend.remove(request.into_inner().into()).await?;
+        let existed =
+            self.backend.remove(request.into_inner().into()).await.map_err(|e| self.status(e))?;
         Ok(self.respond(pb::RemoveResponse { existed }))
     }
 
@@ -270,7 +345,11 @@ impl<B: Backend> pb::backend_server::Backend for Adapter<B> {
         request: Request<pb::ListEnvironmentsRequest>,
     ) -> Result<Response<pb::ListEnvironmentsResponse>, Status> {
         self.check(&request)?;
-        let envs = self.backend.list_environments(request.into_inner().into()).await?;
+        let envs = self
+            .backend
+            .list_environments(request.into_inner().into())
+            .await
+            .map_err(|e| self.status(e))?;
         Ok(self.respond(pb::ListEnvironmentsResponse {
             environments: envs.into_iter().map(Into::into).collect(),
         }))
@@ -288,27 +367,39 @@ pub async fn serve(
     listen: Listen,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    serve_with(backend, listen, shutdown, Violations::default()).await
+}
+
+/// [`serve`] with deliberate protocol violations (the test plugin's mutants).
+pub async fn serve_with(
+    backend: impl Backend,
+    listen: Listen,
+    shutdown: CancellationToken,
+    violations: Violations,
+) -> anyhow::Result<()> {
     let version = backend
         .capabilities(backend::CapabilitiesRequest::default())
         .await
         .map(|c| c.protocol_version)
         .unwrap_or(PROTOCOL_VERSION);
-    let adapter = Adapter { backend: Arc::new(backend), instance_id: new_instance_id(), version };
+    let adapter =
+        Adapter { backend: Arc::new(backend), instance_id: new_instance_id(), version, violations };
     let service = BackendServer::new(adapter)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_decoding_message_size(violations.max_receive_bytes.unwrap_or(MAX_MESSAGE_BYTES))
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_service_status(SERVICE_NAME, tonic_health::ServingStatus::Serving).await;
     health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    let health_service = (!violations.no_health).then_some(health_service);
 
     let mut builder = tonic::transport::Server::builder();
     match listen {
         Listen::Unix(path) => {
-            let listener = bind_unix(&path)?;
+            let listener = bind_unix_mode(&path, violations.socket_mode.unwrap_or(0o600))?;
             tracing::info!(socket = %path.display(), "serving on unix socket");
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
             let result = builder
-                .add_service(health_service)
+                .add_optional_service(health_service)
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
                 .await;
@@ -320,7 +411,7 @@ pub async fn serve(
             builder = builder.tls_config(config)?;
             tracing::info!(%addr, "serving on tcp with mutual tls");
             builder
-                .add_service(health_service)
+                .add_optional_service(health_service)
                 .add_service(service)
                 .serve_with_shutdown(addr, shutdown.cancelled_owned())
                 .await?;
@@ -328,7 +419,7 @@ pub async fn serve(
         Listen::InsecureTcp(addr) => {
             tracing::warn!(%addr, "serving plaintext tcp without authentication (--insecure)");
             builder
-                .add_service(health_service)
+                .add_optional_service(health_service)
                 .add_service(service)
                 .serve_with_shutdown(addr, shutdown.cancelled_owned())
                 .await?;
@@ -339,6 +430,11 @@ pub async fn serve(
 
 /// Binds a unix socket readable and writable by the owner only, replacing a stale socket file.
 pub fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    bind_unix_mode(path, 0o600)
+}
+
+/// [`bind_unix`] with another mode (0660 for a plugin serving the runners of one group).
+pub fn bind_unix_mode(path: &Path, mode: u32) -> anyhow::Result<tokio::net::UnixListener> {
     use anyhow::Context;
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)
@@ -350,7 +446,7 @@ pub fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     }
     let listener = tokio::net::UnixListener::bind(path)
         .with_context(|| format!("binding unix socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))
         .with_context(|| format!("restricting permissions of {}", path.display()))?;
     Ok(listener)
 }
@@ -358,9 +454,28 @@ pub fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
 /// A token cancelled on SIGTERM or SIGINT, and, when `watch_stdin` is set, when stdin reaches
 /// EOF (the managed shape: the runner holds the pipe, so the plugin never outlives it).
 pub fn shutdown_token(watch_stdin: bool) -> CancellationToken {
+    shutdown_token_with(watch_stdin, false)
+}
+
+fn shutdown_token_with(watch_stdin: bool, ignore_signals: bool) -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
+        if ignore_signals {
+            // A mutant: SIGTERM and SIGINT are caught and ignored.
+            let Ok(mut term) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            else {
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = term.recv() => tracing::warn!("ignoring SIGTERM (--violate ignore-sigterm)"),
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = t.cancelled() => return,
+                }
+            }
+        }
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
                 Ok(s) => s,
@@ -375,20 +490,28 @@ pub fn shutdown_token(watch_stdin: bool) -> CancellationToken {
         t.cancel();
     });
     if watch_stdin {
+        // A plain thread, not tokio's stdin (a blocking-pool task): a runtime being dropped
+        // waits for its blocking tasks, and a read of a pipe the runner still holds never
+        // returns, so a plugin told to stop by SIGTERM would hang on its way out.
         let t = token.clone();
-        tokio::spawn(async move {
-            use tokio::io::AsyncReadExt;
-            let mut stdin = tokio::io::stdin();
+        let spawned = std::thread::Builder::new().name("stdin-eof".to_owned()).spawn(move || {
+            use std::io::Read;
+            let mut stdin = std::io::stdin();
             let mut buf = [0u8; 64];
             loop {
-                match stdin.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
+                match stdin.read(&mut buf) {
+                    Ok(0) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
                     Ok(_) => {}
                 }
             }
             tracing::info!("stdin closed: the runner is gone, shutting down");
             t.cancel();
         });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot watch stdin");
+        }
     }
     token
 }
@@ -444,9 +567,18 @@ impl ServeArgs {
 
 /// Serves `backend` with the standard flags until a signal (or stdin EOF when asked).
 pub async fn run(backend: impl Backend, args: &ServeArgs) -> anyhow::Result<()> {
+    run_with(backend, args, Violations::default()).await
+}
+
+/// [`run`] with deliberate protocol violations (the test plugin's mutants).
+pub async fn run_with(
+    backend: impl Backend,
+    args: &ServeArgs,
+    violations: Violations,
+) -> anyhow::Result<()> {
     let listen = args.listen()?;
-    let token = shutdown_token(args.exit_on_stdin_eof);
-    serve(backend, listen, token).await
+    let token = shutdown_token_with(args.exit_on_stdin_eof, violations.ignore_sigterm);
+    serve_with(backend, listen, token, violations).await
 }
 
 /// Initializes logging for a plugin binary: to stderr, `RUST_LOG` or `info`.

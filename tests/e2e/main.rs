@@ -10,6 +10,7 @@ mod exec;
 mod fake_forgejo;
 mod lifecycle;
 mod lxc;
+mod node_plugin;
 mod python_plugin;
 mod support;
 mod tls;

@@ -75,7 +75,7 @@ struct Args {
     /// With --command: seconds to wait for the plugin to answer Capabilities.
     #[arg(long, default_value_t = 10)]
     ready_timeout: u64,
-    /// List the cases and exit.
+    /// List the cases (with the spec sections each checks) and exit.
     #[arg(long)]
     list: bool,
 }
@@ -98,8 +98,10 @@ fn emit(text: &str) -> anyhow::Result<()> {
 async fn run(args: Args) -> anyhow::Result<bool> {
     if args.list {
         let mut text = String::new();
+        let rules: std::collections::HashMap<_, _> = super::case_rules().into_iter().collect();
         for (tier, name) in super::case_names() {
-            text.push_str(&format!("{tier:<10} {name}\n"));
+            let rule = rules.get(name).copied().unwrap_or_default();
+            text.push_str(&format!("{tier:<10} {name:<46} {rule}\n"));
         }
         emit(&text)?;
         return Ok(true);
@@ -128,6 +130,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                 _ => None,
             };
             let endpoint = Endpoint::parse(endpoint, tls, args.insecure)?;
+            config.endpoint = Some(endpoint.clone());
             Arc::new(connect(&endpoint, "plugin", Duration::from_secs(10)).await?)
         }
         (None, Some(command)) => {
@@ -138,6 +141,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                 Duration::from_secs(args.ready_timeout),
             )
             .await?;
+            config.endpoint = Some(plugin.endpoint());
             managed = Some(plugin);
             backend
         }

@@ -100,3 +100,100 @@ pub(crate) async fn stdin_eof_exit(ctx: &Ctx<'_>) -> Check {
     handshake(ctx).await?;
     Ok(())
 }
+
+/// Kills the plugin and starts it again; the case goes on with the new instance.
+async fn kill_and_restart(ctx: &Ctx<'_>) -> Check {
+    let control = ctx.control()?;
+    within("killing the plugin", Duration::from_secs(20), control.kill())
+        .await?
+        .or_fail("killing the plugin")?;
+    let restarted = within("restarting the plugin", Duration::from_secs(60), control.restart())
+        .await?
+        .or_fail("restarting the plugin")?;
+    ctx.set_backend(restarted);
+    Ok(())
+}
+
+/// An exec id used before the plugin was killed is still ALREADY_EXISTS after its restart,
+/// and nothing runs (§4.6: remembered as long as the environment exists, across restarts).
+pub(crate) async fn exec_ids_survive_restart(ctx: &Ctx<'_>) -> Check {
+    ctx.control()?;
+    let env = ctx.env().await?;
+    let marker = join(&env.paths.workspace, &format!("reuse-{}", nonce(6)));
+    let req = ctx.sh_request(&env, &format!("printf x >> {}", sq(&marker)));
+    let w = ctx.run(req.clone()).await?;
+    let x = w.exited()?;
+    ensure!(x.status == ExitStatus::Code(0), "the first exec ended with {}", x.status);
+    kill_and_restart(ctx).await?;
+    let r = ctx.exec_error(req.clone()).await?;
+    expect_code(
+        format!("exec {} again after the plugin restarted", req.exec_id),
+        r,
+        &[Code::AlreadyExists],
+    )?;
+    let content = ctx.sh_ok(&env, &format!("cat {}", sq(&marker))).await?;
+    ensure!(
+        content == "x",
+        "the marker written by the exec holds {content:?} after its id was replayed across a \
+         restart, expected \"x\": the exec ran twice"
+    );
+    Ok(())
+}
+
+/// Processes started through a previous instance of the plugin (also a `setsid` one) end
+/// with `Remove` after a restart (§5.12, §6.3).
+pub(crate) async fn remove_after_restart(ctx: &Ctx<'_>) -> Check {
+    ctx.control()?;
+    let env = ctx.env().await?;
+    let marker = format!("kiln-escapee-{}", nonce(10));
+    let out = ctx.sh_ok(&env, &escapees(&marker)).await?;
+    let expected = if out.contains("setsid") { 3 } else { 2 };
+    let mut seen = 0;
+    for _ in 0..20 {
+        seen = ctx.count_marked(&env, &marker).await?;
+        if seen >= expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    if seen == 0 {
+        return Err(Stop::Skip(
+            "processes cannot be observed from inside the environment (no /proc)".to_owned(),
+        ));
+    }
+    kill_and_restart(ctx).await?;
+    let existed =
+        ctx.remove(&env.id).await?.or_fail(format!("remove {} after the restart", env.id))?;
+    ensure!(existed, "removing {} after the restart returned existed=false", env.id);
+    ctx.untrack(&env.id);
+    let probe = ctx.env().await?;
+    let left = ctx.wait_unmarked(&probe, &marker, Duration::from_secs(5)).await?;
+    ensure!(
+        left == 0,
+        "{left} of the {seen} processes started by an exec of {} before the plugin was killed \
+         and restarted still run 5 s after Remove returned: Remove must end the processes a \
+         previous instance started too",
+        env.id
+    );
+    Ok(())
+}
+
+/// A plugin exits on SIGTERM (§1.3); it is started again afterwards.
+pub(crate) async fn sigterm_exit(ctx: &Ctx<'_>) -> Check {
+    let control = ctx.control()?;
+    let limit = Duration::from_secs(5);
+    let exited = match within("sending SIGTERM", limit * 2, control.terminate(limit)).await? {
+        Ok(exited) => exited,
+        Err(e) if e.code == Code::Unimplemented => {
+            return Err(Stop::Skip(format!("the plugin control cannot signal the plugin: {e}")));
+        }
+        Err(e) => fail!("sending SIGTERM to the plugin: {e}"),
+    };
+    let restarted = within("restarting the plugin", Duration::from_secs(60), control.restart())
+        .await?
+        .or_fail("restarting the plugin")?;
+    ctx.set_backend(restarted);
+    ensure!(exited, "the plugin still runs {limit:?} after SIGTERM; it must shut down");
+    handshake(ctx).await?;
+    Ok(())
+}

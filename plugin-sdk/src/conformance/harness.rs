@@ -14,6 +14,7 @@ use crate::backend::*;
 use crate::error::{Code, Error, Result};
 use crate::ids::make_id;
 
+use super::record::{Journal, Recorder};
 use super::{PluginControl, SuiteConfig};
 
 /// Bound on one ordinary call.
@@ -136,7 +137,12 @@ pub(crate) fn expect_code<T>(
 
 /// The per-case context.
 pub(crate) struct Ctx<'s> {
+    /// The plugin, behind the case's [`Recorder`].
     backend: Mutex<Arc<dyn Backend>>,
+    /// The plugin as given (for the next case).
+    inner: Mutex<Arc<dyn Backend>>,
+    /// The case's last calls, shown with a failure.
+    pub(crate) journal: Journal,
     pub(crate) caps: Capabilities,
     pub(crate) config: &'s SuiteConfig,
     control: Option<&'s dyn PluginControl>,
@@ -155,8 +161,13 @@ impl<'s> Ctx<'s> {
         nonce: &str,
         short: &'static str,
     ) -> Ctx<'s> {
+        let journal = Journal::default();
+        let recorded: Arc<dyn Backend> =
+            Arc::new(Recorder { inner: backend.clone(), journal: journal.clone() });
         Ctx {
-            backend: Mutex::new(backend),
+            backend: Mutex::new(recorded),
+            inner: Mutex::new(backend),
+            journal,
             caps,
             config,
             control,
@@ -174,11 +185,25 @@ impl<'s> Ctx<'s> {
         }
     }
 
+    /// The plugin as given, without the recorder (for the next case).
+    pub(crate) fn inner_backend(&self) -> Arc<dyn Backend> {
+        match self.inner.lock() {
+            Ok(b) => b.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
     /// Replaces the plugin client (after a restart).
     pub(crate) fn set_backend(&self, backend: Arc<dyn Backend>) {
-        match self.backend.lock() {
+        let recorded: Arc<dyn Backend> =
+            Arc::new(Recorder { inner: backend.clone(), journal: self.journal.clone() });
+        match self.inner.lock() {
             Ok(mut b) => *b = backend,
             Err(p) => *p.into_inner() = backend,
+        }
+        match self.backend.lock() {
+            Ok(mut b) => *b = recorded,
+            Err(p) => *p.into_inner() = recorded,
         }
     }
 
@@ -429,6 +454,61 @@ impl<'s> Ctx<'s> {
             ),
             (Some(e), None) => Ok(Err(e)),
             (None, None) => Ok(Ok(())),
+        }
+    }
+}
+
+/// A script that starts processes meant to outlive their exec, each a bounded `sh` loop
+/// (two minutes, so a plugin that fails to end them does not leak them for long) whose `$0`
+/// is `marker`: a plain background one, a double-forked one, and, where `setsid` exists, one
+/// in a session of its own with an empty environment, working in `/` (nothing ties it to
+/// the environment but how it was started). Prints `setsid` when it started the third.
+pub(crate) fn escapees(marker: &str) -> String {
+    let m = sq(marker);
+    let body = "i=0; while [ $i -lt 120 ]; do sleep 1; i=$((i+1)); done";
+    format!(
+        "sh -c '{body}' {m} >/dev/null 2>&1 </dev/null &\n\
+         ( sh -c '{body}' {m} >/dev/null 2>&1 </dev/null & )\n\
+         if command -v setsid >/dev/null 2>&1; then \
+           ( cd / && setsid env -i sh -c '{body}' {m} >/dev/null 2>&1 </dev/null & ); \
+           echo setsid; fi\n\
+         echo started"
+    )
+}
+
+impl Ctx<'_> {
+    /// How many processes visible from `env` carry `marker` in their command line (through
+    /// `/proc`; 0 where there is none).
+    pub(crate) async fn count_marked(&self, env: &Environment, marker: &str) -> Check<usize> {
+        // The pattern is split by quotes, so that this script's own command line never
+        // matches it.
+        let (a, b) = marker.split_at(marker.len() / 2);
+        let script = format!(
+            "n=0; for d in /proc/[0-9]*; do \
+               case \"$(tr '\\0' ' ' < $d/cmdline 2>/dev/null)\" in *'{a}''{b}'*) n=$((n+1));; esac; \
+             done; echo $n"
+        );
+        let out = self.sh_ok(env, &script).await?;
+        out.trim()
+            .parse()
+            .map_err(|_| Stop::Fail(format!("counting processes printed {out:?}, not a number")))
+    }
+
+    /// Polls until no process carrying `marker` is visible from `env`; returns how many
+    /// were still there after `limit`.
+    pub(crate) async fn wait_unmarked(
+        &self,
+        env: &Environment,
+        marker: &str,
+        limit: Duration,
+    ) -> Check<usize> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let n = self.count_marked(env, marker).await?;
+            if n == 0 || Instant::now() >= deadline {
+                return Ok(n);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 }

@@ -53,8 +53,10 @@ mod faults;
 mod harness;
 mod process;
 mod protocol;
+mod record;
 mod report;
 mod semantics;
+mod wire;
 
 pub use crate::words::split_command;
 pub use cli::main;
@@ -124,6 +126,10 @@ pub struct SuiteConfig {
     pub container_image: Option<String>,
     /// Bound on one case, cleanup excluded.
     pub case_timeout: Duration,
+    /// Where the plugin listens, for the cases that speak to the wire directly (metadata,
+    /// the error trailer, grpc.health, message size, socket mode); without it they are
+    /// skipped.
+    pub endpoint: Option<crate::client::Endpoint>,
 }
 
 impl SuiteConfig {
@@ -137,6 +143,7 @@ impl SuiteConfig {
             label: "conformance".to_owned(),
             container_image: None,
             case_timeout: Duration::from_secs(300),
+            endpoint: None,
         }
     }
 }
@@ -164,6 +171,13 @@ pub trait PluginControl: Send + Sync {
         let _ = within;
         Err(Error::unimplemented("this plugin control cannot close the plugin's stdin"))
     }
+
+    /// Sends SIGTERM to the plugin and reports whether it exited within `within` (§1.3).
+    /// Optional.
+    async fn terminate(&self, within: Duration) -> Result<bool> {
+        let _ = within;
+        Err(Error::unimplemented("this plugin control cannot signal the plugin"))
+    }
 }
 
 /// The name of the case that checks nothing is left behind; it always runs last.
@@ -175,60 +189,153 @@ type CaseFuture<'a> = Pin<Box<dyn Future<Output = Result<(), Stop>> + 'a>>;
 struct Case {
     tier: Tier,
     name: &'static str,
+    /// The sections of `proto/backend/v1/README.md` whose MUSTs the case checks, e.g. `§2.3`.
+    rule: &'static str,
     run: for<'a> fn(&'a Ctx<'a>) -> CaseFuture<'a>,
 }
 
 macro_rules! case {
-    ($tier:ident, $name:literal, $f:path) => {
-        Case { tier: Tier::$tier, name: $name, run: |ctx| Box::pin($f(ctx)) }
+    ($tier:ident, $name:literal, $rule:literal, $f:path) => {
+        Case { tier: Tier::$tier, name: $name, rule: $rule, run: |ctx| Box::pin($f(ctx)) }
     };
 }
 
 /// Every case, in the order they run.
 fn cases() -> Vec<Case> {
     vec![
-        case!(Protocol, "protocol/capabilities/negotiate", protocol::negotiate),
-        case!(Protocol, "protocol/capabilities/version-mismatch", protocol::version_mismatch),
-        case!(Protocol, "protocol/environment/create", protocol::create_environment),
-        case!(Protocol, "protocol/environment/replay", protocol::replay),
-        case!(Protocol, "protocol/environment/invalid-ids", protocol::invalid_ids),
-        case!(Protocol, "protocol/errors/not-found", protocol::not_found),
-        case!(Protocol, "protocol/remove/idempotent", protocol::remove_idempotent),
-        case!(Protocol, "protocol/exec/id-reuse", protocol::exec_id_reuse),
-        case!(Protocol, "protocol/list/owner-labels", protocol::list_owner_labels),
-        case!(Protocol, "protocol/list/selectors", protocol::list_selectors),
-        case!(Protocol, "protocol/containers/unimplemented", protocol::unimplemented_layers),
-        case!(Protocol, "protocol/stdin/undeclared", protocol::stdin_undeclared),
-        case!(Semantics, "semantics/inspect/primary-running", semantics::inspect_primary),
-        case!(Semantics, "semantics/exec/output-and-exit-codes", semantics::output_and_codes),
-        case!(Semantics, "semantics/exec/killed-by-signal", semantics::killed_by_signal),
-        case!(Semantics, "semantics/exec/large-output", semantics::large_output),
-        case!(Semantics, "semantics/exec/streaming", semantics::streaming),
-        case!(Semantics, "semantics/exec/env-exact", semantics::env_exact),
-        case!(Semantics, "semantics/exec/path-prepend", semantics::path_prepend),
-        case!(Semantics, "semantics/exec/working-dir", semantics::working_dir),
-        case!(Semantics, "semantics/exec/staged-and-collected-files", semantics::staged_files),
-        case!(Semantics, "semantics/exec/timeout", semantics::timeout),
-        case!(Semantics, "semantics/exec/finished-with-background", semantics::finished_background),
-        case!(Semantics, "semantics/exec/stdin", semantics::stdin),
-        case!(Semantics, "semantics/signal/term-process-group", semantics::signal_term),
-        case!(Semantics, "semantics/signal/kill-escalation", semantics::signal_escalation),
-        case!(Semantics, "semantics/cancel/disconnect", semantics::cancel_disconnect),
-        case!(Semantics, "semantics/copy/round-trip", semantics::copy_round_trip),
-        case!(Semantics, "semantics/copy/traversal", semantics::copy_traversal),
-        case!(Semantics, "semantics/copy/local-path", semantics::copy_local_path),
-        case!(Semantics, "semantics/containers/job", semantics::job_container),
-        case!(Semantics, "semantics/containers/service", semantics::service_container),
-        case!(Semantics, "semantics/containers/step", semantics::step_container),
-        case!(Faults, "faults/plugin/killed-mid-exec", faults::killed_mid_exec),
-        case!(Faults, "faults/plugin/stdin-eof-exit", faults::stdin_eof_exit),
-        case!(Protocol, "protocol/cleanup/nothing-left-behind", protocol::nothing_left_behind),
+        case!(Protocol, "protocol/capabilities/negotiate", "§2.2 §3.1 §5.1", protocol::negotiate),
+        case!(
+            Protocol,
+            "protocol/capabilities/version-mismatch",
+            "§2.2",
+            protocol::version_mismatch
+        ),
+        case!(Protocol, "protocol/metadata/instance-id", "§2.3", wire::instance_id_header),
+        case!(Protocol, "protocol/metadata/version-refused", "§2.3", wire::version_refused),
+        case!(Protocol, "protocol/errors/error-detail", "§7.2 §4.1 §4.4 §3.3", wire::error_detail),
+        case!(Protocol, "protocol/health/serving", "§1.5", wire::health),
+        case!(Protocol, "protocol/limits/message-size", "§1.6", wire::message_size),
+        case!(Protocol, "protocol/transport/socket-mode", "§1.4", wire::socket_mode),
+        case!(Protocol, "protocol/environment/create", "§5.2", protocol::create_environment),
+        case!(Protocol, "protocol/environment/replay", "§4.4", protocol::replay),
+        case!(Protocol, "protocol/environment/invalid-ids", "§4.1", protocol::invalid_ids),
+        case!(
+            Protocol,
+            "protocol/errors/not-found",
+            "§5.5 §5.6 §5.9 §5.10 §5.7",
+            protocol::not_found
+        ),
+        case!(Protocol, "protocol/remove/idempotent", "§4.5 §5.12", protocol::remove_idempotent),
+        case!(Protocol, "protocol/exec/id-reuse", "§4.6", protocol::exec_id_reuse),
+        case!(Protocol, "protocol/list/owner-labels", "§5.13.1 §6.2", protocol::list_owner_labels),
+        case!(Protocol, "protocol/list/selectors", "§5.13.1", protocol::list_selectors),
+        case!(
+            Protocol,
+            "protocol/containers/unimplemented",
+            "§3.3 §3.5",
+            protocol::unimplemented_layers
+        ),
+        case!(Protocol, "protocol/stdin/undeclared", "§3.2 §3.3", protocol::stdin_undeclared),
+        case!(Semantics, "semantics/inspect/primary-running", "§5.5", semantics::inspect_primary),
+        case!(
+            Semantics,
+            "semantics/exec/output-and-exit-codes",
+            "§5.6.1 §7.3",
+            semantics::output_and_codes
+        ),
+        case!(Semantics, "semantics/exec/stream-grammar", "§5.6.1", wire::stream_grammar),
+        case!(
+            Semantics,
+            "semantics/exec/killed-by-signal",
+            "§5.6.4 §7.3",
+            semantics::killed_by_signal
+        ),
+        case!(Semantics, "semantics/exec/missing-program", "§5.6.2", semantics::missing_program),
+        case!(Semantics, "semantics/exec/tty-undeclared", "§3.2 §3.3", semantics::tty_undeclared),
+        case!(Semantics, "semantics/exec/large-output", "§5.6.1 §1.6", semantics::large_output),
+        case!(Semantics, "semantics/exec/streaming", "§5.6.1", semantics::streaming),
+        case!(Semantics, "semantics/exec/keepalive", "§5.6.1", semantics::keepalive),
+        case!(Semantics, "semantics/exec/env-exact", "§5.6.3", semantics::env_exact),
+        case!(Semantics, "semantics/exec/path-prepend", "§5.6.3", semantics::path_prepend),
+        case!(Semantics, "semantics/exec/working-dir", "§5.6.2", semantics::working_dir),
+        case!(
+            Semantics,
+            "semantics/exec/staged-and-collected-files",
+            "§5.6.5 §5.6.6",
+            semantics::staged_files
+        ),
+        case!(Semantics, "semantics/files/symlink-staging", "§5.6.5", semantics::symlink_staging),
+        case!(
+            Semantics,
+            "semantics/files/symlink-collection",
+            "§5.6.6",
+            semantics::symlink_collection
+        ),
+        case!(Semantics, "semantics/exec/timeout", "§5.6.7", semantics::timeout),
+        case!(
+            Semantics,
+            "semantics/exec/finished-with-background",
+            "§5.6.4",
+            semantics::finished_background
+        ),
+        case!(Semantics, "semantics/exec/stdin", "§5.8", semantics::stdin),
+        case!(Semantics, "semantics/signal/term-process-group", "§5.7", semantics::signal_term),
+        case!(
+            Semantics,
+            "semantics/signal/kill-escalation",
+            "§5.7 §5.6.7",
+            semantics::signal_escalation
+        ),
+        case!(Semantics, "semantics/cancel/disconnect", "§5.6.7", semantics::cancel_disconnect),
+        case!(
+            Semantics,
+            "semantics/remove/ends-every-process",
+            "§5.12",
+            semantics::remove_ends_processes
+        ),
+        case!(
+            Semantics,
+            "semantics/copy/round-trip",
+            "§5.9 §5.10 §5.11",
+            semantics::copy_round_trip
+        ),
+        case!(Semantics, "semantics/copy/traversal", "§5.11", semantics::copy_traversal),
+        case!(Semantics, "semantics/copy/local-path", "§5.9", semantics::copy_local_path),
+        case!(Semantics, "semantics/containers/job", "§5.3", semantics::job_container),
+        case!(Semantics, "semantics/containers/service", "§5.3 §5.5", semantics::service_container),
+        case!(Semantics, "semantics/containers/step", "§5.3 §5.6.2", semantics::step_container),
+        case!(Faults, "faults/plugin/killed-mid-exec", "§8 §2.4 §6.2", faults::killed_mid_exec),
+        case!(
+            Faults,
+            "faults/plugin/exec-ids-survive-restart",
+            "§4.6",
+            faults::exec_ids_survive_restart
+        ),
+        case!(
+            Faults,
+            "faults/plugin/remove-after-restart",
+            "§5.12 §6.3",
+            faults::remove_after_restart
+        ),
+        case!(Faults, "faults/plugin/stdin-eof-exit", "§1.3", faults::stdin_eof_exit),
+        case!(Faults, "faults/plugin/sigterm-exit", "§1.3", faults::sigterm_exit),
+        case!(
+            Protocol,
+            "protocol/cleanup/nothing-left-behind",
+            "§5.12 §5.13.1",
+            protocol::nothing_left_behind
+        ),
     ]
 }
 
 /// The names and tiers of every case, in run order.
 pub fn case_names() -> Vec<(Tier, &'static str)> {
     cases().into_iter().map(|c| (c.tier, c.name)).collect()
+}
+
+/// Every case with the spec sections (`§…`) it holds a plugin to, in run order.
+pub fn case_rules() -> Vec<(&'static str, &'static str)> {
+    cases().into_iter().map(|c| (c.name, c.rule)).collect()
 }
 
 /// Runs the suite against `backend`. `control` enables the faults tier (the caller started
@@ -268,6 +375,7 @@ pub async fn run_suite(
                 report.cases.push(CaseResult {
                     name: case.name.to_owned(),
                     tier: case.tier,
+                    rule: case.rule,
                     outcome,
                     duration,
                 });
@@ -306,16 +414,27 @@ pub async fn run_suite(
             Ok(Ok(Err(Stop::Fail(m)))) => Outcome::Fail(m),
             Ok(Ok(Err(Stop::Skip(m)))) => Outcome::Skip(m),
         };
+        if let Outcome::Fail(m) = &mut outcome {
+            let calls = ctx.journal.lines();
+            if !calls.is_empty() {
+                m.push_str("\nreproduction (the case's last calls, oldest first):");
+                for c in calls {
+                    m.push_str("\n  ");
+                    m.push_str(&c);
+                }
+            }
+        }
         if let Err(why) = ctx.cleanup().await {
             outcome = match outcome {
                 Outcome::Fail(m) => Outcome::Fail(format!("{m}\n(and cleanup: {why})")),
                 _ => Outcome::Fail(format!("cleanup: {why}")),
             };
         }
-        backend = ctx.backend();
+        backend = ctx.inner_backend();
         report.cases.push(CaseResult {
             name: case.name.to_owned(),
             tier: case.tier,
+            rule: case.rule,
             outcome,
             duration: start.elapsed(),
         });

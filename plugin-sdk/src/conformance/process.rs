@@ -193,6 +193,25 @@ impl PluginControl for ManagedPlugin {
         self.spawn().await
     }
 
+    async fn terminate(&self, within: Duration) -> Result<bool> {
+        let taken = self.running.lock().await.take();
+        let Some(mut r) = taken else {
+            return Err(Error::failed_precondition("the plugin is not running"));
+        };
+        if let Some(pid) = r.child.id().and_then(|p| i32::try_from(p).ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let exited = tokio::time::timeout(within, r.child.wait()).await.is_ok();
+        if !exited {
+            let _ = r.child.start_kill();
+            let _ = r.child.wait().await;
+        }
+        Ok(exited)
+    }
+
     async fn close_stdin(&self, within: Duration) -> Result<bool> {
         let taken = self.running.lock().await.take();
         let Some(mut r) = taken else {

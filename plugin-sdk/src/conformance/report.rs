@@ -25,6 +25,8 @@ pub struct CaseResult {
     pub name: String,
     /// Its tier.
     pub tier: Tier,
+    /// The sections of the protocol spec it checks (`§2.3 §7.2`); a failure names them.
+    pub rule: &'static str,
     /// How it ended.
     pub outcome: Outcome,
     /// Wall time, cleanup included.
@@ -112,9 +114,13 @@ impl Report {
         out.push('\n');
         let width = self.cases.iter().map(|c| c.name.len()).max().unwrap_or(0);
         for c in &self.cases {
+            let failed;
             let (word, reason) = match &c.outcome {
                 Outcome::Pass => ("PASS", None),
-                Outcome::Fail(m) => ("FAIL", Some(m)),
+                Outcome::Fail(m) => {
+                    failed = format!("broke {}: {m}", c.rule);
+                    ("FAIL", Some(&failed))
+                }
                 Outcome::Skip(m) => ("SKIP", Some(m)),
             };
             let mut line = format!("{word}  {:<width$}  {:>8}", c.name, duration_text(c.duration));
@@ -189,12 +195,13 @@ impl Report {
                         let _ = writeln!(out, "{head}/>");
                     }
                     Outcome::Fail(m) => {
+                        let m = format!("broke {}: {m}", c.rule);
                         let first = m.lines().next().unwrap_or("");
                         let _ = writeln!(
                             out,
                             "{head}>\n      <failure message=\"{}\">{}</failure>\n    </testcase>",
                             xml_escape(first),
-                            xml_escape(m)
+                            xml_escape(&m)
                         );
                     }
                     Outcome::Skip(m) => {
@@ -260,6 +267,7 @@ mod tests {
         let case = |name: &str, tier, outcome| CaseResult {
             name: name.to_owned(),
             tier,
+            rule: "§5.11",
             outcome,
             duration: Duration::from_millis(1500),
         };
@@ -298,6 +306,7 @@ mod tests {
         assert!(text.contains("SKIP  semantics/exec/stdin"));
         assert!(text.contains("feature stdin not declared"));
         assert!(text.contains("\n        second line\n"), "{text}");
+        assert!(text.contains("broke §5.11: expected <INVALID_ARGUMENT>"), "{text}");
         assert!(text.ends_with("\n1 passed, 1 failed, 1 skipped\n"), "{text}");
     }
 

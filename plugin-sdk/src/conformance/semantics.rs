@@ -1127,3 +1127,245 @@ pub(crate) async fn step_container(ctx: &Ctx<'_>) -> Check {
     );
     Ok(())
 }
+
+/// Starts an exec whose call may be refused; returns the refusal or the finished watch.
+async fn try_run(ctx: &Ctx<'_>, req: ExecRequest) -> Check<Result<Watch, crate::Error>> {
+    let id = req.exec_id.clone();
+    let started = within(format!("exec {id}"), RPC_TIMEOUT, ctx.backend().exec(req)).await?;
+    match started {
+        Err(e) => Ok(Err(e)),
+        Ok(stream) => {
+            let mut w = Watch::new(id, stream);
+            w.finish(EXEC_TIMEOUT).await?;
+            match w.error.take() {
+                Some(e) if w.exited.is_none() => Ok(Err(e)),
+                _ => Ok(Ok(w)),
+            }
+        }
+    }
+}
+
+/// A program or working directory that does not exist ends the exec with exit code 127, a
+/// file that cannot be executed with 126 — `Exited`, never an error status.
+pub(crate) async fn missing_program(ctx: &Ctx<'_>) -> Check {
+    let env = ctx.env().await?;
+    let ws = &env.paths.workspace;
+    let n = nonce(6);
+    let plain = join(ws, &format!("not-executable-{n}"));
+    ctx.sh_ok(&env, &format!("printf '#!/bin/sh\\necho ran\\n' > {0}; chmod 644 {0}", sq(&plain)))
+        .await?;
+    let program = format!("kiln-no-such-program-{n}");
+    let mut missing_dir = ctx.exec_request(&env, &["sh", "-c", "echo ran"]);
+    missing_dir.working_dir = join(ws, &format!("missing-dir-{n}"));
+    for (what, req, want) in [
+        (
+            format!("argv [{program:?}] (not in the search path)"),
+            ctx.exec_request(&env, &[&program]),
+            127,
+        ),
+        (
+            format!("argv [{plain:?}] (a file without execute permission)"),
+            ctx.exec_request(&env, &[&plain]),
+            126,
+        ),
+        (format!("working_dir {:?} (does not exist)", missing_dir.working_dir), missing_dir, 127),
+    ] {
+        match try_run(ctx, req).await? {
+            Err(e) => fail!(
+                "{what}: the exec failed with {} ({e}); it must end with Exited exit_code {want} \
+                 (the user's problem, reported as a shell would)",
+                code_name(e.code)
+            ),
+            Ok(w) => {
+                let x = w.exited()?;
+                ensure!(
+                    x.status == ExitStatus::Code(want),
+                    "{what}: ended with {}, expected exit code {want} (stdout {}, stderr {})",
+                    x.status,
+                    shorten(&w.stdout),
+                    shorten(&w.stderr)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `tty = true` on a plugin that does not declare `tty` is refused UNIMPLEMENTED and runs
+/// nothing.
+pub(crate) async fn tty_undeclared(ctx: &Ctx<'_>) -> Check {
+    if ctx.caps.features.tty {
+        return Err(Stop::Skip("feature tty declared".to_owned()));
+    }
+    let env = ctx.env().await?;
+    let mut req = ctx.sh_request(&env, "echo should-not-run");
+    req.tty = true;
+    let r = ctx.exec_error(req).await?;
+    expect_code("exec with tty = true on a plugin not declaring tty", r, &[Code::Unimplemented])?;
+    Ok(())
+}
+
+/// A process silent for 17 s gets at least one `Keepalive` frame (one at the latest after
+/// 15 s without a frame).
+pub(crate) async fn keepalive(ctx: &Ctx<'_>) -> Check {
+    let env = ctx.env().await?;
+    let mut w = ctx.start(ctx.exec_request(&env, &["sleep", "17"])).await?;
+    w.finish(Duration::from_secs(60)).await?;
+    let x = w.exited()?;
+    ensure!(x.status == ExitStatus::Code(0), "`sleep 17` ended with {}", x.status);
+    ensure!(
+        w.kinds.contains(&Kind::Keepalive),
+        "`sleep 17` was silent for 17 s and its stream carried no Keepalive; a plugin must send \
+         one whenever it has sent no frame for 15 s (frames: {})",
+        w.kinds_text()
+    );
+    Ok(())
+}
+
+/// A directory of the suite's own machine, outside every environment, for the symlink cases.
+fn outside_dir() -> Check<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix("kiln-conformance-outside-")
+        .tempdir()
+        .map_err(|e| Stop::Fail(format!("creating a directory outside the environment: {e}")))
+}
+
+/// Staged files never follow a symlink out of the environment: a job that replaced a
+/// directory or a file of its runner area with a symlink pointing outside must not make the
+/// plugin write there (refusing the exec, or replacing the link, are both fine).
+///
+/// Observable when the suite shares a filesystem with the place the plugin stages in (a
+/// host plugin, a Docker plugin staging through a host directory); elsewhere it passes.
+pub(crate) async fn symlink_staging(ctx: &Ctx<'_>) -> Check {
+    ctx.require_feature("exec_files", ctx.caps.features.exec_files)?;
+    let outside = outside_dir()?;
+    let out = outside.path().to_string_lossy().into_owned();
+    let target = outside.path().join("target");
+    std::fs::write(&target, b"original").map_err(|e| Stop::Fail(format!("{e}")))?;
+    let env = ctx.env().await?;
+    let rf = &env.paths.runner_files;
+    let n = nonce(6);
+    let link_dir = join(rf, &format!("evil-dir-{n}"));
+    let link_file = join(rf, &format!("evil-file-{n}"));
+    ctx.sh_ok(
+        &env,
+        &format!(
+            "ln -s {} {} && ln -s {} {}",
+            sq(&out),
+            sq(&link_dir),
+            sq(&target.to_string_lossy()),
+            sq(&link_file)
+        ),
+    )
+    .await?;
+    for path in [join(&link_dir, "staged.sh"), link_file.clone()] {
+        let mut req = ctx.sh_request(&env, "true");
+        req.files = vec![StagedFile {
+            path: path.clone(),
+            content: Bytes::from_static(b"pwned"),
+            mode: 0o755,
+        }];
+        let _ = try_run(ctx, req).await?;
+        let leaked = outside.path().join("staged.sh");
+        ensure!(
+            !leaked.exists(),
+            "staging {path:?}, whose parent {link_dir:?} is a symlink to {out:?} outside the \
+             environment, wrote {}: staged files must never follow a symlink out",
+            leaked.display()
+        );
+        let now = std::fs::read(&target).unwrap_or_default();
+        ensure!(
+            now == b"original",
+            "staging {path:?} (a symlink to {}) changed that file outside the environment to {}: \
+             a symlink at a staged path is replaced or refused, never followed",
+            target.display(),
+            shorten(&now)
+        );
+    }
+    Ok(())
+}
+
+/// Collected files never follow a symlink out: a step that replaces a collected file (its
+/// `GITHUB_ENV`) or a parent directory with a symlink to a file outside the environment
+/// must not get that file's content back.
+pub(crate) async fn symlink_collection(ctx: &Ctx<'_>) -> Check {
+    ctx.require_feature("exec_files", ctx.caps.features.exec_files)?;
+    let outside = outside_dir()?;
+    let out = outside.path().to_string_lossy().into_owned();
+    let secret = format!("kiln-secret-{}", nonce(10));
+    std::fs::write(outside.path().join("secret"), secret.as_bytes())
+        .map_err(|e| Stop::Fail(format!("{e}")))?;
+    let env = ctx.env().await?;
+    let rf = &env.paths.runner_files;
+    let n = nonce(6);
+    let env_file = join(rf, &format!("env-file-{n}"));
+    let link_dir = join(rf, &format!("evil-dir-{n}"));
+    let script = format!(
+        "rm -f {ef}; ln -s {s} {ef}; ln -s {o} {d}",
+        ef = sq(&env_file),
+        s = sq(&format!("{out}/secret")),
+        o = sq(&out),
+        d = sq(&link_dir)
+    );
+    let mut req = ctx.sh_request(&env, &script);
+    req.files = vec![StagedFile { path: env_file.clone(), content: Bytes::new(), mode: 0 }];
+    let via_dir = join(&link_dir, "secret");
+    req.collect = vec![env_file.clone(), via_dir.clone()];
+    match try_run(ctx, req).await? {
+        Err(_) => {}
+        Ok(w) => {
+            let x = w.exited()?;
+            for f in &x.files {
+                ensure!(
+                    !f.content.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                    "collecting {:?} returned the content of {out}/secret, a file outside the \
+                     environment that the step linked it to: collected files must never \
+                     follow a symlink out (report them missing)",
+                    f.path
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Remove ends every process the environment's execs started: a background one, a
+/// double-forked one and one that left the process group with `setsid` (§5.12).
+pub(crate) async fn remove_ends_processes(ctx: &Ctx<'_>) -> Check {
+    let env = ctx.env().await?;
+    let marker = format!("kiln-escapee-{}", nonce(10));
+    let out = ctx.sh_ok(&env, &escapees(&marker)).await?;
+    let expected = if out.contains("setsid") { 3 } else { 2 };
+    let mut seen = 0;
+    for _ in 0..20 {
+        seen = ctx.count_marked(&env, &marker).await?;
+        if seen >= expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    if seen == 0 {
+        return Err(Stop::Skip(
+            "processes cannot be observed from inside the environment (no /proc)".to_owned(),
+        ));
+    }
+    let existed = ctx.remove(&env.id).await?.or_fail(format!("remove {}", env.id))?;
+    ensure!(existed, "remove returned existed=false");
+    ctx.untrack(&env.id);
+    let probe = ctx.env().await?;
+    let left = ctx.wait_unmarked(&probe, &marker, Duration::from_secs(5)).await?;
+    ensure!(
+        left == 0,
+        "{left} of the {seen} processes started by an exec of {} (a background one, a \
+         double-forked one{}) still run 5 s after Remove returned: Remove must end every \
+         process the environment's execs started (a cgroup, a subreaper, or the backend's own \
+         boundary), not only their process groups",
+        env.id,
+        if expected == 3 {
+            ", one in its own session (setsid, empty environment, cwd /)"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}

@@ -457,12 +457,20 @@ pub(crate) async fn start(backend: &DockerBackend, req: ExecRequest) -> Result<E
     } else {
         PidFile::Engine(pidfile_rel.clone())
     };
+    // On a remote engine the pid file of an exec started by a previous instance of this
+    // plugin is only in the engine: one small archive read for an id this process has not
+    // seen (§4.6: remembered as long as the environment exists, across restarts).
+    let used_remotely = match &pidfile {
+        PidFile::Engine(path) if !lock(&backend.inner.exec_ids).contains(&req.exec_id) => {
+            read_engine(&env.engine.docker, &container, path, 64).await.is_some()
+        }
+        _ => false,
+    };
     {
         // Reserve the id: an exec id is never run twice (rule 3), also across restarts (the
-        // pid files stay with the environment; on a remote engine across this process's
-        // life only).
+        // pid files stay with the environment).
         let mut ids = lock(&backend.inner.exec_ids);
-        let used = matches!(&pidfile, PidFile::Host(p) if p.exists());
+        let used = used_remotely || matches!(&pidfile, PidFile::Host(p) if p.exists());
         if ids.contains(&req.exec_id) || used {
             return Err(Error::already_exists(format!(
                 "exec id {:?} was used before: exec is not replayable",

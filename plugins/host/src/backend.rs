@@ -55,6 +55,8 @@ struct Inner {
     removals: Mutex<tokio::task::JoinSet<()>>,
     /// Numbers the directories renamed aside.
     removed_seq: std::sync::atomic::AtomicU64,
+    /// How environments' processes are held (cgroup, subreaper, groups).
+    containment: procs::Containment,
 }
 
 /// The directory under the root that Remove renames environment directories into, to delete
@@ -99,6 +101,7 @@ impl HostBackend {
                 .map(|u| u.dir.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "/".to_owned())
         });
+        let containment = procs::Containment::new(config.containment, &root);
         let backend = HostBackend {
             inner: Arc::new(Inner {
                 root,
@@ -111,6 +114,7 @@ impl HostBackend {
                 execs: Mutex::new(HashMap::new()),
                 removals: Mutex::new(tokio::task::JoinSet::new()),
                 removed_seq: std::sync::atomic::AtomicU64::new(0),
+                containment,
             }),
         };
         // What a killed plugin renamed aside and did not delete.
@@ -183,6 +187,7 @@ impl HostBackend {
             while set.join_next().await.is_some() {}
         }
         let _ = std::fs::remove_dir(self.inner.root.join(REMOVED_DIR));
+        self.inner.containment.release();
     }
 
     /// The (canonical) directory environments live in.
@@ -442,7 +447,8 @@ impl Backend for HostBackend {
             }
             st.exec_ids.insert(exec_id.clone());
         }
-        let (handle, stream) = exec::start(&env, request, &self.inner.kernel_boot)?;
+        let (handle, stream) =
+            exec::start(&env, request, &self.inner.kernel_boot, &self.inner.containment)?;
         lock(&self.inner.execs).insert(exec_id, handle);
         Ok(stream)
     }
@@ -519,8 +525,10 @@ impl Backend for HostBackend {
             Env::close_log(&mut st);
             std::mem::take(&mut st.groups)
         };
-        Self::kill_groups(&env, groups, kiln_plugin_sdk::child::grace_or_default(request.grace))
-            .await;
+        let grace = kiln_plugin_sdk::child::grace_or_default(request.grace);
+        Self::kill_groups(&env, groups, grace).await;
+        let created = env.meta.owner.created_at_unix_ms;
+        self.inner.containment.end_all(&env.id, &env.dir, created, grace).await;
         self.delete_env_dir(env.dir.clone()).await?;
         let exec_ids: Vec<String> = lock(&env.state).exec_ids.iter().cloned().collect();
         {

@@ -8,7 +8,7 @@
 //! SIGPIPE) until the environment is removed. Timeout and a dropped stream both mean SIGTERM
 //! to the group, the grace period, then SIGKILL.
 
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -76,7 +76,17 @@ pub(crate) fn start(
     env: &Arc<Env>,
     req: ExecRequest,
     kernel_boot: &str,
+    containment: &procs::Containment,
 ) -> Result<(Arc<ExecHandle>, ExecStream)> {
+    if req.tty {
+        // The host plugin does not declare `tty` (§3.3: refused, never ignored).
+        return Err(Error::unimplemented(
+            "tty = true: the host backend does not allocate pseudo-terminals (feature tty is not \
+             declared)",
+        )
+        .fault(kiln_plugin_sdk::Fault::Config)
+        .field("tty"));
+    }
     let Some(program) = req.argv.first() else {
         return Err(Error::invalid_argument(
             "argv is empty: the host backend has no entrypoint to run",
@@ -102,8 +112,13 @@ pub(crate) fn start(
     }
     for (i, f) in req.files.iter().enumerate() {
         let path = inside(&env.dir, &f.path, &format!("files[{i}].path"))?;
-        stage(&path, &f.content, f.mode).map_err(|e| {
-            Error::io(format!("staging {}", path.display()), &e).field(format!("files[{i}]"))
+        stage(&env.dir, &path, &f.content, f.mode).map_err(|e| {
+            let field = format!("files[{i}].path");
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                Error::permission_denied(format!("staging {}: {e}", path.display())).field(field)
+            } else {
+                Error::io(format!("staging {}", path.display()), &e).field(field)
+            }
         })?;
     }
 
@@ -144,10 +159,15 @@ pub(crate) fn start(
 
     let collect_limit = child::collect_limit_or_default(req.collect_limit_bytes);
     let names = req.collect.clone();
+    let dir = env.dir.clone();
     let collector: child::Collector = Box::new(move || {
+        // Never through a symlink: a step that linked its GITHUB_ENV to a file outside the
+        // environment gets it back missing.
         let files = collect.into_iter().zip(names).map(|(path, name)| {
-            let f =
-                std::fs::File::open(&path).ok().filter(|f| f.metadata().is_ok_and(|m| m.is_file()));
+            let f = kiln_plugin_sdk::beneath::open_file(&dir, &path).unwrap_or_else(|e| {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read collected file");
+                None
+            });
             (name, f)
         });
         child::collect_files(files, collect_limit)
@@ -159,7 +179,7 @@ pub(crate) fn start(
             return Err(Error::not_found(format!("environment {:?} was removed", env.id))
                 .field("environment_id"));
         }
-        match cmd.spawn() {
+        match containment.spawn_in(&env.id, &env.dir, || cmd.spawn(), tokio::process::Child::id) {
             Ok(mut child) => {
                 let pgid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
                 let start = procs::start_time(u32::try_from(pgid).unwrap_or(0));
@@ -251,34 +271,15 @@ fn lookup(program: &str, path: &str, cwd: &Path) -> Option<PathBuf> {
     })
 }
 
-/// Writes a staged file with exactly `mode` (0 = 0644), creating its parent directories.
+/// Writes a staged file with exactly `mode` (0 = 0644), creating its parent directories,
+/// never through a symlink (`kiln_plugin_sdk::beneath`: a link in a parent position is
+/// refused, one at the path itself replaced).
 ///
 /// An existing file (the runner stages the same paths step after step) is overwritten in
 /// place and then cut to length, not truncated first: freeing its block and allocating a new
 /// one each step costs more than the step's own process on some filesystems (ext4 with
 /// `discard`).
-fn stage(path: &Path, content: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::io::Write;
+fn stage(dir: &Path, path: &Path, content: &[u8], mode: u32) -> std::io::Result<()> {
     let mode = if mode == 0 { 0o644 } else { mode & 0o7777 };
-    #[allow(clippy::suspicious_open_options)] // set_len below does the truncation
-    let open = || std::fs::OpenOptions::new().write(true).create(true).mode(mode).open(path);
-    let mut f = match open() {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            open()?
-        }
-        Err(e) => return Err(e),
-    };
-    f.write_all(content)?;
-    let meta = f.metadata()?;
-    if meta.len() != content.len() as u64 {
-        f.set_len(content.len() as u64)?;
-    }
-    if meta.permissions().mode() & 0o7777 != mode {
-        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-    }
-    Ok(())
+    kiln_plugin_sdk::beneath::write_file(dir, path, content, mode)
 }

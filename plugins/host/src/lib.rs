@@ -48,6 +48,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use clap::Parser;
 
 pub use backend::HostBackend;
+pub use procs::ContainmentMode;
 
 /// Configuration of a [`HostBackend`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +63,8 @@ pub struct HostConfig {
     pub delegate: Option<String>,
     /// Options added to the delegation's (`host_dir` is always there).
     pub delegate_options: Vec<(String, String)>,
+    /// How each environment's processes are held so that Remove ends all of them.
+    pub containment: ContainmentMode,
 }
 
 impl HostConfig {
@@ -72,6 +75,7 @@ impl HostConfig {
             tool_cache: None,
             delegate: None,
             delegate_options: Vec::new(),
+            containment: ContainmentMode::Auto,
         }
     }
 
@@ -114,6 +118,13 @@ pub struct HostArgs {
     /// when the delegate reaches this machine's docker daemon over the network.
     #[arg(long = "delegate-option", value_name = "KEY=VALUE", value_parser = parse_option)]
     pub delegate_options: Vec<(String, String)>,
+    /// How an environment's processes are held so that Remove ends every one of them, also
+    /// those that called setsid or double-forked: `auto` (a cgroup v2 per environment when
+    /// the cgroup filesystem is writable, else `subreaper`), `subreaper` (the plugin adopts
+    /// orphans; Remove also ends processes that work inside or name the environment's
+    /// directory), `groups` (process groups only; for testing the conformance suite).
+    #[arg(long, value_enum, default_value_t = ContainmentMode::Auto)]
+    pub containment: ContainmentMode,
 }
 
 /// Parses `KEY=VALUE` (a non-empty key other than `host_dir`).
@@ -135,6 +146,7 @@ impl HostArgs {
             tool_cache: self.tool_cache.clone(),
             delegate: self.delegate.clone(),
             delegate_options: self.delegate_options.clone(),
+            containment: self.containment,
         }
     }
 }

@@ -644,3 +644,56 @@ async fn remove_deletes_in_the_background_and_leaves_nothing_after_the_drain() {
     let left: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().map(|e| e.file_name()).collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// Whether `pid` is a living (non-zombie) process.
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rfind(')').map(|i| s[i + 1..].trim_start().starts_with(['Z', 'X'])))
+        .is_some_and(|zombie| !zombie)
+}
+
+/// Remove ends processes that left the exec's process group (`setsid`, a double fork), with
+/// the cgroup where it is writable (`auto`) and with the subreaper and /proc evidence
+/// (issue 17: `setsid sleep 1001 &` outlived its job).
+async fn remove_ends_escaped_processes(mode: kiln_plugin_host::ContainmentMode) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = HostConfig::new(dir.path().join("root"));
+    config.containment = mode;
+    let b = HostBackend::new(config).unwrap();
+    let env = create(&b, "escapees").await;
+    let script = "setsid sleep 1001 >/dev/null 2>&1 & echo $!; \
+                  ( sleep 1002 >/dev/null 2>&1 & echo $! ); \
+                  sleep 1003 >/dev/null 2>&1 & echo $!";
+    let out = run(&b, sh(&env.id, "x-escapees-1", script)).await;
+    let pids: Vec<i32> = out.stdout.lines().map(|l| l.trim().parse().unwrap()).collect();
+    assert_eq!(pids.len(), 3, "{}", out.stdout);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(pids.iter().all(|&p| alive(p)), "the background processes run before Remove");
+    let existed = b
+        .remove(RemoveRequest {
+            environment_id: env.id.clone(),
+            container_id: None,
+            grace: Duration::from_millis(500),
+        })
+        .await
+        .unwrap();
+    assert!(existed);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while pids.iter().any(|&p| alive(p)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left: Vec<i32> = pids.iter().copied().filter(|&p| alive(p)).collect();
+    assert!(left.is_empty(), "{mode:?}: still running after Remove: {left:?}");
+    b.drain_removals().await;
+}
+
+#[tokio::test]
+async fn remove_ends_escaped_processes_with_a_cgroup_or_fallback() {
+    remove_ends_escaped_processes(kiln_plugin_host::ContainmentMode::Auto).await;
+}
+
+#[tokio::test]
+async fn remove_ends_escaped_processes_with_the_subreaper_fallback() {
+    remove_ends_escaped_processes(kiln_plugin_host::ContainmentMode::Subreaper).await;
+}

@@ -129,7 +129,6 @@ pub(crate) fn environment(meta: &EnvMeta, dir: &Path) -> Environment {
     }
 }
 
-
 /// The mutable part of an environment.
 #[derive(Default)]
 pub(crate) struct EnvState {
