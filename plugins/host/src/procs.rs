@@ -243,6 +243,7 @@ impl Containment {
             tracing::warn!(error = %e, "cannot become a child subreaper");
         }
         tracing::info!("no writable cgroup v2: environments are held by a subreaper and /proc");
+        spawn_orphan_reaper();
         Containment::Subreaper
     }
 
@@ -363,6 +364,29 @@ fn signal_pids(pids: &[i32], signal: nix::sys::signal::Signal) {
 
 fn pid_alive(pid: i32) -> bool {
     stat(&pid.to_string()).is_some_and(|s| !s.zombie)
+}
+
+/// As a subreaper, this process inherits the orphans of every exec: each is reaped when it
+/// exits (on SIGCHLD), not only at Remove, so a later step never sees a zombie of an earlier one
+/// as alive (`kill -0`).
+fn spawn_orphan_reaper() {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        tracing::warn!("no runtime: orphans are reaped at Remove only");
+        return;
+    };
+    runtime.spawn(async {
+        let mut sigchld =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch SIGCHLD: orphans are reaped at Remove only");
+                    return;
+                }
+            };
+        while sigchld.recv().await.is_some() {
+            reap_orphans();
+        }
+    });
 }
 
 /// Reaps children that exited and that no exec waits for (orphans re-parented to this

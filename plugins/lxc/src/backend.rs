@@ -506,6 +506,15 @@ impl Backend for LxcBackend {
 
     async fn exec(&self, request: ExecRequest) -> Result<ExecStream> {
         validate_id(&request.exec_id, "exec_id")?;
+        if request.tty {
+            // `tty` is not declared (§3.3: refused, never ignored), with or without the agent.
+            return Err(Error::unimplemented(
+                "tty = true: the lxc backend does not allocate pseudo-terminals (feature tty is \
+                 not declared)",
+            )
+            .fault(kiln_plugin_sdk::Fault::Config)
+            .field("tty"));
+        }
         let env = self.live_env(&request.environment_id)?;
         Self::check_container(&env, &request.container_id)?;
         let exec_id = request.exec_id.clone();
