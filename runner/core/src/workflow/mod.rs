@@ -30,4 +30,6 @@ pub use model::{
 };
 pub use parse::parse_workflow;
 pub use shell::{ShellSpec, shell_command};
-pub use validate::{JobGraph, check_uses, job_graph, needs_order, valid_job_id, validate};
+pub use validate::{
+    JobGraph, check_job_uses, check_uses, job_graph, needs_order, valid_job_id, validate,
+};
