@@ -303,3 +303,31 @@ jobs:
         .assert_code(0)
         .assert_stdout(&["continue-on-error lets the workflow go on", "after sees success"]);
 }
+
+#[test]
+fn validate_lints_expressions_and_exits_2_and_exec_refuses_before_starting() {
+    let bad = "on: push\njobs:\n  a:\n    if: github.repository == \"x\"\n    runs-on: ubuntu-latest\n    strategy:\n      matrix:\n        k: ${{ fromJSON(secrets.K) }}\n    steps:\n      - run: echo ${{ github.sha ) }} > started\n";
+    let repo = Repo::with_workflow("bad.yml", bad);
+    let out = repo.kiln().args(["validate", ".github/workflows"]).output().unwrap();
+    let run = crate::support::Run::from(out);
+    run.assert_code(2).assert_stdout(&[
+        "invalid .github/workflows/bad.yml",
+        ".github/workflows/bad.yml:4:30: jobs.a.if: invalid expression `github.repository == \"x\"`",
+        ".github/workflows/bad.yml:8:25: jobs.a.strategy.matrix.k: context `secrets` is not available in `jobs.<job_id>.strategy`",
+        ".github/workflows/bad.yml:10:34: jobs.a.steps[0].run: invalid expression `github.sha )`",
+    ]);
+    // `kiln exec` reports the same errors and runs nothing.
+    let run = repo.exec(&[]);
+    run.assert_code(2);
+    assert!(run.stderr.contains("bad.yml:8:25: jobs.a.strategy.matrix.k"), "{}", run.show());
+    assert!(!repo.path().join("started").exists());
+    // A valid file: exit 0.
+    let good = Repo::with_workflow(
+        "ok.yml",
+        "on: push\njobs:\n  a:\n    runs-on: x\n    steps:\n      - run: echo ${{ github.sha }}\n",
+    );
+    let out = good.kiln().args(["validate", ".github/workflows/ok.yml"]).output().unwrap();
+    crate::support::Run::from(out)
+        .assert_code(0)
+        .assert_stdout(&["ok      .github/workflows/ok.yml (1 jobs)"]);
+}

@@ -43,16 +43,14 @@ fn workflow_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
 fn load(path: &Path) -> anyhow::Result<Workflow> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let wf = workflow::parse_workflow(&text, &path.display().to_string())
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    if let Err(errors) = workflow::validate(&wf) {
+    // The linter: the model, every expression and the semantic checks, all errors at once.
+    workflow::check_workflow(&text, &path.display().to_string()).map_err(|errors| {
         let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
-        bail!("{}", text.join("\n"));
-    }
-    Ok(wf)
+        anyhow::anyhow!("{}", text.join("\n"))
+    })
 }
 
-/// `kiln validate`.
+/// `kiln validate`: exit 0 when every file is valid, 2 when one is not (invalid input).
 pub(crate) fn validate(args: ValidateArgs) -> anyhow::Result<ExitCode> {
     let mut failed = false;
     let mut out = std::io::stdout().lock();
@@ -67,7 +65,7 @@ pub(crate) fn validate(args: ValidateArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if failed { ExitCode::from(2) } else { ExitCode::SUCCESS })
 }
 
 fn git(dir: &Path, args: &[&str]) -> Option<String> {

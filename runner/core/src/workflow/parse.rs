@@ -61,11 +61,17 @@ pub(crate) const STEP_KEYS: &[&str] = &[
 /// Parses a workflow file. `file` is used in error messages only.
 pub fn parse_workflow(text: &str, file: &str) -> Result<Workflow, Error> {
     let root = from_yaml(text, file)?;
-    let cx = Ctx { file };
+    parse_root(&Ctx { file, unknown_keys: None }, &root)
+}
+
+/// Converts a workflow's YAML tree to the model; stops at the first error.
+pub(crate) fn parse_root(cx: &Ctx<'_>, root: &Node) -> Result<Workflow, Error> {
+    let file = cx.file;
+    let cx = *cx;
     if root.is_null() {
-        return Err(cx.err(&root, "", "the workflow is empty; add `on:` and `jobs:`"));
+        return Err(cx.err(root, "", "the workflow is empty; add `on:` and `jobs:`"));
     }
-    let f = cx.fields(&root, "", "a workflow", WORKFLOW_KEYS)?;
+    let f = cx.fields(root, "", "a workflow", WORKFLOW_KEYS)?;
     let mut wf = Workflow { file: file.to_string(), ..Workflow::default() };
     wf.name = cx.opt_string(f.get("name"), "name")?;
     wf.description = cx.opt_string(f.get("description"), "description")?;
@@ -92,7 +98,7 @@ pub fn parse_workflow(text: &str, file: &str) -> Result<Workflow, Error> {
     match f.get("jobs") {
         None => {
             return Err(cx.err(
-                &root,
+                root,
                 "",
                 "missing `jobs`; add a `jobs:` map with at least one job",
             ));

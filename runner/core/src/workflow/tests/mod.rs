@@ -11,6 +11,7 @@ mod commands;
 mod corpus;
 mod envfile;
 mod forgejo_syntax;
+mod lint;
 mod matrix;
 mod shell;
 mod validation;
