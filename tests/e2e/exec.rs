@@ -331,3 +331,21 @@ fn validate_lints_expressions_and_exits_2_and_exec_refuses_before_starting() {
         .assert_code(0)
         .assert_stdout(&["ok      .github/workflows/ok.yml (1 jobs)"]);
 }
+
+#[test]
+fn event_payload_ref_and_sha_win_over_local_git() {
+    let wf = "on: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo \"ref=${{ github.ref }} name=${{ github.ref_name }} type=${{ github.ref_type }} sha=${{ github.sha }} env=$GITHUB_REF_NAME\"\n";
+    let repo = Repo::with_workflow("tag.yml", wf);
+    let event = repo.path().join("event.json");
+    std::fs::write(
+        &event,
+        r#"{"ref": "refs/tags/v1.2.3", "after": "1234567890abcdef1234567890abcdef12345678"}"#,
+    )
+    .unwrap();
+    repo.exec(&["-e", event.to_str().unwrap()]).assert_code(0).assert_stdout(&[
+        "ref=refs/tags/v1.2.3 name=v1.2.3 type=tag sha=1234567890abcdef1234567890abcdef12345678 env=v1.2.3",
+    ]);
+    // Without a payload ref: local git.
+    std::fs::write(&event, "{}").unwrap();
+    repo.exec(&["-e", event.to_str().unwrap()]).assert_code(0).assert_no_stdout(&["v1.2.3"]);
+}
