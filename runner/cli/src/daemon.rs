@@ -185,11 +185,23 @@ async fn setup(path: Option<&Path>) -> anyhow::Result<Setup> {
             }
         });
     }
+    if config.cache_section.as_ref().is_some_and(|c| c.enabled) {
+        tracing::warn!(
+            "cache.enabled: kiln's daemon does not serve an actions cache yet: jobs get no \
+             ACTIONS_CACHE_URL (set cache.enabled: false to silence this)"
+        );
+    }
     let timeout = std::env::var("FORGEJO_CLIENT_TIMEOUT")
         .ok()
         .and_then(|t| config::parse_duration(&t).ok())
         .unwrap_or(Duration::from_secs(60));
-    let client = Arc::new(Client::new(&file.address, &file.uuid, &file.token, timeout)?);
+    let client = Arc::new(Client::with_tls(
+        &file.address,
+        &file.uuid,
+        &file.token,
+        timeout,
+        config.runner.insecure,
+    )?);
     let r = &config.runner;
     let poll = PollSettings {
         capacity: if file.ephemeral { 1 } else { r.capacity },
@@ -205,6 +217,7 @@ async fn setup(path: Option<&Path>) -> anyhow::Result<Setup> {
         envs: r.envs.clone(),
         timeout: r.timeout,
         report_interval: r.report_interval,
+        job_level: config.job_level,
         identity,
         actions: config.actions.clone(),
     });

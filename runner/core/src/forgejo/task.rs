@@ -33,6 +33,8 @@ pub struct RunnerSettings {
     pub timeout: Duration,
     /// `runner.report_interval`.
     pub report_interval: Duration,
+    /// `log.job_level`.
+    pub job_level: crate::config::JobLevel,
     /// Who we are (labels on everything plugins create).
     pub identity: Identity,
     /// Where actions come from; each task's default actions URL replaces `base_url`.
@@ -230,6 +232,7 @@ pub async fn run_task(
     };
     let secret_refs: Vec<&str> = secrets.iter().map(String::as_str).collect();
     let reporter = Reporter::new(client, task_id, steps, &secret_refs, debug, cancel.clone());
+    reporter.set_job_level(settings.job_level);
     reporter.log(&format!(
         "{}(version:{VERSION}) received task {task_id} of job {job}, be triggered by event: {event}",
         settings.name
