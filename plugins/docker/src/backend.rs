@@ -647,17 +647,42 @@ impl DockerBackend {
                 // The engine's default network ("bridge" on Docker, "podman" on Podman).
                 None
             };
+            // The primary is the job's container (a `docker://` label): the configured
+            // options, privileges and engine socket apply to it as to a job container.
+            let config = &self.inner.config;
+            let mut parsed = if config.container_options.trim().is_empty() {
+                spec::Parsed::default()
+            } else {
+                let policy = spec::Policy {
+                    valid_volumes: &config.valid_volumes,
+                    allowed_options: &config.allowed_options,
+                };
+                let probe = ContainerSpec {
+                    options: config.container_options.clone(),
+                    ..ContainerSpec::default()
+                };
+                spec::parse(&env.id, &probe, &policy)?
+            };
+            let mut binds = Self::env_binds(env);
+            binds.extend(parsed.host.binds.take().unwrap_or_default());
+            if let Some(socket) = self.socket_to_mount(env, ContainerKind::Job) {
+                binds.push(format!("{socket}:/var/run/docker.sock"));
+            }
+            let mut env_vars = parsed.env;
+            env_vars.sort();
             let body = ContainerCreateBody {
                 image: Some(image.to_owned()),
                 entrypoint: Some(vec!["/bin/sh".to_owned(), "-c".to_owned()]),
                 cmd: Some(vec![KEEPALIVE.to_owned()]),
                 working_dir: Some(WORKSPACE.to_owned()),
                 labels: Some(l),
+                env: (!env_vars.is_empty()).then_some(env_vars),
                 host_config: Some(HostConfig {
                     init: Some(true),
                     network_mode: net.clone(),
-                    binds: Some(Self::env_binds(env)),
-                    ..Default::default()
+                    binds: Some(binds),
+                    privileged: config.privileged.then_some(true).or(parsed.host.privileged),
+                    ..parsed.host
                 }),
                 networking_config: net.filter(|n| n != "host").map(|net| NetworkingConfig {
                     endpoints_config: Some(HashMap::from([(net, EndpointSettings::default())])),
