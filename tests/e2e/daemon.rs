@@ -805,3 +805,56 @@ jobs:
     // The file is left as forgejo-runner wrote it.
     assert_eq!(std::fs::read_to_string(runner.dir.path().join(".runner")).unwrap(), runner_file);
 }
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn daemon_serves_healthz_and_prometheus_metrics() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let fake = FakeForgejo::start();
+    let runner = Runner::register(&fake, &format!("metrics:\n  listen: 127.0.0.1:{port}\n"));
+    let ok = fake.enqueue(JobSpec::new(
+        "on: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo fine\n",
+        1,
+    ));
+    let bad = fake.enqueue(JobSpec::new(
+        "on: push\njobs:\n  b:\n    runs-on: ubuntu-latest\n    steps:\n      - run: exit 1\n",
+        1,
+    ));
+    let mut daemon = runner.daemon();
+    fake.wait_finished(ok, 60);
+    fake.wait_finished(bad, 60);
+    assert!(
+        wait_for(10, || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()),
+        "{}",
+        daemon.log()
+    );
+    let health = http_get(port, "/healthz");
+    assert!(health.starts_with("HTTP/1.0 200") && health.ends_with("ok\n"), "{health}");
+    // The finished counters are updated after the final report: wait for both.
+    let mut metrics = String::new();
+    let counted = wait_for(10, || {
+        metrics = http_get(port, "/metrics");
+        metrics.contains("kiln_jobs_finished_total{result=\"failure\"} 1")
+            && metrics.contains("kiln_jobs_finished_total{result=\"success\"} 1")
+    });
+    assert!(counted, "{metrics}");
+    for needle in [
+        "kiln_jobs_running 0",
+        "kiln_capacity 1",
+        "kiln_job_duration_seconds_count 2",
+        "kiln_step_duration_seconds_count",
+        "kiln_fetch_errors_total 0",
+    ] {
+        assert!(metrics.contains(needle), "{needle} missing:\n{metrics}");
+    }
+    assert!(http_get(port, "/nope").starts_with("HTTP/1.0 404"));
+    daemon.stop();
+}

@@ -249,6 +249,11 @@ pub(crate) async fn daemon(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     let stop = CancellationToken::new();
     let force = CancellationToken::new();
     let signals = watch_signals(stop.clone(), force.clone());
+    let metrics_stop = CancellationToken::new();
+    let _metrics_guard = metrics_stop.clone().drop_guard();
+    if let Some(addr) = load_config(args.config.as_deref())?.metrics_listen {
+        kiln_runner::metrics::serve(addr, metrics_stop).await?;
+    }
     tracing::info!(instance = client.instance(), runner = %settings.name, "daemon started");
     let result = poller::run_daemon(client, poll, settings, backends.clone(), stop, force).await;
     signals.abort();

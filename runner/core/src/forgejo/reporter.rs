@@ -392,7 +392,8 @@ impl EventSink for Reporter {
                     st.push_row(line, step);
                 }
             }
-            Event::StepFinished { index, conclusion, .. } => {
+            Event::StepFinished { index, conclusion, duration, .. } => {
+                crate::metrics::global().step_duration.observe(duration.as_secs_f64());
                 let position = st.position();
                 if let Some(s) = st.state.steps.get_mut(index) {
                     s.result = conclusion.into();

@@ -222,6 +222,8 @@ pub async fn run_task(
     force: CancellationToken,
 ) -> TaskResult {
     let task_id = task.id;
+    let started = std::time::Instant::now();
+    crate::metrics::global().jobs_running.inc();
     let job = context_str(&task.context, "job").to_owned();
     let event = context_str(&task.context, "event_name").to_owned();
     tracing::info!(task = task_id, job = %job, "task received");
@@ -278,5 +280,9 @@ pub async fn run_task(
     }
     ticker.abort();
     tracing::info!(task = task_id, result = result.name(), "task finished");
+    let metrics = crate::metrics::global();
+    metrics.jobs_running.dec();
+    let word = result.name().trim_start_matches("RESULT_").to_ascii_lowercase();
+    metrics.job_finished(&word, started.elapsed());
     result
 }
