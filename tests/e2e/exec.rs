@@ -334,7 +334,7 @@ fn validate_lints_expressions_and_exits_2_and_exec_refuses_before_starting() {
 
 #[test]
 fn event_payload_ref_and_sha_win_over_local_git() {
-    let wf = "on: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo \"ref=${{ github.ref }} name=${{ github.ref_name }} type=${{ github.ref_type }} sha=${{ github.sha }} env=$GITHUB_REF_NAME\"\n";
+    let wf = "on: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo \"ref=${{ github.ref }} name=${{ github.ref_name }} type=${{ github.ref_type }} sha=${{ github.sha }} env=$GITHUB_REF_NAME forge=${{ forge.ref_name }} forgejo=${{ forgejo.ref_type }}\"\n";
     let repo = Repo::with_workflow("tag.yml", wf);
     let event = repo.path().join("event.json");
     std::fs::write(
@@ -343,7 +343,7 @@ fn event_payload_ref_and_sha_win_over_local_git() {
     )
     .unwrap();
     repo.exec(&["-e", event.to_str().unwrap()]).assert_code(0).assert_stdout(&[
-        "ref=refs/tags/v1.2.3 name=v1.2.3 type=tag sha=1234567890abcdef1234567890abcdef12345678 env=v1.2.3",
+        "ref=refs/tags/v1.2.3 name=v1.2.3 type=tag sha=1234567890abcdef1234567890abcdef12345678 env=v1.2.3 forge=v1.2.3 forgejo=tag",
     ]);
     // Without a payload ref: local git.
     std::fs::write(&event, "{}").unwrap();

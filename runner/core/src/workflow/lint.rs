@@ -235,7 +235,11 @@ impl Linter<'_> {
         for r in e.references() {
             let (message, col) = match r {
                 Reference::Context(name, col) => {
-                    let lower = name.to_ascii_lowercase();
+                    let mut lower = name.to_ascii_lowercase();
+                    // Forgejo's names of `github`.
+                    if lower == "forgejo" || lower == "forge" {
+                        lower = "github".to_owned();
+                    }
                     if !ALL_CONTEXTS.contains(&lower.as_str()) {
                         (
                             format!(

@@ -421,7 +421,12 @@ fn parse_environment(cx: &Ctx<'_>, node: &Node, path: &str) -> Result<Option<Env
     match &node.kind {
         Kind::Null => Ok(None),
         Kind::Map(_) => {
-            let f = cx.fields(node, path, "`environment`", &["name", "url"])?;
+            let f = cx.fields(node, path, "`environment`", &["name", "url", "deployment"])?;
+            // `deployment: false` (GitHub, 2025): no deployment record on the server; nothing
+            // for a runner to do, but the value must be a boolean or an expression.
+            if let Some(d) = f.get("deployment") {
+                cx.bool_or_expr(d, &join(path, "deployment"))?;
+            }
             let name = match f.get("name") {
                 Some(n) => cx.string(n, &join(path, "name"))?,
                 None => {

@@ -246,3 +246,13 @@ fn text_that_is_never_evaluated_is_not_checked() {
         "#]],
     );
 }
+
+#[test]
+fn forgejo_names_of_the_github_context() {
+    lint(
+        "on: push\njobs:\n  a:\n    if: forge.repository_owner == 'root' || forgejo.ref != ''\n    runs-on: x\n    environment:\n      name: prod\n      deployment: false\n    steps:\n      - run: echo ${{ forge.sha }} ${{ FORGEJO.event.pull_request.number }}\n",
+        expect![[r#"
+            ok
+        "#]],
+    );
+}
