@@ -6,6 +6,7 @@
 # Images:
 #   kiln-test/busybox:1  FROM scratch + Debian's busybox-static (sh, env, sleep, kill, find…)
 #   kiln-test/httpd:1    busybox's httpd on :8080 with a HEALTHCHECK (a service for the tests)
+# Tools: docker-registry (a local registry the force_pull test runs on loopback).
 set -euo pipefail
 
 log() { printf 'docker-setup: %s\n' "$*"; }
@@ -78,5 +79,11 @@ DOCKERFILE
     log "building kiln-test/httpd:1"
     DOCKER_BUILDKIT=0 docker build -q -t kiln-test/httpd:1 "$ctx" >/dev/null
     rm -rf "$ctx"
+fi
+# Debian's registry (distribution 2.x) for the force_pull test, which starts its own instance on
+# a loopback port; the package's system service is not started.
+if ! command -v docker-registry >/dev/null 2>&1; then
+    log "installing docker-registry"
+    apt_install docker-registry
 fi
 log "ready"

@@ -545,3 +545,51 @@ jobs:
     let first = run.stdout.find("first step").unwrap();
     assert!(pre < first, "the nested pre runs before the job's first step\n{}", run.show());
 }
+
+#[test]
+fn self_repository_uses_in_steps_and_jobs_run() {
+    // `$/path`: this repository at this commit, for an action and for a reusable workflow.
+    let wf = r#"
+on: push
+jobs:
+  step:
+    runs-on: ubuntu-latest
+    steps:
+      - id: a
+        uses: $/.github/actions/hello
+        with:
+          who: self
+      - run: test "${{ steps.a.outputs.said }}" = "hello self"
+  call:
+    uses: $/.github/workflows/called.yml
+    with:
+      name: self
+    secrets:
+      token: s3cr3t-value
+"#;
+    let repo = Repo::with_workflow("self.yml", wf);
+    write(
+        &repo,
+        ".github/actions/hello/action.yml",
+        r#"
+name: hello
+inputs:
+  who: { required: true }
+outputs:
+  said:
+    value: ${{ steps.s.outputs.said }}
+runs:
+  using: composite
+  steps:
+    - id: s
+      run: echo "said=hello ${{ inputs.who }}" >> "$GITHUB_OUTPUT"; echo "action ran for ${{ inputs.who }}"
+      shell: bash
+"#,
+    );
+    write(&repo, ".github/workflows/called.yml", CALLED);
+    repo.exec(&["-W", ".github/workflows/self.yml"]).assert_code(0).assert_stdout(&[
+        "action ran for self",
+        "called with self loud=false count=2",
+        "Workflow success",
+    ]);
+}

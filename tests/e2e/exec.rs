@@ -303,3 +303,49 @@ jobs:
         .assert_code(0)
         .assert_stdout(&["continue-on-error lets the workflow go on", "after sees success"]);
 }
+
+#[test]
+fn validate_lints_expressions_and_exits_2_and_exec_refuses_before_starting() {
+    let bad = "on: push\njobs:\n  a:\n    if: github.repository == \"x\"\n    runs-on: ubuntu-latest\n    strategy:\n      matrix:\n        k: ${{ fromJSON(secrets.K) }}\n    steps:\n      - run: echo ${{ github.sha ) }} > started\n";
+    let repo = Repo::with_workflow("bad.yml", bad);
+    let out = repo.kiln().args(["validate", ".github/workflows"]).output().unwrap();
+    let run = crate::support::Run::from(out);
+    run.assert_code(2).assert_stdout(&[
+        "invalid .github/workflows/bad.yml",
+        ".github/workflows/bad.yml:4:30: jobs.a.if: invalid expression `github.repository == \"x\"`",
+        ".github/workflows/bad.yml:8:25: jobs.a.strategy.matrix.k: context `secrets` is not available in `jobs.<job_id>.strategy`",
+        ".github/workflows/bad.yml:10:34: jobs.a.steps[0].run: invalid expression `github.sha )`",
+    ]);
+    // `kiln exec` reports the same errors and runs nothing.
+    let run = repo.exec(&[]);
+    run.assert_code(2);
+    assert!(run.stderr.contains("bad.yml:8:25: jobs.a.strategy.matrix.k"), "{}", run.show());
+    assert!(!repo.path().join("started").exists());
+    // A valid file: exit 0.
+    let good = Repo::with_workflow(
+        "ok.yml",
+        "on: push\njobs:\n  a:\n    runs-on: x\n    steps:\n      - run: echo ${{ github.sha }}\n",
+    );
+    let out = good.kiln().args(["validate", ".github/workflows/ok.yml"]).output().unwrap();
+    crate::support::Run::from(out)
+        .assert_code(0)
+        .assert_stdout(&["ok      .github/workflows/ok.yml (1 jobs)"]);
+}
+
+#[test]
+fn event_payload_ref_and_sha_win_over_local_git() {
+    let wf = "on: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo \"ref=${{ github.ref }} name=${{ github.ref_name }} type=${{ github.ref_type }} sha=${{ github.sha }} env=$GITHUB_REF_NAME forge=${{ forge.ref_name }} forgejo=${{ forgejo.ref_type }}\"\n";
+    let repo = Repo::with_workflow("tag.yml", wf);
+    let event = repo.path().join("event.json");
+    std::fs::write(
+        &event,
+        r#"{"ref": "refs/tags/v1.2.3", "after": "1234567890abcdef1234567890abcdef12345678"}"#,
+    )
+    .unwrap();
+    repo.exec(&["-e", event.to_str().unwrap()]).assert_code(0).assert_stdout(&[
+        "ref=refs/tags/v1.2.3 name=v1.2.3 type=tag sha=1234567890abcdef1234567890abcdef12345678 env=v1.2.3 forge=v1.2.3 forgejo=tag",
+    ]);
+    // Without a payload ref: local git.
+    std::fs::write(&event, "{}").unwrap();
+    repo.exec(&["-e", event.to_str().unwrap()]).assert_code(0).assert_no_stdout(&["v1.2.3"]);
+}

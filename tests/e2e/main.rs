@@ -6,6 +6,7 @@ mod actions;
 mod conformance;
 mod daemon;
 mod docker;
+mod docker_config;
 mod exec;
 mod fake_forgejo;
 mod lifecycle;

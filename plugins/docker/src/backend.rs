@@ -56,6 +56,8 @@ pub struct DockerBackend {
 pub(crate) struct Inner {
     /// The plugin's own engine and those environments name (option `docker_host`).
     pub(crate) engines: Engines,
+    /// The path of the plugin's own engine's unix socket, when `--mount-docker-socket`.
+    socket: Option<String>,
     pub(crate) state_dir: PathBuf,
     config: DockerConfig,
     /// The plugin runs as root: it can delete whatever containers write into `/__kiln`.
@@ -173,8 +175,41 @@ impl DockerBackend {
         let state_dir = std::fs::canonicalize(&config.state_dir)
             .with_context(|| format!("resolving {}", config.state_dir.display()))?;
         kiln_plugin_sdk::dirs::spread_subdirectories(&state_dir);
+        let socket = if config.mount_docker_socket {
+            let endpoint = config
+                .docker_host
+                .clone()
+                .or_else(|| std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty()))
+                .unwrap_or_else(|| "unix:///var/run/docker.sock".to_owned());
+            let Some(path) = endpoint
+                .strip_prefix("unix://")
+                .or_else(|| endpoint.starts_with('/').then_some(endpoint.as_str()))
+            else {
+                anyhow::bail!(
+                    "--mount-docker-socket: the engine {endpoint:?} is not a unix socket, so it \
+                     cannot be mounted into job containers"
+                );
+            };
+            Some(path.to_owned())
+        } else {
+            None
+        };
+        if !config.container_options.trim().is_empty() {
+            // Held to the policy at startup, so a bad option is an error before any job.
+            let policy = spec::Policy {
+                valid_volumes: &config.valid_volumes,
+                allowed_options: &config.allowed_options,
+            };
+            let probe = ContainerSpec {
+                options: config.container_options.clone(),
+                ..ContainerSpec::default()
+            };
+            spec::parse("startup", &probe, &policy)
+                .map_err(|e| anyhow::anyhow!("--container-options: {e}"))?;
+        }
         Ok(DockerBackend {
             inner: Arc::new(Inner {
+                socket,
                 engines: Engines::new(engine, &state_dir, config.tls_dir.clone()),
                 state_dir,
                 config,
@@ -523,9 +558,31 @@ impl DockerBackend {
         }
     }
 
+    /// The configured network (`--network`) for an environment on the plugin's own engine.
+    fn configured_network(&self, env: &EnvInfo) -> Option<&str> {
+        self.inner.config.network.as_deref().filter(|_| env.engine.endpoint.is_empty())
+    }
+
+    /// The engine socket to bind at /var/run/docker.sock in a job or step container
+    /// (`--mount-docker-socket`), for environments on the plugin's own engine.
+    fn socket_to_mount(&self, env: &EnvInfo, kind: ContainerKind) -> Option<String> {
+        if !self.inner.config.mount_docker_socket
+            || kind == ContainerKind::Service
+            || !env.engine.endpoint.is_empty()
+        {
+            return None;
+        }
+        self.inner.socket.clone()
+    }
+
     /// Creates the environment's network when missing and connects the primary container to
     /// it, so inner containers and the primary reach each other by name.
     pub(crate) async fn ensure_network(&self, env: &EnvInfo) -> Result<String> {
+        // A configured network (host, bridge or a named one) is used as it is, on the
+        // plugin's own engine; environments on other engines get their own network.
+        if let Some(net) = self.configured_network(env) {
+            return Ok(net.to_owned());
+        }
         let name = labels::network_name(&env.id);
         if self.network_exists(env).await? {
             return Ok(name);
@@ -534,6 +591,7 @@ impl DockerBackend {
         let create = NetworkCreateRequest {
             name: name.clone(),
             driver: Some("bridge".to_owned()),
+            enable_ipv6: self.inner.config.enable_ipv6.then_some(true),
             labels: Some(labels::owner_labels(&env.id, &env.owner, &env.spec_hash)),
             ..Default::default()
         };
@@ -581,25 +639,52 @@ impl DockerBackend {
             // On the environment's network when it has one, else on the default bridge (the
             // network is created, and the primary connected to it, with the first inner
             // container).
-            let net = if self.network_exists(env).await? {
+            let net = if let Some(net) = self.configured_network(env) {
+                Some(net.to_owned())
+            } else if self.network_exists(env).await? {
                 Some(labels::network_name(&env.id))
             } else {
                 // The engine's default network ("bridge" on Docker, "podman" on Podman).
                 None
             };
+            // The primary is the job's container (a `docker://` label): the configured
+            // options, privileges and engine socket apply to it as to a job container.
+            let config = &self.inner.config;
+            let mut parsed = if config.container_options.trim().is_empty() {
+                spec::Parsed::default()
+            } else {
+                let policy = spec::Policy {
+                    valid_volumes: &config.valid_volumes,
+                    allowed_options: &config.allowed_options,
+                };
+                let probe = ContainerSpec {
+                    options: config.container_options.clone(),
+                    ..ContainerSpec::default()
+                };
+                spec::parse(&env.id, &probe, &policy)?
+            };
+            let mut binds = Self::env_binds(env);
+            binds.extend(parsed.host.binds.take().unwrap_or_default());
+            if let Some(socket) = self.socket_to_mount(env, ContainerKind::Job) {
+                binds.push(format!("{socket}:/var/run/docker.sock"));
+            }
+            let mut env_vars = parsed.env;
+            env_vars.sort();
             let body = ContainerCreateBody {
                 image: Some(image.to_owned()),
                 entrypoint: Some(vec!["/bin/sh".to_owned(), "-c".to_owned()]),
                 cmd: Some(vec![KEEPALIVE.to_owned()]),
                 working_dir: Some(WORKSPACE.to_owned()),
                 labels: Some(l),
+                env: (!env_vars.is_empty()).then_some(env_vars),
                 host_config: Some(HostConfig {
                     init: Some(true),
                     network_mode: net.clone(),
-                    binds: Some(Self::env_binds(env)),
-                    ..Default::default()
+                    binds: Some(binds),
+                    privileged: config.privileged.then_some(true).or(parsed.host.privileged),
+                    ..parsed.host
                 }),
-                networking_config: net.map(|net| NetworkingConfig {
+                networking_config: net.filter(|n| n != "host").map(|net| NetworkingConfig {
                     endpoints_config: Some(HashMap::from([(net, EndpointSettings::default())])),
                 }),
                 ..Default::default()
@@ -922,7 +1007,8 @@ impl DockerBackend {
             self.inner.engines.remember(&endpoint, docker_tls_dir.as_deref())?;
         }
         if let Some(image) = &image {
-            self.ensure_image(&engine, image, false, None, "options.image").await?;
+            self.ensure_image(&engine, image, self.inner.config.force_pull, None, "options.image")
+                .await?;
         }
         let mut owner = request.owner.clone();
         owner.created_at_unix_ms = labels::now_ms();
@@ -1089,7 +1175,20 @@ impl DockerBackend {
             valid_volumes: &self.inner.config.valid_volumes,
             allowed_options: &self.inner.config.allowed_options,
         };
-        let parsed = spec::parse(&env.id, spec, &policy)?;
+        let mut parsed =
+            if kind == ContainerKind::Job && !self.inner.config.container_options.is_empty() {
+                // The configured options first, the workflow's after them (a later flag wins).
+                let merged = ContainerSpec {
+                    options: format!("{} {}", self.inner.config.container_options, spec.options),
+                    ..spec.clone()
+                };
+                spec::parse(&env.id, &merged, &policy)?
+            } else {
+                spec::parse(&env.id, spec, &policy)?
+            };
+        if self.inner.config.privileged {
+            parsed.host.privileged = Some(true);
+        }
         let hash = container_spec_hash(kind, spec);
         let name = labels::container_name(&env.id, &request.container_id);
         let docker = &env.engine.docker;
@@ -1149,13 +1248,13 @@ impl DockerBackend {
         let image = match &spec.build {
             Some(b) => {
                 let source = self.context_source(&env).await?;
-                crate::build::build(&env, source, b).await?
+                crate::build::build(&env, source, b, self.inner.config.force_rebuild).await?
             }
             None => {
                 self.ensure_image(
                     &env.engine,
                     &spec.image,
-                    spec.force_pull,
+                    spec.force_pull || self.inner.config.force_pull,
                     spec.credentials.as_ref(),
                     "spec.image",
                 )
@@ -1186,8 +1285,15 @@ impl DockerBackend {
         if spec.mount_workspace || kind == ContainerKind::Step {
             binds.extend(Self::env_binds(&env));
         }
+        if let Some(socket) = self.socket_to_mount(&env, kind) {
+            binds.push(format!("{socket}:/var/run/docker.sock"));
+        }
         host.binds = (!binds.is_empty()).then_some(binds);
         host.network_mode = Some(net.clone());
+        // Network-scoped aliases exist on user-defined networks only.
+        let aliases = (!spec.network_aliases.is_empty()
+            && !matches!(net.as_str(), "host" | "bridge"))
+        .then(|| spec.network_aliases.clone());
         if host.init.is_none() && kind != ContainerKind::Step {
             host.init = Some(true);
         }
@@ -1211,14 +1317,10 @@ impl DockerBackend {
             healthcheck: parsed.healthcheck,
             labels: Some(l),
             host_config: Some(host),
-            networking_config: Some(NetworkingConfig {
+            networking_config: (net != "host").then(|| NetworkingConfig {
                 endpoints_config: Some(HashMap::from([(
                     net,
-                    EndpointSettings {
-                        aliases: (!spec.network_aliases.is_empty())
-                            .then(|| spec.network_aliases.clone()),
-                        ..Default::default()
-                    },
+                    EndpointSettings { aliases, ..Default::default() },
                 )])),
             }),
             ..Default::default()

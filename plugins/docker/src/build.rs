@@ -34,6 +34,7 @@ pub(crate) async fn build(
     env: &EnvInfo,
     source_container: Option<String>,
     build: &ImageBuild,
+    force: bool,
 ) -> Result<String> {
     check_path(&build.context_dir, "spec.build.context_dir")?;
     let dockerfile = if build.dockerfile.is_empty() { "Dockerfile" } else { &build.dockerfile };
@@ -67,7 +68,7 @@ pub(crate) async fn build(
     hash.update(&context);
     let tag = format!("kiln-build:{}", &hex::encode(hash.finalize())[..24]);
     let docker = &env.engine.docker;
-    if docker.inspect_image(&tag).await.is_ok() {
+    if !force && docker.inspect_image(&tag).await.is_ok() {
         tracing::debug!(%tag, "build cache hit");
         return Ok(tag);
     }

@@ -190,6 +190,23 @@ pub struct DockerConfig {
     pub allowed_options: Vec<String>,
     /// Globs of the endpoints environments may name with the option `docker_host`.
     pub allowed_docker_hosts: Vec<String>,
+    /// Forgejo Runner's `container.network`: `None` = a network per environment; `host`,
+    /// `bridge` or the name of an existing network for every container.
+    pub network: Option<String>,
+    /// Create each environment's network with IPv6 (`container.enable_ipv6`).
+    pub enable_ipv6: bool,
+    /// Every container privileged (`container.privileged`).
+    pub privileged: bool,
+    /// `docker run` options added to every job container (`container.options`), held to the
+    /// same policy as a workflow's `options`.
+    pub container_options: String,
+    /// Bind the engine's unix socket at /var/run/docker.sock in job and step containers
+    /// (`container.docker_host: automount` or a unix:// URL).
+    pub mount_docker_socket: bool,
+    /// Pull every image even when present (`container.force_pull`).
+    pub force_pull: bool,
+    /// Build action images even when a built one is cached (`container.force_rebuild`).
+    pub force_rebuild: bool,
 }
 
 impl DockerConfig {
@@ -203,6 +220,13 @@ impl DockerConfig {
             valid_volumes: Vec::new(),
             allowed_options: Vec::new(),
             allowed_docker_hosts: Vec::new(),
+            network: None,
+            enable_ipv6: false,
+            privileged: false,
+            container_options: String::new(),
+            mount_docker_socket: false,
+            force_pull: false,
+            force_rebuild: false,
         }
     }
 
@@ -251,6 +275,30 @@ pub struct DockerArgs {
     /// Without any, the option is refused.
     #[arg(long = "allow-docker-host")]
     pub allowed_docker_hosts: Vec<String>,
+    /// The network of every container: host, bridge or an existing network's name [default:
+    /// a network per environment] (Forgejo Runner's container.network).
+    #[arg(long)]
+    pub network: Option<String>,
+    /// Create each environment's network with IPv6 enabled.
+    #[arg(long)]
+    pub enable_ipv6: bool,
+    /// Run every container privileged (Forgejo Runner's container.privileged).
+    #[arg(long)]
+    pub privileged: bool,
+    /// `docker run` options for every job container, e.g. '--cpus 2' (checked against the
+    /// option and volume policy at startup).
+    #[arg(long, default_value = "")]
+    pub container_options: String,
+    /// Mount the engine's unix socket at /var/run/docker.sock in job and step containers
+    /// (Forgejo Runner's container.docker_host: automount).
+    #[arg(long)]
+    pub mount_docker_socket: bool,
+    /// Pull every image, even when present.
+    #[arg(long)]
+    pub force_pull: bool,
+    /// Build docker action images even when a built one is cached.
+    #[arg(long)]
+    pub force_rebuild: bool,
 }
 
 impl DockerArgs {
@@ -264,6 +312,13 @@ impl DockerArgs {
             valid_volumes: self.valid_volumes.clone(),
             allowed_options: self.allowed_options.clone(),
             allowed_docker_hosts: self.allowed_docker_hosts.clone(),
+            network: self.network.clone().filter(|n| !n.trim().is_empty()),
+            enable_ipv6: self.enable_ipv6,
+            privileged: self.privileged,
+            container_options: self.container_options.clone(),
+            mount_docker_socket: self.mount_docker_socket,
+            force_pull: self.force_pull,
+            force_rebuild: self.force_rebuild,
         }
     }
 }

@@ -19,7 +19,9 @@ pub struct Cli {
 pub(crate) enum Command {
     /// Run a workflow locally (like act).
     Exec(ExecArgs),
-    /// Check workflow files without running them.
+    /// Check workflow files without running them: the YAML, every key, every `${{ }}` and
+    /// `if:` (syntax, and contexts where GitHub makes them available); every error is printed
+    /// as `file:line:col`; exit 2 when a file is invalid.
     Validate(ValidateArgs),
     /// Register this runner with a Forgejo/Gitea instance (writes the .runner file).
     Register(RegisterArgs),

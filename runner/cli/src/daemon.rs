@@ -188,11 +188,23 @@ async fn setup(path: Option<&Path>) -> anyhow::Result<Setup> {
             }
         });
     }
+    if config.cache_section.as_ref().is_some_and(|c| c.enabled) {
+        tracing::warn!(
+            "cache.enabled: kiln's daemon does not serve an actions cache yet: jobs get no \
+             ACTIONS_CACHE_URL (set cache.enabled: false to silence this)"
+        );
+    }
     let timeout = std::env::var("FORGEJO_CLIENT_TIMEOUT")
         .ok()
         .and_then(|t| config::parse_duration(&t).ok())
         .unwrap_or(Duration::from_secs(60));
-    let client = Arc::new(Client::new(&file.address, &file.uuid, &file.token, timeout)?);
+    let client = Arc::new(Client::with_tls(
+        &file.address,
+        &file.uuid,
+        &file.token,
+        timeout,
+        config.runner.insecure,
+    )?);
     let r = &config.runner;
     let poll = PollSettings {
         capacity: if file.ephemeral { 1 } else { r.capacity },
@@ -208,6 +220,7 @@ async fn setup(path: Option<&Path>) -> anyhow::Result<Setup> {
         envs: r.envs.clone(),
         timeout: r.timeout,
         report_interval: r.report_interval,
+        job_level: config.job_level,
         identity,
         actions: config.actions.clone(),
     });
@@ -239,6 +252,11 @@ pub(crate) async fn daemon(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     let stop = CancellationToken::new();
     let force = CancellationToken::new();
     let signals = watch_signals(stop.clone(), force.clone());
+    let metrics_stop = CancellationToken::new();
+    let _metrics_guard = metrics_stop.clone().drop_guard();
+    if let Some(addr) = load_config(args.config.as_deref())?.metrics_listen {
+        kiln_runner::metrics::serve(addr, metrics_stop).await?;
+    }
     tracing::info!(instance = client.instance(), runner = %settings.name, "daemon started");
     let result = poller::run_daemon(client, poll, settings, backends.clone(), stop, force).await;
     signals.abort();

@@ -43,16 +43,14 @@ fn workflow_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
 fn load(path: &Path) -> anyhow::Result<Workflow> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let wf = workflow::parse_workflow(&text, &path.display().to_string())
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    if let Err(errors) = workflow::validate(&wf) {
+    // The linter: the model, every expression and the semantic checks, all errors at once.
+    workflow::check_workflow(&text, &path.display().to_string()).map_err(|errors| {
         let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
-        bail!("{}", text.join("\n"));
-    }
-    Ok(wf)
+        anyhow::anyhow!("{}", text.join("\n"))
+    })
 }
 
-/// `kiln validate`.
+/// `kiln validate`: exit 0 when every file is valid, 2 when one is not (invalid input).
 pub(crate) fn validate(args: ValidateArgs) -> anyhow::Result<ExitCode> {
     let mut failed = false;
     let mut out = std::io::stdout().lock();
@@ -67,7 +65,7 @@ pub(crate) fn validate(args: ValidateArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if failed { ExitCode::from(2) } else { ExitCode::SUCCESS })
 }
 
 fn git(dir: &Path, args: &[&str]) -> Option<String> {
@@ -135,12 +133,15 @@ fn github_context(
             .map(|q| s.spawn(move || if q.is_empty() { None } else { git(root, q) }))
             .map(|h| h.join().ok().flatten())
     });
-    let sha = sha.unwrap_or_else(|| "0".repeat(40));
-    let (r#ref, ref_name, ref_type) = match (branch, tag) {
-        (Some(b), _) => (format!("refs/heads/{b}"), b, "branch"),
-        (None, Some(t)) => (format!("refs/tags/{t}"), t, "tag"),
-        (None, None) => ("refs/heads/main".to_owned(), "main".to_owned(), "branch"),
+    let from_event = EventRefs::of(event_name, &event);
+    let sha = from_event.sha.clone().or(sha).unwrap_or_else(|| "0".repeat(40));
+    let git_ref = match (branch, tag) {
+        (Some(b), _) => format!("refs/heads/{b}"),
+        (None, Some(t)) => format!("refs/tags/{t}"),
+        (None, None) => "refs/heads/main".to_owned(),
     };
+    let r#ref = from_event.git_ref.clone().unwrap_or(git_ref);
+    let (ref_name, ref_type) = ref_name_and_type(&r#ref);
     let repository = remote.as_deref().and_then(repo_from_url).unwrap_or_else(|| {
         let name = root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         format!("local/{name}")
@@ -151,10 +152,8 @@ fn github_context(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(1);
-    let head_ref =
-        event.pointer("/pull_request/head/ref").and_then(Value::as_str).unwrap_or("").to_owned();
-    let base_ref =
-        event.pointer("/pull_request/base/ref").and_then(Value::as_str).unwrap_or("").to_owned();
+    let head_ref = from_event.head_ref.unwrap_or_default();
+    let base_ref = from_event.base_ref.unwrap_or_default();
     let workflow_name = wf.name.clone().unwrap_or_else(|| wf.file.clone());
     let mut c = Map::new();
     for (k, v) in [
@@ -189,6 +188,70 @@ fn github_context(
         c.insert(k.into(), v);
     }
     c
+}
+
+/// What an event payload (`-e event.json`) says about the ref and commit, as act reads it;
+/// `None` where the payload says nothing, and local git is asked instead.
+#[derive(Debug, Default, PartialEq)]
+struct EventRefs {
+    git_ref: Option<String>,
+    sha: Option<String>,
+    head_ref: Option<String>,
+    base_ref: Option<String>,
+}
+
+impl EventRefs {
+    fn of(event_name: &str, event: &Value) -> EventRefs {
+        let text = |p: &str| {
+            event.pointer(p).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned)
+        };
+        let head_ref = text("/pull_request/head/ref");
+        let base_ref = text("/pull_request/base/ref");
+        let git_ref = match event_name {
+            "pull_request_target" => base_ref.as_ref().map(|b| format!("refs/heads/{b}")),
+            "pull_request" | "pull_request_review" | "pull_request_review_comment" => event
+                .get("number")
+                .or_else(|| event.pointer("/pull_request/number"))
+                .and_then(Value::as_u64)
+                .map(|n| format!("refs/pull/{n}/merge")),
+            "deployment" | "deployment_status" => text("/deployment/ref"),
+            "release" => text("/release/tag_name").map(|t| format!("refs/tags/{t}")),
+            _ => None,
+        }
+        .or_else(|| text("/ref"))
+        .or_else(|| text("/repository/default_branch").map(|b| format!("refs/heads/{b}")));
+        // A short `ref` (`v1.2.3`, `main`), as some hand-written payloads have it.
+        let git_ref = git_ref.map(|r| match (r.starts_with("refs/"), event.get("ref_type")) {
+            (false, Some(Value::String(t))) if t == "tag" => format!("refs/tags/{r}"),
+            (false, _) => format!("refs/heads/{r}"),
+            (true, _) => r,
+        });
+        let zero = |s: &String| s.bytes().all(|b| b == b'0');
+        let sha = match event_name {
+            "pull_request_target" => text("/pull_request/base/sha"),
+            "deployment" | "deployment_status" => text("/deployment/sha"),
+            "pull_request" | "pull_request_review" | "pull_request_review_comment" => None,
+            _ => text("/after").filter(|s| !zero(s)),
+        };
+        EventRefs { git_ref, sha, head_ref, base_ref }
+    }
+}
+
+/// `github.ref_name` and `github.ref_type` of a full ref.
+fn ref_name_and_type(r: &str) -> (String, &'static str) {
+    if let Some(t) = r.strip_prefix("refs/tags/") {
+        (t.to_owned(), "tag")
+    } else if let Some(b) = r.strip_prefix("refs/heads/") {
+        (b.to_owned(), "branch")
+    } else {
+        (
+            r.strip_prefix("refs/pull/")
+                .or_else(|| r.strip_prefix("refs/"))
+                .unwrap_or(r)
+                .to_owned(),
+            "branch",
+        )
+    }
 }
 
 /// The inputs of a workflow_dispatch / workflow_call run: declared defaults, overridden by the
@@ -512,4 +575,96 @@ fn print_plan(workflows: &[Workflow], graph: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use expect_test::{Expect, expect};
+    use serde_json::json;
+
+    use super::{EventRefs, ref_name_and_type};
+
+    fn check(event_name: &str, event: serde_json::Value, expect: Expect) {
+        let r = EventRefs::of(event_name, &event);
+        let (name, kind) = r.git_ref.as_deref().map(ref_name_and_type).unzip();
+        expect.assert_eq(&format!(
+            "ref={:?} ref_name={:?} ref_type={:?} sha={:?} head_ref={:?} base_ref={:?}\n",
+            r.git_ref, name, kind, r.sha, r.head_ref, r.base_ref
+        ));
+    }
+
+    #[test]
+    fn refs_come_from_the_payload_when_it_has_them() {
+        check(
+            "push",
+            json!({}),
+            expect![[r#"
+            ref=None ref_name=None ref_type=None sha=None head_ref=None base_ref=None
+        "#]],
+        );
+        check(
+            "push",
+            json!({"ref": "refs/tags/v1.2.3"}),
+            expect![[r#"
+            ref=Some("refs/tags/v1.2.3") ref_name=Some("v1.2.3") ref_type=Some("tag") sha=None head_ref=None base_ref=None
+        "#]],
+        );
+        check(
+            "push",
+            json!({"ref": "refs/heads/feature/x", "after": "abc123", "before": "0"}),
+            expect![[r#"
+            ref=Some("refs/heads/feature/x") ref_name=Some("feature/x") ref_type=Some("branch") sha=Some("abc123") head_ref=None base_ref=None
+        "#]],
+        );
+        // A branch deletion: `after` is all zeros, so the sha comes from git.
+        check(
+            "push",
+            json!({"ref": "refs/heads/gone", "after": "0000000000000000000000000000000000000000"}),
+            expect![[r#"
+            ref=Some("refs/heads/gone") ref_name=Some("gone") ref_type=Some("branch") sha=None head_ref=None base_ref=None
+        "#]],
+        );
+        check(
+            "create",
+            json!({"ref": "v2", "ref_type": "tag"}),
+            expect![[r#"
+            ref=Some("refs/tags/v2") ref_name=Some("v2") ref_type=Some("tag") sha=None head_ref=None base_ref=None
+        "#]],
+        );
+        check(
+            "pull_request",
+            json!({"number": 7, "pull_request": {"head": {"ref": "fix", "sha": "h1"}, "base": {"ref": "main", "sha": "b1"}}}),
+            expect![[r#"
+            ref=Some("refs/pull/7/merge") ref_name=Some("7/merge") ref_type=Some("branch") sha=None head_ref=Some("fix") base_ref=Some("main")
+        "#]],
+        );
+        check(
+            "pull_request_target",
+            json!({"number": 7, "pull_request": {"head": {"ref": "fix", "sha": "h1"}, "base": {"ref": "main", "sha": "b1"}}}),
+            expect![[r#"
+            ref=Some("refs/heads/main") ref_name=Some("main") ref_type=Some("branch") sha=Some("b1") head_ref=Some("fix") base_ref=Some("main")
+        "#]],
+        );
+        check(
+            "release",
+            json!({"release": {"tag_name": "v3.0.0"}}),
+            expect![[r#"
+            ref=Some("refs/tags/v3.0.0") ref_name=Some("v3.0.0") ref_type=Some("tag") sha=None head_ref=None base_ref=None
+        "#]],
+        );
+        check(
+            "deployment",
+            json!({"deployment": {"ref": "refs/heads/prod", "sha": "d1"}}),
+            expect![[r#"
+            ref=Some("refs/heads/prod") ref_name=Some("prod") ref_type=Some("branch") sha=Some("d1") head_ref=None base_ref=None
+        "#]],
+        );
+        check(
+            "issues",
+            json!({"repository": {"default_branch": "trunk"}}),
+            expect![[r#"
+            ref=Some("refs/heads/trunk") ref_name=Some("trunk") ref_type=Some("branch") sha=None head_ref=None base_ref=None
+        "#]],
+        );
+    }
 }

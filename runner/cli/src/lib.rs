@@ -97,14 +97,23 @@ pub(crate) fn wire_delegation(
     else {
         return Ok(());
     };
-    match specs.get_mut("host") {
-        Some(PluginSpec::Managed { command, .. }) if *command == embedded => {
+    // The embedded host plugin, possibly with `--root DIR` (config `host.workdir_parent`).
+    let configured_root = match specs.get_mut("host") {
+        Some(PluginSpec::Managed { command, .. })
+            if command.starts_with(&embedded)
+                && (command.len() == embedded.len()
+                    || (command.len() == embedded.len() + 2
+                        && command[embedded.len()] == "--root")) =>
+        {
+            let root = command.get(embedded.len() + 1).map(std::path::PathBuf::from);
             command.extend(["--delegate".to_owned(), "docker".to_owned()]);
+            root
         }
         _ => return Ok(()),
-    }
+    };
     if let Some(PluginSpec::Managed { command, .. }) = specs.get_mut("docker") {
-        let root = kiln_plugin_host::HostConfig::default_root("host");
+        let root =
+            configured_root.unwrap_or_else(|| kiln_plugin_host::HostConfig::default_root("host"));
         let root = std::fs::canonicalize(&root).unwrap_or(root);
         command.extend(["--valid-volume".to_owned(), format!("{}/*", root.display())]);
     }

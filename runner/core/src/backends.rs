@@ -325,6 +325,7 @@ impl Monitor {
                         backoff = Duration::from_millis(100);
                         let removed = collect_on(&self.plugin, &self.identity, &self.active).await;
                         tracing::info!(plugin = %self.plugin.name, removed, "plugin restarted");
+                        crate::metrics::global().plugin_restarted(&self.plugin.name);
                         break;
                     }
                     Ok((_, _, None)) => return,

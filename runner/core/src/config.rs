@@ -29,6 +29,25 @@ struct RawConfig {
     /// Where remote actions come from (kiln's own section).
     #[serde(default)]
     actions: RawActions,
+    /// Forgejo Runner's `host:` section (the embedded host plugin).
+    host: Option<RawHost>,
+    /// kiln's own: the daemon's HTTP endpoint for `/healthz` and `/metrics`.
+    metrics: Option<RawMetrics>,
+    /// Forgejo Runner's `cache:` section (syntax only here; see the end of this file).
+    cache: Option<RawForgejoCache>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHost {
+    workdir_parent: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    /// `ADDR:PORT` to listen on, e.g. `127.0.0.1:9101`.
+    listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -56,47 +75,64 @@ struct RawContainer {
 }
 
 impl RawContainer {
-    /// The docker plugin's flags for this section, or an error naming a key kiln does not
-    /// support yet (only when it is set to something other than Forgejo Runner's default).
+    /// The docker plugin's flags for this section, with Forgejo Runner's meaning of each key,
+    /// or an error naming a key kiln cannot honour and why.
     fn plugin_args(&self, file: &str) -> anyhow::Result<Vec<String>> {
-        let unsupported = |key: &str| {
-            anyhow::anyhow!(
-                "{file}: container.{key}: not supported by kiln's docker plugin yet; remove it \
-                 (or set it to Forgejo Runner's default)"
-            )
-        };
-        let set = |v: &Option<String>| v.as_deref().is_some_and(|s| !s.trim().is_empty());
-        if set(&self.network) {
-            return Err(unsupported("network"));
-        }
-        if set(&self.options) {
-            return Err(unsupported("options"));
-        }
-        if set(&self.workdir_parent) {
-            return Err(unsupported("workdir_parent"));
-        }
-        for (key, value) in [
-            ("enable_ipv6", self.enable_ipv6),
-            ("privileged", self.privileged),
-            ("force_pull", self.force_pull),
-            ("force_rebuild", self.force_rebuild),
-        ] {
-            if value == Some(true) {
-                return Err(unsupported(key));
-            }
+        fn set(v: &Option<String>) -> Option<&str> {
+            v.as_deref().map(str::trim).filter(|s| !s.is_empty())
         }
         let mut args = Vec::new();
+        if let Some(parent) = set(&self.workdir_parent) {
+            bail!(
+                "{file}: container.workdir_parent: {parent:?} cannot be honoured: kiln's docker \
+                 plugin keeps the job's workspace at /github/workspace (as GitHub does) and \
+                 runner files under /__kiln; remove the key"
+            );
+        }
+        // "" = a network per job (the plugin's own); host, bridge or a named network.
+        if let Some(network) = set(&self.network) {
+            args.extend(["--network".to_owned(), network.to_owned()]);
+        }
+        if self.enable_ipv6 == Some(true) {
+            if set(&self.network).is_some() {
+                bail!(
+                    "{file}: container.enable_ipv6: only applies to the network kiln creates for \
+                     each job (container.network: \"\"), not to {:?}; remove one of them",
+                    self.network.as_deref().unwrap_or("")
+                );
+            }
+            args.push("--enable-ipv6".to_owned());
+        }
+        if self.privileged == Some(true) {
+            args.push("--privileged".to_owned());
+        }
+        if let Some(options) = set(&self.options) {
+            args.extend(["--container-options".to_owned(), options.to_owned()]);
+        }
         for v in self.valid_volumes.iter().flatten() {
             args.push("--valid-volume".to_owned());
             args.push(v.clone());
         }
-        if let Some(host) = self.docker_host.as_deref().map(str::trim)
-            && !host.is_empty()
-            && host != "-"
-            && host != "automount"
-        {
-            args.push("--docker-host".to_owned());
-            args.push(host.to_owned());
+        match self.docker_host.as_deref().map(str::trim) {
+            None | Some("" | "-") => {}
+            Some("automount") => args.push("--mount-docker-socket".to_owned()),
+            Some(url) => {
+                if !url.starts_with("unix://") {
+                    bail!(
+                        "{file}: container.docker_host: {url:?} cannot be mounted into job \
+                         containers: only a unix:// socket can; use \"automount\", a unix:// \
+                         URL, or \"-\" and configure plugins.docker for a remote engine"
+                    );
+                }
+                args.extend(["--docker-host".to_owned(), url.to_owned()]);
+                args.push("--mount-docker-socket".to_owned());
+            }
+        }
+        if self.force_pull == Some(true) {
+            args.push("--force-pull".to_owned());
+        }
+        if self.force_rebuild == Some(true) {
+            args.push("--force-rebuild".to_owned());
         }
         Ok(args)
     }
@@ -106,6 +142,8 @@ impl RawContainer {
 #[serde(deny_unknown_fields)]
 struct RawLog {
     level: Option<String>,
+    /// What runner messages go into the job's log on the instance.
+    job_level: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -122,6 +160,17 @@ struct RawRunner {
     fetch_interval: Option<Value>,
     report_interval: Option<Value>,
     labels: Option<Vec<Value>>,
+    /// Skip verifying the instance's TLS certificate.
+    insecure: Option<bool>,
+    report_retry: Option<RawReportRetry>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReportRetry {
+    max_retries: Option<u32>,
+    initial_delay: Option<Value>,
+    max_delay: Option<Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -149,6 +198,12 @@ struct RawTls {
 pub struct Config {
     /// `log.level`: a tracing filter (`info`, `debug`, …).
     pub log_level: String,
+    /// `log.job_level`: which of kiln's own messages go into the job's log on the instance.
+    pub job_level: JobLevel,
+    /// `metrics.listen`: the daemon's `/healthz` and `/metrics` endpoint, when set.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Forgejo Runner's `cache:` keys, when the section is present.
+    pub cache_section: Option<ForgejoCacheKeys>,
     /// `runner.*`.
     pub runner: RunnerConfig,
     /// `plugins.*`; `host` is the embedded host plugin unless configured.
@@ -180,12 +235,41 @@ pub struct RunnerConfig {
     pub report_interval: Duration,
     /// Label configurations; `None` = take them from the `.runner` file.
     pub labels: Option<Vec<LabelConfig>>,
+    /// `runner.insecure`: skip verifying the instance's TLS certificate.
+    pub insecure: bool,
+}
+
+/// `log.job_level`: Forgejo Runner's levels, applied to kiln's own messages in a job's log
+/// (the job's output is always sent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum JobLevel {
+    /// `trace`, `debug`: also the `::debug::` lines of the steps.
+    Debug,
+    /// `info` (the default): kiln's progress messages and errors.
+    #[default]
+    Info,
+    /// `warn`, `error`, `fatal`: only kiln's error messages.
+    Error,
+}
+
+impl JobLevel {
+    fn parse(s: &str) -> Option<JobLevel> {
+        Some(match s.trim().to_ascii_lowercase().as_str() {
+            "trace" | "debug" => JobLevel::Debug,
+            "info" => JobLevel::Info,
+            "warn" | "warning" | "error" | "fatal" | "panic" => JobLevel::Error,
+            _ => return None,
+        })
+    }
 }
 
 impl Default for Config {
     fn default() -> Config {
         Config {
             log_level: "info".into(),
+            job_level: JobLevel::Info,
+            metrics_listen: None,
+            cache_section: None,
             runner: RunnerConfig {
                 file: PathBuf::from(".runner"),
                 capacity: 1,
@@ -196,6 +280,7 @@ impl Default for Config {
                 fetch_interval: Duration::from_secs(2),
                 report_interval: Duration::from_secs(1),
                 labels: None,
+                insecure: false,
             },
             plugins: BTreeMap::new(),
             actions: crate::actions::ActionSource::new(
@@ -221,8 +306,23 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
         serde_saphyr::from_str(text).map_err(|e| anyhow::anyhow!("{file}: {e}"))?
     };
     let mut config = Config::default();
+    const LEVELS: &str = "trace, debug, info, warn, error or fatal";
     if let Some(level) = raw.log.level {
         config.log_level = level;
+    }
+    if let Some(level) = raw.log.job_level {
+        config.job_level = JobLevel::parse(&level)
+            .with_context(|| format!("{file}: log.job_level: {level:?} is not one of {LEVELS}"))?;
+    }
+    if let Some(m) = raw.metrics
+        && let Some(listen) = m.listen.filter(|l| !l.trim().is_empty())
+    {
+        config.metrics_listen = Some(listen.trim().parse().with_context(|| {
+            format!("{file}: metrics.listen: {listen:?} is not ADDR:PORT, e.g. 127.0.0.1:9101")
+        })?);
+    }
+    if let Some(c) = raw.cache {
+        config.cache_section = Some(c.into_keys());
     }
     let r = raw.runner;
     let c = &mut config.runner;
@@ -248,6 +348,16 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
                 format!("{file}: runner.{key}: expected a duration like 2s, 3h or 1m30s")
             })?;
         }
+    }
+    c.insecure = r.insecure.unwrap_or(false);
+    if let Some(rr) = r.report_retry
+        && (rr.max_retries.is_some() || rr.initial_delay.is_some() || rr.max_delay.is_some())
+    {
+        bail!(
+            "{file}: runner.report_retry: cannot be honoured: kiln retries the final log and state \
+             reports with its own backoff (100ms doubling to 5s, for up to 10 minutes, stopped \
+             early by a second SIGTERM); remove the key"
+        );
     }
     if c.report_interval.is_zero() || c.fetch_interval.is_zero() {
         bail!("{file}: runner.fetch_interval and runner.report_interval must be above 0s");
@@ -327,12 +437,39 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
                  a standalone endpoint: configure that server's policy there instead"
             ),
             Some(PluginSpec::Standalone { .. }) => {}
+            // Forgejo Runner's defaults ask nothing of the plugin: it starts when a label uses
+            // it, as without the section.
+            None if args.is_empty() => {}
             None => {
                 let mut spec = crate::backends::embedded_plugin("docker")?;
                 if let PluginSpec::Managed { command, .. } = &mut spec {
                     command.extend(args);
                 }
                 config.plugins.insert("docker".into(), spec);
+            }
+        }
+    }
+
+    // `host.workdir_parent`: where the embedded host plugin puts each job's directories.
+    if let Some(parent) = raw.host.and_then(|h| h.workdir_parent).filter(|p| !p.trim().is_empty()) {
+        let parent = parent.trim();
+        if !Path::new(parent).is_absolute() {
+            bail!("{file}: host.workdir_parent: {parent:?} must be an absolute path");
+        }
+        match config.plugins.get_mut("host") {
+            Some(PluginSpec::Managed { command, .. }) => {
+                command.extend(["--root".to_owned(), parent.to_owned()]);
+            }
+            Some(PluginSpec::Standalone { .. }) => bail!(
+                "{file}: host.workdir_parent: configures kiln's embedded host plugin, but \
+                 plugins.host is a standalone endpoint: set that server's --root instead"
+            ),
+            None => {
+                let mut spec = crate::backends::embedded_host()?;
+                if let PluginSpec::Managed { command, .. } = &mut spec {
+                    command.extend(["--root".to_owned(), parent.to_owned()]);
+                }
+                config.plugins.insert("host".into(), spec);
             }
         }
     }
@@ -352,7 +489,8 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
         config.actions.overrides.push((name, anchor(dir)));
     }
 
-    if let Some(items) = r.labels {
+    // An empty list means "the labels of the .runner file", as in Forgejo Runner.
+    if let Some(items) = r.labels.filter(|l| !l.is_empty()) {
         let mut out = Vec::new();
         for (i, item) in items.iter().enumerate() {
             let key = format!("runner.labels[{i}]");
@@ -461,6 +599,54 @@ pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(total))
 }
 
+// ---- cache: (syntax only; owned by NAME=servers, see /work/notes/dropin-cache.md) ----
+
+/// Forgejo Runner's `cache:` section, as its config.example.yaml (v12) writes it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForgejoCache {
+    enabled: Option<bool>,
+    port: Option<u16>,
+    dir: Option<String>,
+    external_server: Option<String>,
+    secret: Option<String>,
+    host: Option<String>,
+    proxy_port: Option<u16>,
+    actions_cache_url_override: Option<String>,
+}
+
+impl RawForgejoCache {
+    fn into_keys(self) -> ForgejoCacheKeys {
+        ForgejoCacheKeys {
+            enabled: self.enabled.unwrap_or(true),
+            port: self.port.unwrap_or(0),
+            dir: self.dir.unwrap_or_default(),
+            external_server: self.external_server.unwrap_or_default(),
+            secret: self.secret.unwrap_or_default(),
+            host: self.host.unwrap_or_default(),
+            proxy_port: self.proxy_port.unwrap_or(0),
+            actions_cache_url_override: self.actions_cache_url_override.unwrap_or_default(),
+        }
+    }
+}
+
+/// Forgejo Runner's `cache:` keys (defaults filled in); the daemon warns that it does not
+/// serve a cache yet when `enabled`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct ForgejoCacheKeys {
+    pub enabled: bool,
+    pub port: u16,
+    pub dir: String,
+    pub external_server: String,
+    pub secret: String,
+    pub host: String,
+    pub proxy_port: u16,
+    pub actions_cache_url_override: String,
+}
+
+// ---- end of cache: ----
+
 /// The commented example printed by `kiln generate-config`.
 pub const EXAMPLE: &str = include_str!("../../../examples/config.yaml");
 
@@ -517,16 +703,117 @@ mod tests {
                 "--valid-volume",
                 "/srv/cache/**",
                 "--docker-host",
-                "unix:///run/docker.sock"
+                "unix:///run/docker.sock",
+                "--mount-docker-socket"
             ]
-        );
-        assert_eq!(
-            err("container:\n  privileged: true\n"),
-            "c.yaml: container.privileged: not supported by kiln's docker plugin yet; remove it (or set it to Forgejo Runner's default)"
         );
         assert!(err("container:\n  colour: red\n").contains("unknown field `colour`"));
         // docker:// labels need no plugins.docker: kiln serves its own.
         assert!(parse("runner:\n  labels: [\"u:docker://img\"]\n", Path::new("c.yaml")).is_ok());
+    }
+
+    /// Forgejo Runner's example configuration, every key, as Forgejo Runner ships it.
+    const FORGEJO_EXAMPLE: &str = include_str!("../../../tests/forgejo-runner/config.example.yaml");
+
+    #[test]
+    fn forgejo_runners_example_is_taken_unchanged() {
+        let c = parse(FORGEJO_EXAMPLE, Path::new("config.example.yaml")).unwrap();
+        assert_eq!(c.job_level, JobLevel::Info);
+        assert_eq!(c.runner.capacity, 1);
+        assert_eq!(c.runner.envs["A_TEST_ENV_NAME_1"], "a_test_env_value_1");
+        assert!(!c.runner.insecure);
+        // `labels: []`: the .runner file's labels.
+        assert!(c.runner.labels.is_none());
+        assert!(c.cache_section.as_ref().is_some_and(|k| k.enabled));
+        // Forgejo's defaults ask nothing of the plugins: none is configured.
+        assert!(c.plugins.is_empty(), "{:?}", c.plugins);
+    }
+
+    fn docker_args(container: &str) -> String {
+        match parse(&format!("container:\n{container}"), Path::new("c.yaml")) {
+            Ok(c) => match c.plugins.get("docker") {
+                None => String::new(),
+                Some(PluginSpec::Managed { command, .. }) => command[3..].join(" "),
+                other => format!("{other:?}"),
+            },
+            Err(e) => format!("error: {e:#}"),
+        }
+    }
+
+    #[test]
+    fn container_keys_map_onto_the_docker_plugins_flags() {
+        let cases = [
+            ("  network: \"\"\n", ""),
+            ("  network: host\n", "--network host"),
+            ("  network: bridge\n", "--network bridge"),
+            ("  network: my-net\n", "--network my-net"),
+            ("  enable_ipv6: true\n", "--enable-ipv6"),
+            ("  privileged: true\n", "--privileged"),
+            ("  options: --cpus 2 --memory 1g\n", "--container-options --cpus 2 --memory 1g"),
+            (
+                "  valid_volumes: [data, /etc/ssl/certs]\n",
+                "--valid-volume data --valid-volume /etc/ssl/certs",
+            ),
+            ("  docker_host: \"-\"\n", ""),
+            ("  docker_host: \"\"\n", ""),
+            ("  docker_host: automount\n", "--mount-docker-socket"),
+            (
+                "  docker_host: unix:///run/docker.sock\n",
+                "--docker-host unix:///run/docker.sock --mount-docker-socket",
+            ),
+            ("  force_pull: true\n", "--force-pull"),
+            ("  force_rebuild: true\n", "--force-rebuild"),
+            ("  workdir_parent: \"\"\n", ""),
+        ];
+        for (yaml, want) in cases {
+            assert_eq!(docker_args(yaml), want, "{yaml}");
+        }
+        assert_eq!(
+            docker_args("  workdir_parent: /srv/work\n"),
+            "error: c.yaml: container.workdir_parent: \"/srv/work\" cannot be honoured: kiln's docker plugin keeps the job's workspace at /github/workspace (as GitHub does) and runner files under /__kiln; remove the key"
+        );
+        assert_eq!(
+            docker_args("  docker_host: ssh://user@host\n"),
+            "error: c.yaml: container.docker_host: \"ssh://user@host\" cannot be mounted into job containers: only a unix:// socket can; use \"automount\", a unix:// URL, or \"-\" and configure plugins.docker for a remote engine"
+        );
+        assert_eq!(
+            docker_args("  network: host\n  enable_ipv6: true\n"),
+            "error: c.yaml: container.enable_ipv6: only applies to the network kiln creates for each job (container.network: \"\"), not to \"host\"; remove one of them"
+        );
+    }
+
+    #[test]
+    fn log_runner_host_and_metrics_keys() {
+        let c = parse(
+            "log: {level: warn, job_level: debug}\nrunner:\n  insecure: true\n  report_retry: {}\nhost:\n  workdir_parent: /srv/kiln\nmetrics:\n  listen: 127.0.0.1:9101\n",
+            Path::new("c.yaml"),
+        )
+        .unwrap();
+        assert_eq!(c.job_level, JobLevel::Debug);
+        assert!(c.runner.insecure);
+        assert!(
+            err("runner:\n  report_retry:\n    max_retries: 3\n")
+                .starts_with("c.yaml: runner.report_retry: cannot be honoured")
+        );
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9101".parse().unwrap()));
+        let Some(PluginSpec::Managed { command, .. }) = c.plugins.get("host") else {
+            panic!("no host plugin: {:?}", c.plugins);
+        };
+        assert!(command.ends_with(&["--root".to_owned(), "/srv/kiln".to_owned()]), "{command:?}");
+        assert_eq!(
+            err("log:\n  job_level: loud\n"),
+            "c.yaml: log.job_level: \"loud\" is not one of trace, debug, info, warn, error or fatal"
+        );
+        assert_eq!(
+            err("host:\n  workdir_parent: work\n"),
+            "c.yaml: host.workdir_parent: \"work\" must be an absolute path"
+        );
+        assert!(err("host:\n  workdir: /x\n").contains("unknown field `workdir`"));
+        assert!(err("cache:\n  enable: true\n").contains("unknown field `enable`"));
+        assert_eq!(
+            err("metrics:\n  listen: everywhere\n"),
+            "c.yaml: metrics.listen: \"everywhere\" is not ADDR:PORT, e.g. 127.0.0.1:9101: invalid socket address syntax"
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod forgejo;
 pub mod identity;
 pub mod labels;
 pub mod mask;
+pub mod metrics;
 pub mod output;
 pub mod run;
 pub mod workflow;

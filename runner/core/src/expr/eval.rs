@@ -28,7 +28,7 @@ fn err<T>(message: String, col: usize) -> EResult<T> {
 pub(crate) fn check_named_values(node: &Node, scope: &Scope<'_>) -> EResult<()> {
     match &node.kind {
         NodeKind::Literal(_) => Ok(()),
-        NodeKind::NamedValue(name) => match get_ignore_case(scope.contexts, name) {
+        NodeKind::NamedValue(name) => match named_value(scope.contexts, name) {
             Some(_) => Ok(()),
             None => {
                 let names: Vec<&str> = scope.contexts.keys().map(String::as_str).collect();
@@ -60,6 +60,19 @@ pub(crate) fn check_named_values(node: &Node, scope: &Scope<'_>) -> EResult<()> 
     }
 }
 
+/// A context by name; `forgejo` and `forge` are Forgejo's names of `github`, as Forgejo Runner
+/// has them, unless the caller gives them.
+fn named_value<'m>(
+    contexts: &'m serde_json::Map<String, serde_json::Value>,
+    name: &str,
+) -> Option<&'m serde_json::Value> {
+    get_ignore_case(contexts, name).or_else(|| {
+        (name.eq_ignore_ascii_case("forgejo") || name.eq_ignore_ascii_case("forge"))
+            .then(|| get_ignore_case(contexts, "github"))
+            .flatten()
+    })
+}
+
 /// Evaluates a node.
 pub(crate) fn eval<'a>(node: &Node, scope: &Scope<'a>) -> EResult<Val<'a>> {
     match &node.kind {
@@ -69,7 +82,7 @@ pub(crate) fn eval<'a>(node: &Node, scope: &Scope<'a>) -> EResult<Val<'a>> {
             Literal::Num(n) => Val::Num(*n),
             Literal::Str(s) => Val::Str(Cow::Owned(s.clone())),
         }),
-        NodeKind::NamedValue(name) => match get_ignore_case(scope.contexts, name) {
+        NodeKind::NamedValue(name) => match named_value(scope.contexts, name) {
             Some(v) => Ok(Val::from_json(v)),
             None => check_named_values(node, scope).map(|()| Val::Null),
         },

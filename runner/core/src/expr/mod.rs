@@ -22,6 +22,7 @@ pub use hash::hash_files_in;
 pub use serde_json::Value;
 
 use parser::Node;
+
 use value::Val;
 
 /// Maximum nesting of arrays/objects that [`interpolate_value`] walks.
@@ -121,6 +122,50 @@ impl Expr {
     pub fn uses_status_function(&self) -> bool {
         self.root.calls_status_function()
     }
+
+    /// The contexts (root named values) and functions the expression uses, in source order,
+    /// each with its 1-based column in [`Expr::source`].
+    pub fn references(&self) -> Vec<Reference> {
+        let mut out = Vec::new();
+        self.root.references(&mut out);
+        out.sort_by_key(|r| match r {
+            Reference::Context(_, c) | Reference::Function(_, c) => *c,
+        });
+        out
+    }
+}
+
+/// A name an expression uses, with its 1-based column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reference {
+    /// A context such as `github` (as written).
+    Context(String, usize),
+    /// A function, by its canonical name (`hashFiles`, `success`).
+    Function(&'static str, usize),
+}
+
+/// Each `${{ … }}` of a template, in order: the 0-based character offset in `template` where
+/// the expression's trimmed text starts, and the parsed expression or the parse error (whose
+/// column counts from that offset). An unclosed `${{` is an error at its `$`.
+pub fn template_expressions(template: &str) -> Vec<(usize, Result<Expr, Error>)> {
+    let chars: Vec<char> = template.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i + 2 < chars.len() {
+        if chars[i] == '$' && chars[i + 1] == '{' && chars[i + 2] == '{' {
+            let Some(end) = lexer::find_expression_end(&chars, i + 3) else {
+                out.push((i, Err(Error::new("unclosed expression: missing '}}'", 1, template))));
+                break;
+            };
+            let lead = chars[i + 3..end].iter().take_while(|c| c.is_whitespace()).count();
+            let inner: String = chars[i + 3..end].iter().collect();
+            out.push((i + 3 + lead, parse(&inner)));
+            i = end + 2;
+        } else {
+            i += 1;
+        }
+    }
+    out
 }
 
 /// Parses an expression: the text between `${{` and `}}`, or a bare `if:` condition.

@@ -98,6 +98,38 @@ impl Node {
     }
 }
 
+impl Node {
+    /// Collects the contexts and functions this node and its descendants use.
+    pub(crate) fn references(&self, out: &mut Vec<super::Reference>) {
+        match &self.kind {
+            NodeKind::Literal(_) => {}
+            NodeKind::NamedValue(name) => {
+                out.push(super::Reference::Context(name.clone(), self.col))
+            }
+            NodeKind::Call { func, args } => {
+                out.push(super::Reference::Function(func.name(), self.col));
+                args.iter().for_each(|a| a.references(out));
+            }
+            NodeKind::Not(inner) => inner.references(out),
+            NodeKind::Binary { left, right, .. } => {
+                left.references(out);
+                right.references(out);
+            }
+            NodeKind::And(items) | NodeKind::Or(items) => {
+                items.iter().for_each(|a| a.references(out))
+            }
+            NodeKind::Access { base, path } => {
+                base.references(out);
+                for (a, _) in path {
+                    if let Accessor::Index(n) = a {
+                        n.references(out);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A parse failure: message and 1-based column.
 #[derive(Debug)]
 pub(crate) struct ParseError {

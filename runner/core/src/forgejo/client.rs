@@ -5,6 +5,7 @@
 //! Responses are never compressed: kiln does not send `Accept-Encoding`, so a connect-go server
 //! answers uncompressed; a compressed answer is reported as an error.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -119,8 +120,35 @@ impl Client {
         token: &str,
         timeout: Duration,
     ) -> anyhow::Result<Client> {
+        Client::with_tls(instance, uuid, token, timeout, false)
+    }
+
+    /// As [`Client::new`]; with `insecure` (config `runner.insecure`), the instance's TLS
+    /// certificate is not verified, as Forgejo Runner does.
+    pub fn with_tls(
+        instance: &str,
+        uuid: &str,
+        token: &str,
+        timeout: Duration,
+        insecure: bool,
+    ) -> anyhow::Result<Client> {
         let instance = instance.trim_end_matches('/').to_owned();
-        let http = if instance.starts_with("https://") {
+        let http = if instance.starts_with("https://") && insecure {
+            tracing::warn!(%instance, "runner.insecure: the instance's TLS certificate is not verified");
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| anyhow::anyhow!("configuring TLS for {instance}: {e}"))?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+                .with_no_client_auth();
+            let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls)
+                .https_or_http()
+                .enable_http1()
+                .build();
+            Http::Tls(HyperClient::builder(TokioExecutor::new()).build(connector))
+        } else if instance.starts_with("https://") {
             let connector = hyper_rustls::HttpsConnectorBuilder::new()
                 .with_native_roots()
                 .map_err(|e| {
@@ -386,5 +414,55 @@ impl Backoff {
                 }
             }
         }
+    }
+}
+
+/// `runner.insecure`: accepts any server certificate (signatures are still checked to be
+/// well-formed for the handshake).
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }

@@ -81,6 +81,7 @@ pub async fn run_daemon(
     let mut request_key = uuid::Uuid::new_v4().to_string();
     let mut failures = 0u32;
     tracing::info!(capacity, "polling for tasks");
+    crate::metrics::global().capacity.set(i64::try_from(capacity).unwrap_or(i64::MAX));
     while !stop.is_cancelled() {
         while let Some(done) = running.try_join_next() {
             log_join(done);
@@ -128,6 +129,7 @@ pub async fn run_daemon(
                     }
                 }
                 Err(e) => {
+                    crate::metrics::global().fetch_errors.inc();
                     failures += 1;
                     wait = backoff(poll.fetch_interval, failures);
                     log_fetch_error(&e, wait);

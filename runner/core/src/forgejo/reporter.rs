@@ -51,6 +51,8 @@ struct State {
     sent_outputs: BTreeSet<String>,
     masker: Masker,
     show_debug: bool,
+    /// `log.job_level` above info: kiln's own progress lines are left out.
+    quiet_runner: bool,
 }
 
 impl State {
@@ -131,6 +133,7 @@ impl Reporter {
                 sent_outputs: BTreeSet::new(),
                 masker,
                 show_debug,
+                quiet_runner: false,
             }),
             send: tokio::sync::Mutex::new(()),
             cancel,
@@ -336,6 +339,17 @@ fn poisoned(method: &'static str) -> Error {
     Error::Decode { method, detail: "the reporter's state lock is poisoned".into() }
 }
 
+impl Reporter {
+    /// Applies `log.job_level`: `debug` also sends the steps' debug lines; above `info`,
+    /// kiln's own progress lines are not sent (its error lines always are).
+    pub fn set_job_level(&self, level: crate::config::JobLevel) {
+        if let Ok(mut st) = self.state.lock() {
+            st.show_debug |= level == crate::config::JobLevel::Debug;
+            st.quiet_runner = level > crate::config::JobLevel::Info;
+        }
+    }
+}
+
 impl EventSink for Reporter {
     fn event(&self, event: Event) {
         let Ok(mut st) = self.state.lock() else { return };
@@ -357,6 +371,7 @@ impl EventSink for Reporter {
             }
             Event::Line { step, text, kind, .. } => {
                 let row = match kind {
+                    LineKind::Runner if st.quiet_runner => return,
                     LineKind::Output | LineKind::Runner | LineKind::RunnerError => text,
                     LineKind::Group => format!("##[group]{text}"),
                     LineKind::EndGroup => "##[endgroup]".to_owned(),
@@ -377,7 +392,8 @@ impl EventSink for Reporter {
                     st.push_row(line, step);
                 }
             }
-            Event::StepFinished { index, conclusion, .. } => {
+            Event::StepFinished { index, conclusion, duration, .. } => {
+                crate::metrics::global().step_duration.observe(duration.as_secs_f64());
                 let position = st.position();
                 if let Some(s) = st.state.steps.get_mut(index) {
                     s.result = conclusion.into();

@@ -33,6 +33,8 @@ pub struct RunnerSettings {
     pub timeout: Duration,
     /// `runner.report_interval`.
     pub report_interval: Duration,
+    /// `log.job_level`.
+    pub job_level: crate::config::JobLevel,
     /// Who we are (labels on everything plugins create).
     pub identity: Identity,
     /// Where actions come from; each task's default actions URL replaces `base_url`.
@@ -222,6 +224,8 @@ pub async fn run_task(
     force: CancellationToken,
 ) -> TaskResult {
     let task_id = task.id;
+    let started = std::time::Instant::now();
+    crate::metrics::global().jobs_running.inc();
     let job = context_str(&task.context, "job").to_owned();
     let event = context_str(&task.context, "event_name").to_owned();
     tracing::info!(task = task_id, job = %job, "task received");
@@ -232,6 +236,7 @@ pub async fn run_task(
     };
     let secret_refs: Vec<&str> = secrets.iter().map(String::as_str).collect();
     let reporter = Reporter::new(client, task_id, steps, &secret_refs, debug, cancel.clone());
+    reporter.set_job_level(settings.job_level);
     reporter.log(&format!(
         "{}(version:{VERSION}) received task {task_id} of job {job}, be triggered by event: {event}",
         settings.name
@@ -277,5 +282,9 @@ pub async fn run_task(
     }
     ticker.abort();
     tracing::info!(task = task_id, result = result.name(), "task finished");
+    let metrics = crate::metrics::global();
+    metrics.jobs_running.dec();
+    let word = result.name().trim_start_matches("RESULT_").to_ascii_lowercase();
+    metrics.job_finished(&word, started.elapsed());
     result
 }

@@ -22,7 +22,7 @@ use crate::workflow::{self, Action, Runs, Step};
 
 /// Whether a `uses:` names a remote action (neither local nor `docker://`).
 pub(crate) fn is_remote(uses: &str) -> bool {
-    !uses.starts_with("./") && !uses.starts_with("docker://")
+    !uses.starts_with("./") && !uses.starts_with("$/") && !uses.starts_with("docker://")
 }
 
 /// Finds (and for remote actions, fetches and copies in) the action of a `uses:` step.
@@ -33,6 +33,28 @@ pub(crate) async fn locate(
 ) -> Result<LocatedAction, String> {
     if let Some(rel) = uses.strip_prefix("./") {
         return locate_local(cx, uses, rel).await;
+    }
+    if let Some(rel) = uses.strip_prefix("$/") {
+        // The workflow's own repository at the run's commit: the workspace copy is that
+        // commit when running locally; in daemon mode it is fetched like a remote action.
+        if cx.shared.opts.workspace.is_some() {
+            return locate_local(cx, uses, rel).await;
+        }
+        let gh =
+            |k: &str| cx.shared.opts.github.get(k).map(crate::expr::to_string).unwrap_or_default();
+        let remote = format!(
+            "{}/{}/{}@{}",
+            gh("server_url").trim_end_matches('/'),
+            gh("repository"),
+            rel.trim_matches('/'),
+            gh("sha")
+        );
+        if let Some(found) = state.actions.get(&remote) {
+            return Ok(found.clone());
+        }
+        let found = locate_remote(cx, state, &remote).await?;
+        state.actions.insert(remote, found.clone());
+        return Ok(found);
     }
     if let Some(found) = state.actions.get(uses) {
         return Ok(found.clone());

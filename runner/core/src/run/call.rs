@@ -244,7 +244,9 @@ fn typed(type_: InputType, v: Value) -> Result<Value, String> {
 
 /// Reads and validates the called workflow.
 async fn load(opts: &RunOptions, uses: &str) -> Result<Workflow, String> {
-    let (text, file) = if let Some(rel) = uses.strip_prefix("./") {
+    // `$/path` is the workflow's own repository at the run's commit, as `./path` already is.
+    let own = uses.strip_prefix("./").or_else(|| uses.strip_prefix("$/"));
+    let (text, file) = if let Some(rel) = own {
         match &opts.workspace {
             Some(root) => {
                 let path = root.join(rel);

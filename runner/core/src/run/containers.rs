@@ -135,6 +135,7 @@ fn container_spec(
         env: env.into_iter().map(|(k, v)| kiln_plugin_sdk::EnvVar::new(k, v)).collect(),
         ports: c.ports.iter().map(|p| text(p)).collect::<Result<_, _>>()?,
         volumes: c.volumes.iter().map(|v| text(v)).collect::<Result<_, _>>()?,
+        cmd: c.cmd.iter().map(|v| text(v)).collect::<Result<_, _>>()?,
         options: text(c.options.as_deref().unwrap_or(""))?,
         credentials,
         ..ContainerSpec::default()

@@ -434,7 +434,8 @@ pub(crate) fn needs(steps: &[Step], workspace: Option<&std::path::Path>) -> Dock
             needs.step_containers.get_or_insert_with(|| uses.to_owned());
             continue;
         }
-        let (Some(rel), Some(ws)) = (uses.strip_prefix("./"), workspace) else { continue };
+        let rel = uses.strip_prefix("./").or_else(|| uses.strip_prefix("$/"));
+        let (Some(rel), Some(ws)) = (rel, workspace) else { continue };
         let dir = ws.join(rel.trim_end_matches('/'));
         let Some((file, text)) = ["action.yml", "action.yaml"]
             .iter()

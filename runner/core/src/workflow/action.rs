@@ -75,7 +75,7 @@ const USINGS: &[&str] = &["composite", "node12", "node16", "node20", "node24", "
 /// Parses an action manifest. `file` is used in error messages only.
 pub fn parse_action(text: &str, file: &str) -> Result<Action, Error> {
     let root = from_yaml(text, file)?;
-    let cx = Ctx { file };
+    let cx = Ctx { file, unknown_keys: None };
     if root.is_null() {
         return Err(cx.err(&root, "", "the action manifest is empty; add `name` and `runs`"));
     }

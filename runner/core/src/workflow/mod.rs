@@ -6,6 +6,7 @@ mod action;
 mod commands;
 mod envfile;
 mod error;
+mod lint;
 mod matrix;
 mod model;
 mod parse;
@@ -22,6 +23,7 @@ pub use commands::{
 };
 pub use envfile::{parse_env_file, parse_path_file};
 pub use error::{Error, Errors};
+pub use lint::{check_workflow, lint_workflow};
 pub use matrix::{Combination, expand as expand_matrix};
 pub use model::{
     BoolOrExpr, CallOutput, CallSecret, Concurrency, Container, Credentials, Defaults, Env,
@@ -30,4 +32,6 @@ pub use model::{
 };
 pub use parse::parse_workflow;
 pub use shell::{ShellSpec, shell_command};
-pub use validate::{JobGraph, check_uses, job_graph, needs_order, valid_job_id, validate};
+pub use validate::{
+    JobGraph, check_job_uses, check_uses, job_graph, needs_order, valid_job_id, validate,
+};

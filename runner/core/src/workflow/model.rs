@@ -9,6 +9,10 @@ pub struct Workflow {
     /// The file name given to the parser, for messages.
     pub file: String,
     pub name: Option<String>,
+    /// `description` (Forgejo): shown nowhere by kiln, kept for tools.
+    pub description: Option<String>,
+    /// `enable-email-notifications` (Forgejo): a server-side setting; the runner ignores it.
+    pub enable_email_notifications: Option<bool>,
     /// `run-name`.
     pub run_name: Option<String>,
     /// `on`; `None` when the key is missing (validation reports it).
@@ -189,6 +193,9 @@ pub struct Container {
     pub ports: Vec<String>,
     pub volumes: Vec<String>,
     pub options: Option<String>,
+    /// `cmd` (Forgejo/Gitea): the command of a service container. A job container keeps
+    /// running `tail -f /dev/null` for the job's steps, as in Forgejo Runner.
+    pub cmd: Vec<String>,
 }
 
 /// A job's `secrets` when it calls a reusable workflow.
@@ -213,6 +220,9 @@ pub struct Job {
     pub defaults: Option<Defaults>,
     pub steps: Option<Vec<Step>>,
     pub timeout_minutes: Option<NumberOrExpr>,
+    /// `cancel-timeout-minutes` (in Forgejo's and GitHub's schema; kiln gives a cancelled job's
+    /// cleanup its own fixed grace period).
+    pub cancel_timeout_minutes: Option<NumberOrExpr>,
     pub strategy: Option<Strategy>,
     pub continue_on_error: Option<BoolOrExpr>,
     pub container: Option<Container>,
@@ -225,6 +235,10 @@ pub struct Job {
     pub permissions: Option<Permissions>,
     /// 1-based line of the job's key.
     pub line: u32,
+    /// Line and column of each `needs` entry, in order (for messages).
+    pub needs_pos: Vec<(u32, u32)>,
+    /// Line and column of the `uses` value (for messages; `(0, 0)` when absent).
+    pub uses_pos: (u32, u32),
 }
 
 /// A step (in a job, or in a composite action).
@@ -245,4 +259,6 @@ pub struct Step {
     pub timeout_minutes: Option<NumberOrExpr>,
     /// 1-based line where the step starts.
     pub line: u32,
+    /// Line and column of the `uses` value (for messages; `(0, 0)` when absent).
+    pub uses_pos: (u32, u32),
 }

@@ -10,8 +10,18 @@ use super::model::{
 };
 use super::yaml::{Ctx, Kind, Node, from_yaml, join};
 
-const WORKFLOW_KEYS: &[&str] =
-    &["name", "run-name", "on", "env", "defaults", "concurrency", "permissions", "jobs"];
+const WORKFLOW_KEYS: &[&str] = &[
+    "name",
+    "description",
+    "enable-email-notifications",
+    "run-name",
+    "on",
+    "env",
+    "defaults",
+    "concurrency",
+    "permissions",
+    "jobs",
+];
 const JOB_KEYS: &[&str] = &[
     "name",
     "needs",
@@ -25,6 +35,7 @@ const JOB_KEYS: &[&str] = &[
     "defaults",
     "steps",
     "timeout-minutes",
+    "cancel-timeout-minutes",
     "strategy",
     "continue-on-error",
     "container",
@@ -50,13 +61,23 @@ pub(crate) const STEP_KEYS: &[&str] = &[
 /// Parses a workflow file. `file` is used in error messages only.
 pub fn parse_workflow(text: &str, file: &str) -> Result<Workflow, Error> {
     let root = from_yaml(text, file)?;
-    let cx = Ctx { file };
+    parse_root(&Ctx { file, unknown_keys: None }, &root)
+}
+
+/// Converts a workflow's YAML tree to the model; stops at the first error.
+pub(crate) fn parse_root(cx: &Ctx<'_>, root: &Node) -> Result<Workflow, Error> {
+    let file = cx.file;
+    let cx = *cx;
     if root.is_null() {
-        return Err(cx.err(&root, "", "the workflow is empty; add `on:` and `jobs:`"));
+        return Err(cx.err(root, "", "the workflow is empty; add `on:` and `jobs:`"));
     }
-    let f = cx.fields(&root, "", "a workflow", WORKFLOW_KEYS)?;
+    let f = cx.fields(root, "", "a workflow", WORKFLOW_KEYS)?;
     let mut wf = Workflow { file: file.to_string(), ..Workflow::default() };
     wf.name = cx.opt_string(f.get("name"), "name")?;
+    wf.description = cx.opt_string(f.get("description"), "description")?;
+    if let Some(n) = f.get("enable-email-notifications") {
+        wf.enable_email_notifications = Some(cx.boolean(n, "enable-email-notifications")?);
+    }
     wf.run_name = cx.opt_string(f.get("run-name"), "run-name")?;
     if let Some(on) = f.get("on") {
         wf.on = Some(parse_triggers(&cx, on)?);
@@ -77,7 +98,7 @@ pub fn parse_workflow(text: &str, file: &str) -> Result<Workflow, Error> {
     match f.get("jobs") {
         None => {
             return Err(cx.err(
-                &root,
+                root,
                 "",
                 "missing `jobs`; add a `jobs:` map with at least one job",
             ));
@@ -304,6 +325,10 @@ fn parse_job(cx: &Ctx<'_>, node: &Node, path: &str, id: &str) -> Result<Job, Err
     let mut job = Job { name: cx.opt_string(f.get("name"), &p("name"))?, ..Job::default() };
     if let Some(n) = f.get("needs") {
         job.needs = cx.string_list(n, &p("needs"))?;
+        job.needs_pos = match &n.kind {
+            Kind::Seq(items) => items.iter().map(|i| (i.line, i.col)).collect(),
+            _ => vec![(n.line, n.col); job.needs.len()],
+        };
     }
     job.if_ = cx.opt_string(f.get("if"), &p("if"))?;
     if let Some(n) = f.get("runs-on") {
@@ -330,6 +355,9 @@ fn parse_job(cx: &Ctx<'_>, node: &Node, path: &str, id: &str) -> Result<Job, Err
     if let Some(n) = f.get("timeout-minutes") {
         job.timeout_minutes = Some(cx.number_or_expr(n, &p("timeout-minutes"))?);
     }
+    if let Some(n) = f.get("cancel-timeout-minutes") {
+        job.cancel_timeout_minutes = Some(cx.number_or_expr(n, &p("cancel-timeout-minutes"))?);
+    }
     if let Some(n) = f.get("strategy") {
         job.strategy = parse_strategy(cx, n, &p("strategy"))?;
     }
@@ -347,6 +375,7 @@ fn parse_job(cx: &Ctx<'_>, node: &Node, path: &str, id: &str) -> Result<Job, Err
         }
     }
     job.uses = cx.opt_string(f.get("uses"), &p("uses"))?;
+    job.uses_pos = f.get("uses").map_or((0, 0), |n| (n.line, n.col));
     if let Some(n) = f.get("with").filter(|n| !n.is_null()) {
         for (k, _, v) in cx.map(n, &p("with"))? {
             job.with.insert(k, v.to_json());
@@ -392,7 +421,12 @@ fn parse_environment(cx: &Ctx<'_>, node: &Node, path: &str) -> Result<Option<Env
     match &node.kind {
         Kind::Null => Ok(None),
         Kind::Map(_) => {
-            let f = cx.fields(node, path, "`environment`", &["name", "url"])?;
+            let f = cx.fields(node, path, "`environment`", &["name", "url", "deployment"])?;
+            // `deployment: false` (GitHub, 2025): no deployment record on the server; nothing
+            // for a runner to do, but the value must be a boolean or an expression.
+            if let Some(d) = f.get("deployment") {
+                cx.bool_or_expr(d, &join(path, "deployment"))?;
+            }
             let name = match f.get("name") {
                 Some(n) => cx.string(n, &join(path, "name"))?,
                 None => {
@@ -441,7 +475,7 @@ fn parse_container(cx: &Ctx<'_>, node: &Node, path: &str) -> Result<Container, E
                 node,
                 path,
                 "a container",
-                &["image", "credentials", "env", "ports", "volumes", "options"],
+                &["image", "credentials", "env", "ports", "volumes", "options", "cmd"],
             )?;
             let p = |k: &str| join(path, k);
             let mut c = Container {
@@ -466,6 +500,9 @@ fn parse_container(cx: &Ctx<'_>, node: &Node, path: &str) -> Result<Container, E
                 c.volumes = cx.string_list(n, &p("volumes"))?;
             }
             c.options = cx.opt_string(f.get("options"), &p("options"))?;
+            if let Some(n) = f.get("cmd") {
+                c.cmd = cx.string_list(n, &p("cmd"))?;
+            }
             Ok(c)
         }
         _ => Ok(Container { image: cx.string(node, path)?, ..Container::default() }),
@@ -521,6 +558,7 @@ fn parse_step(
     s.if_ = cx.opt_string(f.get("if"), &p("if"))?;
     s.name = cx.opt_string(f.get("name"), &p("name"))?;
     s.uses = cx.opt_string(f.get("uses"), &p("uses"))?;
+    s.uses_pos = f.get("uses").map_or((0, 0), |n| (n.line, n.col));
     s.run = cx.opt_string(f.get("run"), &p("run"))?;
     s.shell = cx.opt_string(f.get("shell"), &p("shell"))?;
     s.working_directory = cx.opt_string(f.get("working-directory"), &p("working-directory"))?;

@@ -10,13 +10,14 @@ use super::yaml::join;
 /// Checks a workflow; returns every problem found, in source order.
 pub fn validate(wf: &Workflow) -> Result<(), Vec<Error>> {
     let mut errs = Vec::new();
-    let err = |line: u32, path: &str, message: String| Error {
+    let at = |(line, col): (u32, u32), path: &str, message: String| Error {
         file: wf.file.clone(),
         line: (line > 0).then_some(line),
-        column: None,
+        column: (line > 0 && col > 0).then_some(col),
         path: path.to_string(),
         message,
     };
+    let err = |line: u32, path: &str, message: String| at((line, 0), path, message);
     match &wf.on {
         None => errs.push(err(
             1,
@@ -46,16 +47,28 @@ pub fn validate(wf: &Workflow) -> Result<(), Vec<Error>> {
                 format!("invalid job id `{id}`; job ids must start with a letter or `_` and contain only letters, digits, `-` and `_`"),
             ));
         }
-        for need in &job.needs {
+        for (i, need) in job.needs.iter().enumerate() {
             if !wf.jobs.contains_key(need) {
-                errs.push(err(
-                    job.line,
+                errs.push(at(
+                    job.needs_pos.get(i).copied().unwrap_or((job.line, 0)),
                     &format!("{path}.needs"),
                     format!("job `{id}` needs `{need}`, which does not exist; fix the name or add the job"),
                 ));
             }
         }
-        check_job_shape(id, job, &path, &mut |p, m| errs.push(err(job.line, p, m)));
+        check_job_shape(id, job, &path, &mut |p, m| {
+            let pos = if p.ends_with(".uses") && job.uses_pos.0 > 0 {
+                job.uses_pos
+            } else {
+                (job.line, 0)
+            };
+            errs.push(at(pos, p, m))
+        });
+        if let Some(uses) = &job.uses
+            && let Err(m) = check_job_uses(uses)
+        {
+            errs.push(at(job.uses_pos, &format!("{path}.uses"), m));
+        }
         let mut ids = IndexSet::new();
         for (i, step) in job.steps.iter().flatten().enumerate() {
             let spath = format!("{path}.steps[{i}]");
@@ -73,7 +86,7 @@ pub fn validate(wf: &Workflow) -> Result<(), Vec<Error>> {
             if let Some(uses) = &step.uses
                 && let Err(m) = check_uses(uses)
             {
-                errs.push(err(step.line, &format!("{spath}.uses"), m));
+                errs.push(at(step.uses_pos, &format!("{spath}.uses"), m));
             }
             if let Some(shell) = &step.shell
                 && !shell.contains("${{")
@@ -166,9 +179,38 @@ pub fn valid_job_id(id: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
-/// Checks a step's `uses`: `./local/path`, `docker://image`, or `owner/repo[/path]@ref`.
+/// Checks a job's `uses` (a reusable workflow): `./path`, `$/path` (the workflow's own
+/// repository at the same commit) or `owner/repo/path@ref`.
+pub fn check_job_uses(uses: &str) -> Result<(), String> {
+    let u = uses.trim();
+    if u.is_empty() || u.contains("${{") || u.starts_with("./") {
+        return Ok(());
+    }
+    if let Some(rel) = u.strip_prefix("$/") {
+        return if rel.is_empty() || rel.contains('@') {
+            Err(format!(
+                "invalid `uses: {uses}`; `$/` names a file of this repository at this commit, so it takes no `@ref`: write `$/.github/workflows/<file>.yml`"
+            ))
+        } else {
+            Ok(())
+        };
+    }
+    check_uses(u)
+}
+
+/// Checks a step's `uses`: `./local/path`, `$/path` (the workflow's own repository at the same
+/// commit), `docker://image`, or `owner/repo[/path]@ref`.
 pub fn check_uses(uses: &str) -> Result<(), String> {
     let u = uses.trim();
+    if let Some(rel) = u.strip_prefix("$/") {
+        return if rel.contains('@') {
+            Err(format!(
+                "invalid `uses: {uses}`; `$/` names a path of this repository at this commit, so it takes no `@ref`: write `$/path/to/action`"
+            ))
+        } else {
+            Ok(())
+        };
+    }
     if u.contains("${{")
         || u.starts_with("./")
         || u.starts_with(".\\")
@@ -178,7 +220,7 @@ pub fn check_uses(uses: &str) -> Result<(), String> {
     }
     let bad = || {
         format!(
-            "invalid `uses: {uses}`; expected `{{owner}}/{{repo}}[/path]@{{ref}}`, `./local/path` or `docker://image`"
+            "invalid `uses: {uses}`; expected `{{owner}}/{{repo}}[/path]@{{ref}}`, `./local/path`, `$/path` or `docker://image`"
         )
     };
     if u.starts_with("http://") || u.starts_with("https://") {

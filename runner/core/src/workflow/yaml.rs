@@ -215,6 +215,9 @@ impl Node {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Ctx<'a> {
     pub(crate) file: &'a str,
+    /// When set, unknown keys are recorded here and parsing goes on (the linter reports every
+    /// error of a file); when not, the first unknown key is the error.
+    pub(crate) unknown_keys: Option<&'a std::cell::RefCell<Vec<Error>>>,
 }
 
 /// A key path such as `jobs.build.steps[0]`.
@@ -276,19 +279,24 @@ impl<'a> Ctx<'a> {
         what: &str,
         allowed: &[&str],
     ) -> Result<Fields<'n>, Error> {
-        let entries = self.map(node, path)?;
+        let mut entries = self.map(node, path)?;
         for (key, knode, _) in &entries {
             if !allowed.contains(&key.as_str()) {
-                return Err(self.err(
+                let e = self.err(
                     knode,
                     &join(path, key),
                     format!(
                         "unknown key `{key}` in {what}; remove it or use one of: {}",
                         allowed.join(", ")
                     ),
-                ));
+                );
+                match self.unknown_keys {
+                    Some(found) => found.borrow_mut().push(e),
+                    None => return Err(e),
+                }
             }
         }
+        entries.retain(|(key, _, _)| allowed.contains(&key.as_str()));
         Ok(Fields { entries })
     }
 

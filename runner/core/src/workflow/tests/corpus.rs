@@ -141,9 +141,9 @@ fn act_testdata_corpus() {
         input-from-cli/input.yml: ok
         inputs-via-env-context/push.yml: ok
         issue-1195/push.yml: ok
-        issue-1595/missing.yml: invalid: issue-1595/missing.yml:5: jobs.second.needs: job `second` needs `first`, which does not exist; fix the name or add the job
+        issue-1595/missing.yml: invalid: issue-1595/missing.yml:7:12: jobs.second.needs: job `second` needs `first`, which does not exist; fix the name or add the job
         issue-1595/no-event.yml: invalid: issue-1595/no-event.yml:1: on: missing `on`; add the events that trigger the workflow, e.g. `on: push`
-        issue-1595/no-first.yml: invalid: issue-1595/no-first.yml:5: jobs.second.needs: job `second` needs `first`, which does not exist; fix the name or add the job
+        issue-1595/no-first.yml: invalid: issue-1595/no-first.yml:7:12: jobs.second.needs: job `second` needs `first`, which does not exist; fix the name or add the job
         job-needs-context-contains-result/push.yml: ok
         job-nil-step/push.yml: parse error: job-nil-step/push.yml:6:6: jobs.test.steps[0]: step 0 of job `test` is null instead of a map; write it as `- run: ...` or `- uses: ...`
         job-status-check/push.yml: ok
@@ -171,7 +171,7 @@ fn act_testdata_corpus() {
         uses-composite-with-error/push.yml: ok
         uses-composite-with-pre-and-post-steps/push.yml: ok
         uses-github-empty/push.yml: parse error: uses-github-empty/push.yml:7:7: jobs.test.steps[0]: step 0 ("empty") of job `test` has neither `run` nor `uses`; add one of them
-        uses-github-noref/push.yml: invalid: uses-github-noref/push.yml:7: jobs.test.steps[0].uses: invalid `uses: actions/checkout`; expected `{owner}/{repo}[/path]@{ref}`, `./local/path` or `docker://image`
+        uses-github-noref/push.yml: invalid: uses-github-noref/push.yml:7:13: jobs.test.steps[0].uses: invalid `uses: actions/checkout`; expected `{owner}/{repo}[/path]@{ref}`, `./local/path`, `$/path` or `docker://image`
         uses-github-root/push.yml: ok
         uses-workflow-defaults/workflow_dispatch.yml: ok
         workdir/push.yml: ok

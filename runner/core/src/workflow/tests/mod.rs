@@ -10,6 +10,8 @@ mod action;
 mod commands;
 mod corpus;
 mod envfile;
+mod forgejo_syntax;
+mod lint;
 mod matrix;
 mod shell;
 mod validation;
@@ -64,6 +66,7 @@ fn show_job(out: &mut String, id: &str, j: &Job) {
     }
     field!(out, ind, "defaults", j.defaults);
     field!(out, ind, "timeout-minutes", j.timeout_minutes);
+    field!(out, ind, "cancel-timeout-minutes", j.cancel_timeout_minutes);
     if let Some(s) = &j.strategy {
         field!(out, ind, "matrix", s.matrix.as_ref().map(|m| m.to_string()));
         field!(out, ind, "fail-fast", s.fail_fast);
@@ -87,6 +90,8 @@ fn show_job(out: &mut String, id: &str, j: &Job) {
 pub(super) fn show_workflow(wf: &Workflow) -> String {
     let mut out = String::new();
     field!(out, "", "name", wf.name);
+    field!(out, "", "description", wf.description);
+    field!(out, "", "enable-email-notifications", wf.enable_email_notifications);
     field!(out, "", "run-name", wf.run_name);
     match &wf.on {
         None => writeln!(out, "on: <missing>").unwrap(),

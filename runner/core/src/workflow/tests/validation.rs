@@ -61,8 +61,8 @@ fn needs_missing_job() {
     check_valid(
         "on: push\njobs:\n  second:\n    runs-on: x\n    needs: first\n    steps: [run: a]\n",
         expect![[r#"
-        wf.yml:3: jobs.second.needs: job `second` needs `first`, which does not exist; fix the name or add the job
-    "#]],
+            wf.yml:5:12: jobs.second.needs: job `second` needs `first`, which does not exist; fix the name or add the job
+        "#]],
     );
 }
 
@@ -180,11 +180,11 @@ jobs:
       - uses: https://example.com/x
 "#,
         expect![[r#"
-            wf.yml:12: jobs.a.steps[6].uses: invalid `uses: actions/checkout`; expected `{owner}/{repo}[/path]@{ref}`, `./local/path` or `docker://image`
-            wf.yml:13: jobs.a.steps[7].uses: invalid `uses: actions@v1`; expected `{owner}/{repo}[/path]@{ref}`, `./local/path` or `docker://image`
-            wf.yml:14: jobs.a.steps[8].uses: invalid `uses: actions/checkout@`; expected `{owner}/{repo}[/path]@{ref}`, `./local/path` or `docker://image`
-            wf.yml:15: jobs.a.steps[9].uses: invalid `uses: a//b@v1`; expected `{owner}/{repo}[/path]@{ref}`, `./local/path` or `docker://image`
-            wf.yml:16: jobs.a.steps[10].uses: invalid `uses: https://example.com/x`; expected `{owner}/{repo}[/path]@{ref}`, `./local/path` or `docker://image`
+            wf.yml:12:15: jobs.a.steps[6].uses: invalid `uses: actions/checkout`; expected `{owner}/{repo}[/path]@{ref}`, `./local/path`, `$/path` or `docker://image`
+            wf.yml:13:15: jobs.a.steps[7].uses: invalid `uses: actions@v1`; expected `{owner}/{repo}[/path]@{ref}`, `./local/path`, `$/path` or `docker://image`
+            wf.yml:14:15: jobs.a.steps[8].uses: invalid `uses: actions/checkout@`; expected `{owner}/{repo}[/path]@{ref}`, `./local/path`, `$/path` or `docker://image`
+            wf.yml:15:15: jobs.a.steps[9].uses: invalid `uses: a//b@v1`; expected `{owner}/{repo}[/path]@{ref}`, `./local/path`, `$/path` or `docker://image`
+            wf.yml:16:15: jobs.a.steps[10].uses: invalid `uses: https://example.com/x`; expected `{owner}/{repo}[/path]@{ref}`, `./local/path`, `$/path` or `docker://image`
         "#]],
     );
 }
@@ -236,9 +236,9 @@ fn many_errors_are_all_reported() {
         expect![[r#"
             wf.yml:1: on: missing `on`; add the events that trigger the workflow, e.g. `on: push`
             wf.yml:2: jobs.9a: invalid job id `9a`; job ids must start with a letter or `_` and contain only letters, digits, `-` and `_`
-            wf.yml:2: jobs.9a.needs: job `9a` needs `nope`, which does not exist; fix the name or add the job
+            wf.yml:3:13: jobs.9a.needs: job `9a` needs `nope`, which does not exist; fix the name or add the job
             wf.yml:2: jobs.9a.runs-on: job `9a` has no `runs-on`; add e.g. `runs-on: ubuntu-latest`
-            wf.yml:4: jobs.9a.steps[0].uses: invalid `uses: foo`; expected `{owner}/{repo}[/path]@{ref}`, `./local/path` or `docker://image`
+            wf.yml:4:20: jobs.9a.steps[0].uses: invalid `uses: foo`; expected `{owner}/{repo}[/path]@{ref}`, `./local/path`, `$/path` or `docker://image`
             wf.yml:5: jobs.b: job `b` has neither `steps` nor `uses`; add `steps:`
         "#]],
     );
@@ -302,7 +302,7 @@ fn cycle_reported_alongside_missing_needs() {
     check_valid(
         "on: push\njobs:\n  a: {runs-on: x, needs: [b, ghost], steps: [run: a]}\n  b: {runs-on: x, needs: a, steps: [run: a]}\n",
         expect![[r#"
-            wf.yml:3: jobs.a.needs: job `a` needs `ghost`, which does not exist; fix the name or add the job
+            wf.yml:3:30: jobs.a.needs: job `a` needs `ghost`, which does not exist; fix the name or add the job
             wf.yml:3: jobs.a.needs: jobs form a dependency cycle: a -> b -> a (each needs the next); remove one of these `needs`
         "#]],
     );

@@ -460,8 +460,8 @@ fn unknown_top_level_key() {
     check(
         "on: push\nenvs: {}\njobs: {j: {runs-on: x, steps: [run: a]}}\n",
         expect![[r#"
-        error: wf.yml:2:1: envs: unknown key `envs` in a workflow; remove it or use one of: name, run-name, on, env, defaults, concurrency, permissions, jobs
-    "#]],
+            error: wf.yml:2:1: envs: unknown key `envs` in a workflow; remove it or use one of: name, description, enable-email-notifications, run-name, on, env, defaults, concurrency, permissions, jobs
+        "#]],
     );
 }
 
@@ -1061,13 +1061,13 @@ jobs:
             on push
             job a @3
               runs-on: Labels(["x"])
-              container: Container { image: "node:18", credentials: None, env: Map({}), ports: [], volumes: [], options: None }
+              container: Container { image: "node:18", credentials: None, env: Map({}), ports: [], volumes: [], options: None, cmd: [] }
               steps:
               - step @3
                 run: "a"
             job b @4
               runs-on: Labels(["x"])
-              container: Container { image: "ghcr.io/o/i:1", credentials: Some(Credentials { username: Some("${{ github.actor }}"), password: Some("${{ secrets.TOKEN }}") }), env: Map({"NODE_ENV": "development"}), ports: ["80", "8080:80"], volumes: ["my_docker_volume:/volume_mount"], options: Some("--cpus 1") }
+              container: Container { image: "ghcr.io/o/i:1", credentials: Some(Credentials { username: Some("${{ github.actor }}"), password: Some("${{ secrets.TOKEN }}") }), env: Map({"NODE_ENV": "development"}), ports: ["80", "8080:80"], volumes: ["my_docker_volume:/volume_mount"], options: Some("--cpus 1"), cmd: [] }
               steps:
               - step @16
                 run: "a"
@@ -1080,8 +1080,8 @@ fn container_unknown_key() {
     check(
         "on: push\njobs:\n  a:\n    runs-on: x\n    container:\n      img: x\n    steps: [run: a]\n",
         expect![[r#"
-        error: wf.yml:6:7: jobs.a.container.img: unknown key `img` in a container; remove it or use one of: image, credentials, env, ports, volumes, options
-    "#]],
+            error: wf.yml:6:7: jobs.a.container.img: unknown key `img` in a container; remove it or use one of: image, credentials, env, ports, volumes, options, cmd
+        "#]],
     );
 }
 
@@ -1109,7 +1109,7 @@ jobs:
             on push
             job a @3
               runs-on: Labels(["x"])
-              services: {"redis": Container { image: "redis:7", credentials: None, env: Map({}), ports: [], volumes: [], options: None }, "postgres": Container { image: "postgres", credentials: None, env: Map({"POSTGRES_PASSWORD": "pw"}), ports: ["5432:5432"], volumes: [], options: Some("--health-cmd pg_isready --health-interval 10s") }}
+              services: {"redis": Container { image: "redis:7", credentials: None, env: Map({}), ports: [], volumes: [], options: None, cmd: [] }, "postgres": Container { image: "postgres", credentials: None, env: Map({"POSTGRES_PASSWORD": "pw"}), ports: ["5432:5432"], volumes: [], options: Some("--health-cmd pg_isready --health-interval 10s"), cmd: [] }}
               steps:
               - step @16
                 run: "a"
@@ -1163,8 +1163,8 @@ fn unknown_job_key() {
     check(
         "on: push\njobs:\n  a:\n    runs-on: x\n    step: []\n",
         expect![[r#"
-        error: wf.yml:5:5: jobs.a.step: unknown key `step` in a job; remove it or use one of: name, needs, permissions, if, runs-on, environment, concurrency, outputs, env, defaults, steps, timeout-minutes, strategy, continue-on-error, container, services, uses, with, secrets
-    "#]],
+            error: wf.yml:5:5: jobs.a.step: unknown key `step` in a job; remove it or use one of: name, needs, permissions, if, runs-on, environment, concurrency, outputs, env, defaults, steps, timeout-minutes, cancel-timeout-minutes, strategy, continue-on-error, container, services, uses, with, secrets
+        "#]],
     );
 }
 
@@ -1403,8 +1403,8 @@ fn job_id_needing_quotes_in_path() {
     check(
         "on: push\njobs:\n  \"my job\":\n    runs-on: x\n    foo: 1\n",
         expect![[r#"
-        error: wf.yml:5:5: jobs["my job"].foo: unknown key `foo` in a job; remove it or use one of: name, needs, permissions, if, runs-on, environment, concurrency, outputs, env, defaults, steps, timeout-minutes, strategy, continue-on-error, container, services, uses, with, secrets
-    "#]],
+            error: wf.yml:5:5: jobs["my job"].foo: unknown key `foo` in a job; remove it or use one of: name, needs, permissions, if, runs-on, environment, concurrency, outputs, env, defaults, steps, timeout-minutes, cancel-timeout-minutes, strategy, continue-on-error, container, services, uses, with, secrets
+        "#]],
     );
 }
 
@@ -1437,7 +1437,7 @@ fn error_display_has_file_line_column_and_path() {
                     5,
                 ),
                 "jobs.a.stepz",
-                "ci/build.yml:5:5: jobs.a.stepz: unknown key `stepz` in a job; remove it or use one of: name, needs, permissions, if, runs-on, environment, concurrency, outputs, env, defaults, steps, timeout-minutes, strategy, continue-on-error, container, services, uses, with, secrets",
+                "ci/build.yml:5:5: jobs.a.stepz: unknown key `stepz` in a job; remove it or use one of: name, needs, permissions, if, runs-on, environment, concurrency, outputs, env, defaults, steps, timeout-minutes, cancel-timeout-minutes, strategy, continue-on-error, container, services, uses, with, secrets",
             ),
         )
     "#]].assert_debug_eq(&e);
