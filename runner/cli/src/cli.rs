@@ -117,6 +117,26 @@ pub(crate) struct ExecArgs {
     /// Use a local directory for an action: owner/repo@ref=DIR, or owner/repo=DIR for every ref.
     #[arg(long = "local-repository")]
     pub(crate) local_repositories: Vec<String>,
+    /// Do not start the cache server (actions/cache then finds no ACTIONS_CACHE_URL).
+    #[arg(long)]
+    pub(crate) no_cache_server: bool,
+    /// Where the cache server keeps its entries (default: cache/ in kiln's state directory).
+    #[arg(long)]
+    pub(crate) cache_server_path: Option<PathBuf>,
+    /// The address the job services listen on (default: the docker bridge's gateway when a
+    /// docker backend is in use, else 127.0.0.1).
+    #[arg(long)]
+    pub(crate) cache_server_addr: Option<std::net::IpAddr>,
+    /// The port the job services listen on (default: any free port).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) cache_server_port: u16,
+    /// The jobs' ACTIONS_CACHE_MODE: write, read or none (pull requests from forks: at most read).
+    #[arg(long, value_parser = ["write", "read", "none"])]
+    pub(crate) cache_mode: Option<String>,
+    /// Where uploaded artifacts go (default: artifacts/ in kiln's state directory; each run
+    /// in a directory of its own).
+    #[arg(long)]
+    pub(crate) artifact_server_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

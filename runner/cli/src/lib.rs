@@ -6,6 +6,7 @@ mod cli;
 mod daemon;
 mod exec;
 mod logging;
+mod services;
 mod signals;
 
 use std::process::ExitCode;

@@ -195,6 +195,7 @@ pub fn prepare(task: &Task, instance: &str, settings: &RunnerSettings) -> Result
         matrix_filter: Vec::new(),
         external_needs,
         actions,
+        job_env: None,
     };
     Ok(Prepared { options, job_id, steps, secrets: mask, debug })
 }

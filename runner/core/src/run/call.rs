@@ -173,6 +173,7 @@ async fn call(shared: &Arc<Shared>, run: &JobRun) -> Result<ComboResult, String>
         matrix_filter: Vec::new(),
         external_needs: Map::new(),
         actions: opts.actions.clone(),
+        job_env: opts.job_env.clone(),
     };
     let sink: Arc<dyn EventSink> =
         Arc::new(Prefixed { inner: shared.sink.clone(), prefix: prefix.clone() });

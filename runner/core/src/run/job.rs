@@ -1038,6 +1038,9 @@ async fn run_in_env(
     for (k, v) in &opts.extra_env {
         base_env.insert(k.clone(), v.clone());
     }
+    let services =
+        opts.job_env.as_ref().map(|h| h.job_env(&github, &run.job_id)).unwrap_or_default();
+    base_env.extend(services.env.iter().cloned());
 
     // Workflow and job env (expressions allowed).
     let mut env_ctx: IndexMap<String, String> = IndexMap::new();
@@ -1074,6 +1077,9 @@ async fn run_in_env(
         pre_state: Default::default(),
     };
     for v in opts.secrets.values() {
+        state.masker.add(v);
+    }
+    for v in &services.mask {
         state.masker.add(v);
     }
 

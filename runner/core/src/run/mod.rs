@@ -64,6 +64,24 @@ pub struct RunOptions {
     pub external_needs: Map<String, Value>,
     /// Where remote actions and reusable workflows come from.
     pub actions: Arc<crate::actions::Resolver>,
+    /// Extra variables of each job (job services: the cache and artifact servers).
+    pub job_env: Option<Arc<dyn JobEnvHook>>,
+}
+
+/// Gives each job variables of its own, asked once when the job starts: the job services'
+/// URLs and the job's token (`kiln-services`). Values in `mask` are masked in the job's log.
+pub trait JobEnvHook: Send + Sync {
+    /// The variables of job `job_id` of the run whose `github` context is given.
+    fn job_env(&self, github: &Map<String, Value>, job_id: &str) -> JobEnv;
+}
+
+/// What a [`JobEnvHook`] gives a job.
+#[derive(Debug, Clone, Default)]
+pub struct JobEnv {
+    /// Variables added to every step's environment (below the workflow's `env`).
+    pub env: Vec<(String, String)>,
+    /// Values to mask (tokens).
+    pub mask: Vec<String>,
 }
 
 /// The result of a run.
