@@ -543,7 +543,13 @@ async fn commit(
             }
             next = r.1;
         }
-        if next != req.size {
+        if next < req.size {
+            return Err(ApiError::bad_request(format!(
+                "missing chunk at bytes {next}-{}",
+                req.size - 1
+            )));
+        }
+        if next > req.size {
             return Err(ApiError::bad_request(format!(
                 "uploaded {next} bytes but the commit says {}",
                 req.size

@@ -18,7 +18,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
     /// Run a workflow locally (like act).
-    Exec(ExecArgs),
+    Exec(Box<ExecArgs>),
     /// Check workflow files without running them.
     Validate(ValidateArgs),
     /// Register this runner with a Forgejo/Gitea instance (writes the .runner file).

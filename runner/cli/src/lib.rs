@@ -53,7 +53,7 @@ fn report_error(e: &anyhow::Error) {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        cli::Command::Exec(args) => exec::exec(args).await,
+        cli::Command::Exec(args) => exec::exec(*args).await,
         cli::Command::Validate(args) => exec::validate(args),
         cli::Command::Register(args) => daemon::register(args).await,
         cli::Command::CreateRunnerFile(args) => daemon::create_runner_file(args),

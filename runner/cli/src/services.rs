@@ -79,15 +79,21 @@ pub(crate) fn scope_of(github: &Map<String, Value>, mode: Option<CacheMode>) -> 
     let event = github.get("event").cloned().unwrap_or(Value::Null);
     let default_branch =
         event.pointer("/repository/default_branch").and_then(Value::as_str).unwrap_or("main");
-    let git_ref = match s(github, "ref") {
-        "" => format!("refs/heads/{default_branch}"),
-        r => r.to_string(),
+    let event_name = s(github, "event_name");
+    let pr_number = event.pointer("/pull_request/number").and_then(Value::as_u64);
+    let git_ref = match (s(github, "ref"), pr_number) {
+        // A pull request writes to its own merge ref, never to the branch it targets.
+        (r, Some(n)) if event_name.starts_with("pull_request") && !r.starts_with("refs/pull/") => {
+            format!("refs/pull/{n}/merge")
+        }
+        ("", _) => format!("refs/heads/{default_branch}"),
+        (r, _) => r.to_string(),
     };
     CacheScope {
         repo: s(github, "repository").to_string(),
         write_ref: git_ref,
         read_refs: vec![format!("refs/heads/{default_branch}")],
-        mode: kiln_services::cache_mode_for(s(github, "event_name"), from_fork(&event), mode),
+        mode: kiln_services::cache_mode_for(event_name, from_fork(&event), mode),
     }
 }
 
