@@ -752,3 +752,52 @@ fn daemon_runs_a_local_reusable_workflow_from_the_repository_at_the_runs_commit(
     );
     daemon.stop();
 }
+
+/// The probe job of the cache test: the bundled `@actions/cache` client as a local action,
+/// written into the workspace by a `run:` step (the host backend sees the host's files).
+fn cache_job(bundle: &std::path::Path, op: &str) -> String {
+    format!(
+        r#"on: push
+jobs:
+  j:
+    runs-on: ubuntu-latest
+    steps:
+      - run: |
+          echo "cache-url=${{ACTIONS_CACHE_URL:+set}} mode=$ACTIONS_CACHE_MODE"
+          mkdir -p .github/actions/probe
+          cp {bundle} .github/actions/probe/index.mjs
+          printf 'name: probe\nruns:\n  using: node20\n  main: index.mjs\n' > .github/actions/probe/action.yml
+      - uses: ./.github/actions/probe
+        env:
+          INPUT_OP: {op}
+          INPUT_KEY: daemon-key
+          INPUT_CONTENT: from-the-first-job
+"#,
+        bundle = bundle.display()
+    )
+}
+
+#[test]
+fn daemon_gives_jobs_a_cache_and_a_second_job_hits_the_first_jobs_entry() {
+    let Some(bundle) = crate::services::probe_bundle("daemon::daemon_gives_jobs_a_cache") else {
+        return;
+    };
+    let fake = FakeForgejo::start();
+    let runner = Runner::register(&fake, "");
+    let mut daemon = runner.daemon();
+    let first = fake.enqueue(JobSpec::new(&cache_job(&bundle, "cache-save"), 2));
+    let task = fake.wait_finished(first, 120);
+    assert_eq!(task.short_result(), "success", "{}\n{}", task.log(), daemon.log());
+    assert!(task.log().contains("cache-url=set mode=write"), "{}", task.log());
+    assert!(task.log().contains("Cache saved successfully"), "{}", task.log());
+    let second = fake.enqueue(JobSpec::new(&cache_job(&bundle, "cache-restore"), 2));
+    let task = fake.wait_finished(second, 120);
+    assert_eq!(task.short_result(), "success", "{}\n{}", task.log(), daemon.log());
+    assert!(
+        task.log().contains("restored: daemon-key content: from-the-first-job"),
+        "{}",
+        task.log()
+    );
+    assert_eq!(fake.violations(), Vec::<String>::new());
+    daemon.stop();
+}

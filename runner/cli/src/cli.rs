@@ -31,6 +31,8 @@ pub(crate) enum Command {
     OneJob(OneJobArgs),
     /// Print a commented example configuration file.
     GenerateConfig,
+    /// Serve the actions/cache protocol for several runners (their cache.external_server).
+    CacheServer(CacheServerArgs),
     /// Serve a first-party plugin (used by kiln itself for managed plugins).
     #[command(subcommand)]
     Plugin(PluginCommand),
@@ -188,6 +190,22 @@ pub(crate) struct CreateRunnerFileArgs {
     /// Labels, comma-separated (stored in the file; the config's runner.labels win).
     #[arg(long, value_delimiter = ',')]
     pub(crate) labels: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CacheServerArgs {
+    /// The address to listen on, e.g. 10.0.0.5:8088 (an address the runners' jobs reach).
+    #[arg(long)]
+    pub(crate) listen: std::net::SocketAddr,
+    /// A file holding the shared secret (the runners' cache.secret); 16 bytes at least.
+    #[arg(long)]
+    pub(crate) secret_file: PathBuf,
+    /// Where entries are kept (default: cache/ in kiln's state directory).
+    #[arg(long)]
+    pub(crate) dir: Option<PathBuf>,
+    /// The total size of all entries in bytes; least recently used entries go beyond it.
+    #[arg(long, default_value_t = 10 << 30)]
+    pub(crate) max_size: u64,
 }
 
 #[derive(Debug, Args)]

@@ -60,6 +60,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         cli::Command::Daemon(args) => daemon::daemon(args).await,
         cli::Command::OneJob(args) => daemon::one_job(args).await,
         cli::Command::GenerateConfig => daemon::generate_config(),
+        cli::Command::CacheServer(args) => services::cache_server(args).await,
         cli::Command::Plugin(p) => match p {
             cli::PluginCommand::Host(args) => {
                 kiln_plugin_host::run(args).await?;

@@ -179,3 +179,77 @@ pub(crate) fn hook_for(
         url_override: None,
     })
 }
+
+/// The cache of `kiln daemon` from the config's `cache:` section: an embedded server, an
+/// external one (`external_server`, tokens signed with `secret`), or none.
+pub(crate) async fn for_daemon(
+    cfg: &kiln_runner::config::CacheConfig,
+    docker: bool,
+) -> anyhow::Result<(Option<Services>, Option<Arc<dyn JobEnvHook>>)> {
+    if !cfg.enabled {
+        return Ok((None, None));
+    }
+    let secret = cfg.secret.as_ref().map(|s| s.as_bytes().to_vec());
+    if let Some(url) = &cfg.external_server {
+        let signer = Signer::new(secret.as_deref().unwrap_or_default());
+        let hook = ServicesHook {
+            cache: CacheTarget::On { url: url.clone(), signer },
+            artifacts: None,
+            mode: None,
+            url_override: cfg.url_override.clone(),
+        };
+        return Ok((None, Some(Arc::new(hook))));
+    }
+    let bind = SocketAddr::new(cfg.host.unwrap_or_else(|| default_bind(docker)), cfg.port);
+    let dir = cfg.dir.clone().unwrap_or_else(|| kiln_runner::identity::state_dir().join("cache"));
+    let (services, url) =
+        start(Embedded { bind, cache_dir: Some(dir), artifact_dir: None, secret }).await?;
+    let hook = ServicesHook {
+        cache: CacheTarget::On { url, signer: services.signer().clone() },
+        artifacts: None,
+        mode: None,
+        url_override: cfg.url_override.clone(),
+    };
+    Ok((Some(services), Some(Arc::new(hook))))
+}
+
+/// `kiln cache-server`: a cache server of its own, shared by several runners (their
+/// `cache.external_server`), trusting the tokens signed with the shared secret.
+pub(crate) async fn cache_server(
+    args: crate::cli::CacheServerArgs,
+) -> anyhow::Result<std::process::ExitCode> {
+    use std::io::Write as _;
+    let secret = std::fs::read(&args.secret_file)
+        .with_context(|| format!("reading the shared secret {}", args.secret_file.display()))?;
+    let secret = secret.trim_ascii().to_vec();
+    if secret.len() < 16 {
+        anyhow::bail!(
+            "{}: the shared secret is shorter than 16 bytes; write a long random one, e.g. \
+             openssl rand -hex 32 > {}",
+            args.secret_file.display(),
+            args.secret_file.display()
+        );
+    }
+    let dir = args.dir.unwrap_or_else(|| kiln_runner::identity::state_dir().join("cache"));
+    let limits = kiln_services::cache::CacheLimits { total: args.max_size, ..Default::default() };
+    let services = Services::start(kiln_services::Config {
+        bind: args.listen,
+        cache: Some((dir, limits)),
+        artifacts: None,
+        secret: Some(secret),
+    })
+    .await
+    .context("starting the cache server")?;
+    writeln!(std::io::stdout().lock(), "cache server listening on http://{}/", services.addr())?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let force = tokio_util::sync::CancellationToken::new();
+    let signals = crate::signals::watch(
+        stop.clone(),
+        force,
+        crate::signals::Messages { first: "stopping the cache server", second: "stopping now" },
+    );
+    stop.cancelled().await;
+    signals.abort();
+    services.stop().await;
+    Ok(std::process::ExitCode::SUCCESS)
+}

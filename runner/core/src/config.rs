@@ -29,6 +29,23 @@ struct RawConfig {
     /// Where remote actions come from (kiln's own section).
     #[serde(default)]
     actions: RawActions,
+    /// Forgejo Runner's `cache:` section: the cache server for `actions/cache`.
+    #[serde(default)]
+    cache: RawCache,
+}
+
+/// `cache:`, with Forgejo Runner's keys.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    enabled: Option<bool>,
+    dir: Option<PathBuf>,
+    host: Option<String>,
+    port: Option<u16>,
+    proxy_port: Option<u16>,
+    external_server: Option<String>,
+    secret: Option<String>,
+    actions_cache_url_override: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -156,6 +173,45 @@ pub struct Config {
     /// `actions.*`: the action cache, offline mode, local overrides. The base URL comes from
     /// each task (the instance's default actions URL).
     pub actions: crate::actions::ActionSource,
+    /// `cache.*`: the cache server for `actions/cache`.
+    pub cache: CacheConfig,
+}
+
+/// `cache.*` (Forgejo Runner's keys; see `docs/job-services.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// `enabled` (default true): give jobs `ACTIONS_CACHE_URL`.
+    pub enabled: bool,
+    /// `dir`: the embedded server's storage (default `cache/` in kiln's state directory).
+    pub dir: Option<PathBuf>,
+    /// `host`: the address the embedded server listens on and jobs reach it at (default: the
+    /// docker bridge's gateway when a docker plugin is configured, else 127.0.0.1).
+    pub host: Option<std::net::IpAddr>,
+    /// `port` (0: any free port); `proxy_port` when `port` is unset (kiln has no separate
+    /// proxy: per-job tokens do its work on the one listener).
+    pub port: u16,
+    /// `external_server`: the base URL of a shared `kiln cache-server`; nothing embedded.
+    pub external_server: Option<String>,
+    /// `secret`: signs the jobs' tokens; required with `external_server` (the same secret as
+    /// the server's `--secret-file`).
+    pub secret: Option<String>,
+    /// `actions_cache_url_override`: the base URL jobs are given instead of the server's own
+    /// (behind a proxy); the job's token path is appended to it.
+    pub url_override: Option<String>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: true,
+            dir: None,
+            host: None,
+            port: 0,
+            external_server: None,
+            secret: None,
+            url_override: None,
+        }
+    }
 }
 
 /// `runner.*`.
@@ -201,6 +257,7 @@ impl Default for Config {
             actions: crate::actions::ActionSource::new(
                 crate::identity::state_dir().join("actions"),
             ),
+            cache: CacheConfig::default(),
         }
     }
 }
@@ -350,6 +407,42 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
         let (name, dir) = crate::actions::ActionSource::parse_override(&text)
             .map_err(|e| anyhow::anyhow!("{file}: actions.local_repositories: {e}"))?;
         config.actions.overrides.push((name, anchor(dir)));
+    }
+
+    let c = raw.cache;
+    let slash = |key: &str, u: String| -> anyhow::Result<String> {
+        if !(u.starts_with("http://") || u.starts_with("https://")) {
+            bail!("{file}: cache.{key}: {u:?} is not an http:// or https:// URL");
+        }
+        Ok(if u.ends_with('/') { u } else { format!("{u}/") })
+    };
+    config.cache = CacheConfig {
+        enabled: c.enabled.unwrap_or(true),
+        dir: c.dir.map(anchor),
+        host: match c.host.as_deref() {
+            None | Some("") => None,
+            Some(h) => Some(h.parse().map_err(|_| {
+                anyhow::anyhow!("{file}: cache.host: {h:?} is not an IP address (kiln binds it)")
+            })?),
+        },
+        port: c.port.filter(|p| *p != 0).or(c.proxy_port).unwrap_or(0),
+        external_server: c
+            .external_server
+            .filter(|u| !u.is_empty())
+            .map(|u| slash("external_server", u))
+            .transpose()?,
+        secret: c.secret.filter(|s| !s.is_empty()),
+        url_override: c
+            .actions_cache_url_override
+            .filter(|u| !u.is_empty())
+            .map(|u| slash("actions_cache_url_override", u))
+            .transpose()?,
+    };
+    if config.cache.external_server.is_some() && config.cache.secret.is_none() {
+        bail!(
+            "{file}: cache.external_server needs cache.secret: the shared secret the cache \
+             server was started with (kiln cache-server --secret-file)"
+        );
     }
 
     if let Some(items) = r.labels {

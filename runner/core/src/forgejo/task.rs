@@ -37,6 +37,8 @@ pub struct RunnerSettings {
     pub identity: Identity,
     /// Where actions come from; each task's default actions URL replaces `base_url`.
     pub actions: crate::actions::ActionSource,
+    /// Each job's variables from the job services (the cache server).
+    pub job_env: Option<Arc<dyn crate::run::JobEnvHook>>,
 }
 
 /// A task turned into a run.
@@ -195,7 +197,7 @@ pub fn prepare(task: &Task, instance: &str, settings: &RunnerSettings) -> Result
         matrix_filter: Vec::new(),
         external_needs,
         actions,
-        job_env: None,
+        job_env: settings.job_env.clone(),
     };
     Ok(Prepared { options, job_id, steps, secrets: mask, debug })
 }

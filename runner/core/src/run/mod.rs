@@ -70,7 +70,7 @@ pub struct RunOptions {
 
 /// Gives each job variables of its own, asked once when the job starts: the job services'
 /// URLs and the job's token (`kiln-services`). Values in `mask` are masked in the job's log.
-pub trait JobEnvHook: Send + Sync {
+pub trait JobEnvHook: Send + Sync + std::fmt::Debug {
     /// The variables of job `job_id` of the run whose `github` context is given.
     fn job_env(&self, github: &Map<String, Value>, job_id: &str) -> JobEnv;
 }
