@@ -801,3 +801,39 @@ fn daemon_gives_jobs_a_cache_and_a_second_job_hits_the_first_jobs_entry() {
     assert_eq!(fake.violations(), Vec::<String>::new());
     daemon.stop();
 }
+
+#[test]
+fn two_runners_share_one_kiln_cache_server() {
+    let Some(bundle) =
+        crate::services::probe_bundle("daemon::two_runners_share_one_kiln_cache_server")
+    else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let secret = "a-shared-secret-of-32-characters";
+    std::fs::write(tmp.path().join("secret"), secret).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let _server = crate::services::CacheServer::start(
+        &tmp.path().join("cache"),
+        &tmp.path().join("secret"),
+        port,
+    );
+    let cache = format!("cache:\n  external_server: http://127.0.0.1:{port}\n  secret: {secret}\n");
+    let fake = FakeForgejo::start();
+    let (a, b) = (Runner::register(&fake, &cache), Runner::register(&fake, &cache));
+    let mut daemon = a.daemon();
+    let first = fake.enqueue(JobSpec::new(&cache_job(&bundle, "cache-save"), 2));
+    let task = fake.wait_finished(first, 120);
+    assert!(task.log().contains("Cache saved successfully"), "{}\n{}", task.log(), daemon.log());
+    daemon.stop();
+    let mut daemon = b.daemon();
+    let second = fake.enqueue(JobSpec::new(&cache_job(&bundle, "cache-restore"), 2));
+    let task = fake.wait_finished(second, 120);
+    assert!(
+        task.log().contains("restored: daemon-key content: from-the-first-job"),
+        "{}\n{}",
+        task.log(),
+        daemon.log()
+    );
+    daemon.stop();
+}

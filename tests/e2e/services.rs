@@ -228,3 +228,120 @@ fn a_cache_and_an_artifact_pass_between_docker_job_containers() {
     let run = repo.exec(&["-P", "ubuntu-latest=docker://kiln-test/node:2"]);
     assert_saved_and_restored(&run);
 }
+
+/// `kiln cache-server` on a free port with a secret file; killed by PID when dropped.
+pub(crate) struct CacheServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl CacheServer {
+    pub(crate) fn start(dir: &Path, secret: &Path, port: u16) -> CacheServer {
+        let child = Command::new(crate::support::kiln_bin())
+            .args(["cache-server", "--listen", &format!("127.0.0.1:{port}"), "--secret-file"])
+            .arg(secret)
+            .arg("--dir")
+            .arg(dir)
+            .env("KILN_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("kiln cache-server");
+        assert!(
+            crate::support::wait_for(20, || std::net::TcpStream::connect(("127.0.0.1", port))
+                .is_ok()),
+            "kiln cache-server does not listen on {port}"
+        );
+        CacheServer { child, port }
+    }
+
+    fn kill(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for CacheServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One raw HTTP/1.1 request (fault injection: `body` may be shorter than `length`); the status
+/// line and body of the answer, unless `hang_up`.
+fn raw(port: u16, head: &str, length: usize, body: &[u8], hang_up: bool) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "{head}\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    if hang_up {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        return String::new();
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[test]
+fn a_cache_server_killed_mid_upload_keeps_no_partial_entry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let secret = tmp.path().join("secret");
+    std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = tmp.path().join("cache");
+    let mut server = CacheServer::start(&dir, &secret, port);
+    let signer = kiln_services::token::Signer::new(b"0123456789abcdef0123456789abcdef");
+    let scope = kiln_services::token::CacheScope {
+        repo: "acme/widgets".into(),
+        write_ref: "refs/heads/main".into(),
+        read_refs: vec![],
+        mode: kiln_services::token::CacheMode::Write,
+    };
+    let token = signer.job_token("1", "j", Some(scope), std::time::Duration::from_secs(600));
+    let api = format!("/c/{token}/_apis/artifactcache");
+    let reserve = r#"{"key":"big","version":"v1","cacheSize":1000000}"#;
+    let answer = raw(
+        port,
+        &format!("POST {api}/caches HTTP/1.1\r\nContent-Type: application/json"),
+        reserve.len(),
+        reserve.as_bytes(),
+        false,
+    );
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    // Half a chunk, then the server is SIGKILLed while it waits for the rest.
+    raw(
+        port,
+        &format!("PATCH {api}/caches/1 HTTP/1.1\r\nContent-Range: bytes 0-999999/*"),
+        1_000_000,
+        &[7u8; 300_000],
+        true,
+    );
+    assert_eq!(std::fs::read_dir(dir.join("uploads")).unwrap().count(), 1);
+    server.kill();
+    let _server = CacheServer::start(&dir, &secret, port);
+    assert_eq!(std::fs::read_dir(dir.join("uploads")).unwrap().count(), 0, "the upload was swept");
+    assert_eq!(std::fs::read_dir(dir.join("blobs")).unwrap().count(), 0);
+    let answer = raw(port, &format!("GET {api}/cache?keys=big&version=v1 HTTP/1.1"), 0, b"", false);
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+    // A token signed with another secret is refused.
+    let other = kiln_services::token::Signer::new(b"another secret, not the server's").job_token(
+        "1",
+        "j",
+        None,
+        std::time::Duration::from_secs(60),
+    );
+    let answer = raw(
+        port,
+        &format!("GET /c/{other}/_apis/artifactcache/cache?keys=big&version=v1 HTTP/1.1"),
+        0,
+        b"",
+        false,
+    );
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+}
