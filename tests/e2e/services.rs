@@ -232,7 +232,6 @@ fn a_cache_and_an_artifact_pass_between_docker_job_containers() {
 /// `kiln cache-server` on a free port with a secret file; killed by PID when dropped.
 pub(crate) struct CacheServer {
     child: std::process::Child,
-    port: u16,
 }
 
 impl CacheServer {
@@ -252,7 +251,7 @@ impl CacheServer {
                 .is_ok()),
             "kiln cache-server does not listen on {port}"
         );
-        CacheServer { child, port }
+        CacheServer { child }
     }
 
     fn kill(&mut self) {
