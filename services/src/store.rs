@@ -198,17 +198,22 @@ impl Store for LocalStore {
 
     async fn concat(&self, upload: &str, parts: &[String]) -> Result<u64> {
         let path = self.upload_path(upload)?;
-        let mut out =
-            tokio::fs::OpenOptions::new().append(true).open(&path).await.map_err(io(&path))?;
-        let mut total = 0;
-        for part in parts {
-            let p = self.upload_path(part)?;
-            let mut f = tokio::fs::File::open(&p)
-                .await
-                .map_err(|_| StoreError::NotFound(format!("block {part}")))?;
-            total += tokio::io::copy(&mut f, &mut out).await.map_err(io(&path))?;
-        }
-        out.flush().await.map_err(io(&path))?;
+        let part_paths = parts.iter().map(|p| self.upload_path(p)).collect::<Result<Vec<_>>>()?;
+        // std::io::copy between files is copy_file_range on Linux: the kernel moves the bytes.
+        let out_path = path.clone();
+        let total = tokio::task::spawn_blocking(move || -> Result<u64> {
+            let mut out =
+                std::fs::OpenOptions::new().append(true).open(&out_path).map_err(io(&out_path))?;
+            let mut total = 0;
+            for p in &part_paths {
+                let mut f = std::fs::File::open(p)
+                    .map_err(|_| StoreError::NotFound(format!("block {}", p.display())))?;
+                total += std::io::copy(&mut f, &mut out).map_err(io(&out_path))?;
+            }
+            Ok(total)
+        })
+        .await
+        .map_err(|e| StoreError::Io { path: path.clone(), source: std::io::Error::other(e) })??;
         for part in parts {
             self.abort(part).await;
         }

@@ -206,6 +206,10 @@ pub(crate) struct CacheServerArgs {
     /// The total size of all entries in bytes; least recently used entries go beyond it.
     #[arg(long, default_value_t = 10 << 30)]
     pub(crate) max_size: u64,
+    /// Also serve artifacts (v4) from this directory (benchmarks and tests; `kiln exec` has
+    /// its own).
+    #[arg(long)]
+    pub(crate) artifacts: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -235,7 +235,7 @@ pub(crate) async fn cache_server(
     let services = Services::start(kiln_services::Config {
         bind: args.listen,
         cache: Some((dir, limits)),
-        artifacts: None,
+        artifacts: args.artifacts,
         secret: Some(secret),
     })
     .await
