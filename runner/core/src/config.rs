@@ -565,6 +565,29 @@ mod tests {
     }
 
     #[test]
+    fn cache_section_takes_forgejo_runners_keys() {
+        let c = parse("cache: {}\n", Path::new("/etc/kiln/c.yaml")).unwrap().cache;
+        assert_eq!(c, CacheConfig::default());
+        let text = "cache:\n  enabled: true\n  dir: cache\n  host: 172.17.0.1\n  proxy_port: 8089\n  \
+                    external_server: http://10.0.0.5:8088\n  secret: s3cret\n  \
+                    actions_cache_url_override: https://cache.example\n";
+        let c = parse(text, Path::new("/etc/kiln/c.yaml")).unwrap().cache;
+        assert_eq!(c.dir.as_deref(), Some(Path::new("/etc/kiln/cache")));
+        assert_eq!(c.host, Some("172.17.0.1".parse().unwrap()));
+        assert_eq!(c.port, 8089);
+        assert_eq!(c.external_server.as_deref(), Some("http://10.0.0.5:8088/"));
+        assert_eq!(c.url_override.as_deref(), Some("https://cache.example/"));
+        let off = parse("cache:\n  enabled: false\n", Path::new("c.yaml")).unwrap().cache;
+        assert!(!off.enabled);
+        assert!(err("cache:\n  external_server: http://x/\n").contains("needs cache.secret"));
+        assert!(err("cache:\n  host: cache.local\n").contains("cache.host"));
+        assert!(
+            err("cache:\n  external_server: x\n  secret: s\n").contains("cache.external_server")
+        );
+        assert!(err("cache:\n  colour: red\n").contains("colour"));
+    }
+
+    #[test]
     fn the_example_is_valid() {
         let c = parse(EXAMPLE, Path::new("examples/config.yaml")).unwrap();
         assert_eq!(c.runner.capacity, 2);
