@@ -99,6 +99,14 @@ pub(crate) fn scope_of(github: &Map<String, Value>, mode: Option<CacheMode>) -> 
 
 impl JobEnvHook for ServicesHook {
     fn job_env(&self, github: &Map<String, Value>, job_id: &str) -> JobEnv {
+        self.env_for(github, job_id)
+    }
+}
+
+impl ServicesHook {
+    /// The variables of job `job_id` of the run with this `github` context, and the values to
+    /// mask (the token). The runner's hook trait is a thin adapter over this.
+    pub(crate) fn env_for(&self, github: &Map<String, Value>, job_id: &str) -> JobEnv {
         let run = match s(github, "run_id") {
             "" => "0",
             r => r,
