@@ -799,7 +799,6 @@ jobs:
         "{}",
         task.log()
     );
-    assert!(daemon.log().contains("cache.enabled"), "{}", daemon.log());
     assert_eq!(fake.violations(), Vec::<String>::new());
     daemon.stop();
     // The file is left as forgejo-runner wrote it.
@@ -856,5 +855,90 @@ fn daemon_serves_healthz_and_prometheus_metrics() {
         assert!(metrics.contains(needle), "{needle} missing:\n{metrics}");
     }
     assert!(http_get(port, "/nope").starts_with("HTTP/1.0 404"));
+    daemon.stop();
+}
+
+/// The probe job of the cache test: the bundled `@actions/cache` client as a local action,
+/// written into the workspace by a `run:` step (the host backend sees the host's files).
+fn cache_job(bundle: &std::path::Path, op: &str) -> String {
+    format!(
+        r#"on: push
+jobs:
+  j:
+    runs-on: ubuntu-latest
+    steps:
+      - run: |
+          echo "cache-url=${{ACTIONS_CACHE_URL:+set}} mode=$ACTIONS_CACHE_MODE"
+          mkdir -p .github/actions/probe
+          cp {bundle} .github/actions/probe/index.mjs
+          printf 'name: probe\nruns:\n  using: node20\n  main: index.mjs\n' > .github/actions/probe/action.yml
+      - uses: ./.github/actions/probe
+        env:
+          INPUT_OP: {op}
+          INPUT_KEY: daemon-key
+          INPUT_CONTENT: from-the-first-job
+"#,
+        bundle = bundle.display()
+    )
+}
+
+#[test]
+fn daemon_gives_jobs_a_cache_and_a_second_job_hits_the_first_jobs_entry() {
+    let Some(bundle) = crate::services::probe_bundle("daemon::daemon_gives_jobs_a_cache") else {
+        return;
+    };
+    let fake = FakeForgejo::start();
+    let runner = Runner::register(&fake, "");
+    let mut daemon = runner.daemon();
+    let first = fake.enqueue(JobSpec::new(&cache_job(&bundle, "cache-save"), 2));
+    let task = fake.wait_finished(first, 120);
+    assert_eq!(task.short_result(), "success", "{}\n{}", task.log(), daemon.log());
+    assert!(task.log().contains("cache-url=set mode=write"), "{}", task.log());
+    assert!(task.log().contains("Cache saved successfully"), "{}", task.log());
+    let second = fake.enqueue(JobSpec::new(&cache_job(&bundle, "cache-restore"), 2));
+    let task = fake.wait_finished(second, 120);
+    assert_eq!(task.short_result(), "success", "{}\n{}", task.log(), daemon.log());
+    assert!(
+        task.log().contains("restored: daemon-key content: from-the-first-job"),
+        "{}",
+        task.log()
+    );
+    assert_eq!(fake.violations(), Vec::<String>::new());
+    daemon.stop();
+}
+
+#[test]
+fn two_runners_share_one_kiln_cache_server() {
+    let Some(bundle) =
+        crate::services::probe_bundle("daemon::two_runners_share_one_kiln_cache_server")
+    else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let secret = "a-shared-secret-of-32-characters";
+    std::fs::write(tmp.path().join("secret"), secret).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let _server = crate::services::CacheServer::start(
+        &tmp.path().join("cache"),
+        &tmp.path().join("secret"),
+        port,
+    );
+    let cache = format!("cache:\n  external_server: http://127.0.0.1:{port}\n  secret: {secret}\n");
+    let fake = FakeForgejo::start();
+    let (a, b) = (Runner::register(&fake, &cache), Runner::register(&fake, &cache));
+    let mut daemon = a.daemon();
+    let first = fake.enqueue(JobSpec::new(&cache_job(&bundle, "cache-save"), 2));
+    let task = fake.wait_finished(first, 120);
+    assert!(task.log().contains("Cache saved successfully"), "{}\n{}", task.log(), daemon.log());
+    daemon.stop();
+    let mut daemon = b.daemon();
+    let second = fake.enqueue(JobSpec::new(&cache_job(&bundle, "cache-restore"), 2));
+    let task = fake.wait_finished(second, 120);
+    assert!(
+        task.log().contains("restored: daemon-key content: from-the-first-job"),
+        "{}\n{}",
+        task.log(),
+        daemon.log()
+    );
     daemon.stop();
 }

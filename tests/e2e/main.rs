@@ -13,5 +13,6 @@ mod lifecycle;
 mod lxc;
 mod node_plugin;
 mod python_plugin;
+mod services;
 mod support;
 mod tls;

@@ -18,7 +18,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
     /// Run a workflow locally (like act).
-    Exec(ExecArgs),
+    Exec(Box<ExecArgs>),
     /// Check workflow files without running them: the YAML, every key, every `${{ }}` and
     /// `if:` (syntax, and contexts where GitHub makes them available); every error is printed
     /// as `file:line:col`; exit 2 when a file is invalid.
@@ -33,6 +33,8 @@ pub(crate) enum Command {
     OneJob(OneJobArgs),
     /// Print a commented example configuration file.
     GenerateConfig,
+    /// Serve the actions/cache protocol for several runners (their cache.external_server).
+    CacheServer(CacheServerArgs),
     /// Serve a first-party plugin (used by kiln itself for managed plugins).
     #[command(subcommand)]
     Plugin(PluginCommand),
@@ -121,6 +123,26 @@ pub(crate) struct ExecArgs {
     /// Use a local directory for an action: owner/repo@ref=DIR, or owner/repo=DIR for every ref.
     #[arg(long = "local-repository")]
     pub(crate) local_repositories: Vec<String>,
+    /// Do not start the cache server (actions/cache then finds no ACTIONS_CACHE_URL).
+    #[arg(long)]
+    pub(crate) no_cache_server: bool,
+    /// Where the cache server keeps its entries (default: cache/ in kiln's state directory).
+    #[arg(long)]
+    pub(crate) cache_server_path: Option<PathBuf>,
+    /// The address the job services listen on (default: the docker bridge's gateway when a
+    /// docker backend is in use, else 127.0.0.1).
+    #[arg(long)]
+    pub(crate) cache_server_addr: Option<std::net::IpAddr>,
+    /// The port the job services listen on (default: any free port).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) cache_server_port: u16,
+    /// The jobs' ACTIONS_CACHE_MODE: write, read or none (pull requests from forks: at most read).
+    #[arg(long, value_parser = ["write", "read", "none"])]
+    pub(crate) cache_mode: Option<String>,
+    /// Where uploaded artifacts go (default: artifacts/ in kiln's state directory; each run
+    /// in a directory of its own).
+    #[arg(long)]
+    pub(crate) artifact_server_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -172,6 +194,26 @@ pub(crate) struct CreateRunnerFileArgs {
     /// Labels, comma-separated (stored in the file; the config's runner.labels win).
     #[arg(long, value_delimiter = ',')]
     pub(crate) labels: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CacheServerArgs {
+    /// The address to listen on, e.g. 10.0.0.5:8088 (an address the runners' jobs reach).
+    #[arg(long)]
+    pub(crate) listen: std::net::SocketAddr,
+    /// A file holding the shared secret (the runners' cache.secret); 16 bytes at least.
+    #[arg(long)]
+    pub(crate) secret_file: PathBuf,
+    /// Where entries are kept (default: cache/ in kiln's state directory).
+    #[arg(long)]
+    pub(crate) dir: Option<PathBuf>,
+    /// The total size of all entries in bytes; least recently used entries go beyond it.
+    #[arg(long, default_value_t = 10 << 30)]
+    pub(crate) max_size: u64,
+    /// Also serve artifacts (v4) from this directory (benchmarks and tests; `kiln exec` has
+    /// its own).
+    #[arg(long)]
+    pub(crate) artifacts: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

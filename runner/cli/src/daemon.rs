@@ -120,6 +120,8 @@ struct Setup {
     poll: PollSettings,
     settings: Arc<RunnerSettings>,
     backends: Arc<Backends>,
+    /// The embedded cache server, if any.
+    services: Option<kiln_services::Services>,
 }
 
 async fn setup(path: Option<&Path>) -> anyhow::Result<Setup> {
@@ -168,6 +170,8 @@ async fn setup(path: Option<&Path>) -> anyhow::Result<Setup> {
     let mut specs: BTreeMap<_, _> =
         specs.into_iter().filter(|(name, _)| used.contains(&name.as_str())).collect();
     crate::wire_delegation(&mut specs)?;
+    let docker = specs.contains_key("docker");
+    let (services, job_env) = crate::services::for_daemon(&config.cache, docker).await?;
     let identity = Identity::new(&file.uuid);
     let backends = Arc::new(Backends::start(specs, &identity).await?);
     backends.check_labels(&labels)?;
@@ -187,12 +191,6 @@ async fn setup(path: Option<&Path>) -> anyhow::Result<Setup> {
                 backends.collect_garbage(&identity).await;
             }
         });
-    }
-    if config.cache_section.as_ref().is_some_and(|c| c.enabled) {
-        tracing::warn!(
-            "cache.enabled: kiln's daemon does not serve an actions cache yet: jobs get no \
-             ACTIONS_CACHE_URL (set cache.enabled: false to silence this)"
-        );
     }
     let timeout = std::env::var("FORGEJO_CLIENT_TIMEOUT")
         .ok()
@@ -223,8 +221,9 @@ async fn setup(path: Option<&Path>) -> anyhow::Result<Setup> {
         job_level: config.job_level,
         identity,
         actions: config.actions.clone(),
+        job_env: job_env.into_iter().collect(),
     });
-    Ok(Setup { client, poll, settings, backends })
+    Ok(Setup { client, poll, settings, backends, services })
 }
 
 /// First SIGTERM or Ctrl-C: `stop` (stop fetching, drain). Second: `force`. Third: exit now.
@@ -248,7 +247,8 @@ async fn shutdown(backends: Arc<Backends>) {
 
 /// `kiln daemon`.
 pub(crate) async fn daemon(args: DaemonArgs) -> anyhow::Result<ExitCode> {
-    let Setup { client, poll, settings, backends } = setup(args.config.as_deref()).await?;
+    let Setup { client, poll, settings, backends, services } =
+        setup(args.config.as_deref()).await?;
     let stop = CancellationToken::new();
     let force = CancellationToken::new();
     let signals = watch_signals(stop.clone(), force.clone());
@@ -261,13 +261,17 @@ pub(crate) async fn daemon(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     let result = poller::run_daemon(client, poll, settings, backends.clone(), stop, force).await;
     signals.abort();
     shutdown(backends).await;
+    if let Some(s) = services {
+        s.stop().await;
+    }
     result?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// `kiln one-job`.
 pub(crate) async fn one_job(args: OneJobArgs) -> anyhow::Result<ExitCode> {
-    let Setup { client, poll, settings, backends } = setup(args.config.as_deref()).await?;
+    let Setup { client, poll, settings, backends, services } =
+        setup(args.config.as_deref()).await?;
     let stop = CancellationToken::new();
     let force = CancellationToken::new();
     let signals = watch_signals(stop.clone(), force.clone());
@@ -275,6 +279,9 @@ pub(crate) async fn one_job(args: OneJobArgs) -> anyhow::Result<ExitCode> {
         poller::run_one(client, args.handle, poll, settings, backends.clone(), stop, force).await;
     signals.abort();
     shutdown(backends).await;
+    if let Some(s) = services {
+        s.stop().await;
+    }
     let code = match result? {
         None => {
             writeln!(std::io::stdout().lock(), "no job for this runner")?;

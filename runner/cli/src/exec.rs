@@ -455,6 +455,7 @@ pub(crate) async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
+    let docker = specs.contains_key("docker");
     crate::wire_delegation(&mut specs)?;
     let identity = Identity::for_exec();
     let backends = Arc::new(Backends::start(specs, &identity).await?);
@@ -478,6 +479,25 @@ pub(crate) async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
         },
     );
 
+    // The job services: the cache server and the artifact server, for every job of this exec.
+    let state = kiln_runner::identity::state_dir();
+    let bind = std::net::SocketAddr::new(
+        args.cache_server_addr.unwrap_or_else(|| crate::services::default_bind(docker)),
+        args.cache_server_port,
+    );
+    let (services, services_url) = crate::services::start(crate::services::Embedded {
+        bind,
+        cache_dir: (!args.no_cache_server)
+            .then(|| args.cache_server_path.clone().unwrap_or_else(|| state.join("cache"))),
+        artifact_dir: Some(
+            args.artifact_server_path.clone().unwrap_or_else(|| state.join("artifacts")),
+        ),
+        secret: None,
+    })
+    .await?;
+    let cache_mode = args.cache_mode.as_deref().and_then(kiln_services::token::CacheMode::parse);
+    let hook = crate::services::hook_for(&services, &services_url, services.signer(), cache_mode);
+
     let printer = Arc::new(ConsolePrinter::new(args.debug));
     let started = Instant::now();
     let mut overall = Outcome::Success;
@@ -490,7 +510,6 @@ pub(crate) async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
             secrets: secrets.clone(),
             vars: vars.clone(),
             extra_env: extra_env.clone(),
-            job_env: Vec::new(),
             labels: label_configs.clone(),
             default_backend: Some("host".into()),
             only_jobs: (!args.job.is_empty()).then(|| args.job.clone()),
@@ -502,7 +521,9 @@ pub(crate) async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
             skip_local_checkout: true,
             external_needs: Map::new(),
             actions: actions.clone(),
+            job_env: vec![hook.clone()],
         };
+        let run_id = opts.github.get("run_id").and_then(Value::as_str).unwrap_or("0").to_owned();
         let result =
             run_workflow(opts, backends.clone(), printer.clone(), cancel.clone(), force.clone())
                 .await;
@@ -511,11 +532,29 @@ pub(crate) async fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
             (Outcome::Failure, _) | (_, Outcome::Failure) => Outcome::Failure,
             _ => Outcome::Success,
         };
+        if let Some(art) = services.artifacts() {
+            let list = art.list_run(&run_id);
+            if !list.is_empty() {
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "Artifacts of run {run_id}:");
+                for a in list {
+                    let _ = writeln!(
+                        out,
+                        "  {} ({}, {} bytes): {}",
+                        a.name,
+                        a.job,
+                        a.size,
+                        a.path.display()
+                    );
+                }
+            }
+        }
         if cancel.is_cancelled() {
             break;
         }
     }
     signals.abort();
+    services.stop().await;
     printer.summary(overall, started.elapsed());
     if let Ok(b) = Arc::try_unwrap(backends) {
         b.shutdown().await;

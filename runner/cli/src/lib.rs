@@ -6,6 +6,7 @@ mod cli;
 mod daemon;
 mod exec;
 mod logging;
+mod services;
 mod signals;
 
 use std::process::ExitCode;
@@ -52,13 +53,14 @@ fn report_error(e: &anyhow::Error) {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        cli::Command::Exec(args) => exec::exec(args).await,
+        cli::Command::Exec(args) => exec::exec(*args).await,
         cli::Command::Validate(args) => exec::validate(args),
         cli::Command::Register(args) => daemon::register(args).await,
         cli::Command::CreateRunnerFile(args) => daemon::create_runner_file(args),
         cli::Command::Daemon(args) => daemon::daemon(args).await,
         cli::Command::OneJob(args) => daemon::one_job(args).await,
         cli::Command::GenerateConfig => daemon::generate_config(),
+        cli::Command::CacheServer(args) => services::cache_server(args).await,
         cli::Command::Plugin(p) => match p {
             cli::PluginCommand::Host(args) => {
                 kiln_plugin_host::run(args).await?;

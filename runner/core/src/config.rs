@@ -33,8 +33,9 @@ struct RawConfig {
     host: Option<RawHost>,
     /// kiln's own: the daemon's HTTP endpoint for `/healthz` and `/metrics`.
     metrics: Option<RawMetrics>,
-    /// Forgejo Runner's `cache:` section (syntax only here; see the end of this file).
-    cache: Option<RawForgejoCache>,
+    /// Forgejo Runner's `cache:` section: the cache server for `actions/cache`.
+    #[serde(default)]
+    cache: RawCache,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -48,6 +49,20 @@ struct RawHost {
 struct RawMetrics {
     /// `ADDR:PORT` to listen on, e.g. `127.0.0.1:9101`.
     listen: Option<String>,
+}
+
+/// `cache:`, with Forgejo Runner's keys.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    enabled: Option<bool>,
+    dir: Option<PathBuf>,
+    host: Option<String>,
+    port: Option<u16>,
+    proxy_port: Option<u16>,
+    external_server: Option<String>,
+    secret: Option<String>,
+    actions_cache_url_override: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -202,8 +217,6 @@ pub struct Config {
     pub job_level: JobLevel,
     /// `metrics.listen`: the daemon's `/healthz` and `/metrics` endpoint, when set.
     pub metrics_listen: Option<std::net::SocketAddr>,
-    /// Forgejo Runner's `cache:` keys, when the section is present.
-    pub cache_section: Option<ForgejoCacheKeys>,
     /// `runner.*`.
     pub runner: RunnerConfig,
     /// `plugins.*`; `host` is the embedded host plugin unless configured.
@@ -211,6 +224,45 @@ pub struct Config {
     /// `actions.*`: the action cache, offline mode, local overrides. The base URL comes from
     /// each task (the instance's default actions URL).
     pub actions: crate::actions::ActionSource,
+    /// `cache.*`: the cache server for `actions/cache`.
+    pub cache: CacheConfig,
+}
+
+/// `cache.*` (Forgejo Runner's keys; see `docs/job-services.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// `enabled` (default true): give jobs `ACTIONS_CACHE_URL`.
+    pub enabled: bool,
+    /// `dir`: the embedded server's storage (default `cache/` in kiln's state directory).
+    pub dir: Option<PathBuf>,
+    /// `host`: the address the embedded server listens on and jobs reach it at (default: the
+    /// docker bridge's gateway when a docker plugin is configured, else 127.0.0.1).
+    pub host: Option<std::net::IpAddr>,
+    /// `port` (0: any free port); `proxy_port` when `port` is unset (kiln has no separate
+    /// proxy: per-job tokens do its work on the one listener).
+    pub port: u16,
+    /// `external_server`: the base URL of a shared `kiln cache-server`; nothing embedded.
+    pub external_server: Option<String>,
+    /// `secret`: signs the jobs' tokens; required with `external_server` (the same secret as
+    /// the server's `--secret-file`).
+    pub secret: Option<String>,
+    /// `actions_cache_url_override`: the base URL jobs are given instead of the server's own
+    /// (behind a proxy); the job's token path is appended to it.
+    pub url_override: Option<String>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: true,
+            dir: None,
+            host: None,
+            port: 0,
+            external_server: None,
+            secret: None,
+            url_override: None,
+        }
+    }
 }
 
 /// `runner.*`.
@@ -269,7 +321,6 @@ impl Default for Config {
             log_level: "info".into(),
             job_level: JobLevel::Info,
             metrics_listen: None,
-            cache_section: None,
             runner: RunnerConfig {
                 file: PathBuf::from(".runner"),
                 capacity: 1,
@@ -286,6 +337,7 @@ impl Default for Config {
             actions: crate::actions::ActionSource::new(
                 crate::identity::state_dir().join("actions"),
             ),
+            cache: CacheConfig::default(),
         }
     }
 }
@@ -320,9 +372,6 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
         config.metrics_listen = Some(listen.trim().parse().with_context(|| {
             format!("{file}: metrics.listen: {listen:?} is not ADDR:PORT, e.g. 127.0.0.1:9101")
         })?);
-    }
-    if let Some(c) = raw.cache {
-        config.cache_section = Some(c.into_keys());
     }
     let r = raw.runner;
     let c = &mut config.runner;
@@ -489,6 +538,42 @@ pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
         config.actions.overrides.push((name, anchor(dir)));
     }
 
+    let c = raw.cache;
+    let slash = |key: &str, u: String| -> anyhow::Result<String> {
+        if !(u.starts_with("http://") || u.starts_with("https://")) {
+            bail!("{file}: cache.{key}: {u:?} is not an http:// or https:// URL");
+        }
+        Ok(if u.ends_with('/') { u } else { format!("{u}/") })
+    };
+    config.cache = CacheConfig {
+        enabled: c.enabled.unwrap_or(true),
+        dir: c.dir.filter(|d| !d.as_os_str().is_empty()).map(anchor),
+        host: match c.host.as_deref() {
+            None | Some("") => None,
+            Some(h) => Some(h.parse().map_err(|_| {
+                anyhow::anyhow!("{file}: cache.host: {h:?} is not an IP address (kiln binds it)")
+            })?),
+        },
+        port: c.port.filter(|p| *p != 0).or(c.proxy_port).unwrap_or(0),
+        external_server: c
+            .external_server
+            .filter(|u| !u.is_empty())
+            .map(|u| slash("external_server", u))
+            .transpose()?,
+        secret: c.secret.filter(|s| !s.is_empty()),
+        url_override: c
+            .actions_cache_url_override
+            .filter(|u| !u.is_empty())
+            .map(|u| slash("actions_cache_url_override", u))
+            .transpose()?,
+    };
+    if config.cache.external_server.is_some() && config.cache.secret.is_none() {
+        bail!(
+            "{file}: cache.external_server needs cache.secret: the shared secret the cache \
+             server was started with (kiln cache-server --secret-file)"
+        );
+    }
+
     // An empty list means "the labels of the .runner file", as in Forgejo Runner.
     if let Some(items) = r.labels.filter(|l| !l.is_empty()) {
         let mut out = Vec::new();
@@ -599,54 +684,6 @@ pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(total))
 }
 
-// ---- cache: (syntax only; owned by NAME=servers, see /work/notes/dropin-cache.md) ----
-
-/// Forgejo Runner's `cache:` section, as its config.example.yaml (v12) writes it.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawForgejoCache {
-    enabled: Option<bool>,
-    port: Option<u16>,
-    dir: Option<String>,
-    external_server: Option<String>,
-    secret: Option<String>,
-    host: Option<String>,
-    proxy_port: Option<u16>,
-    actions_cache_url_override: Option<String>,
-}
-
-impl RawForgejoCache {
-    fn into_keys(self) -> ForgejoCacheKeys {
-        ForgejoCacheKeys {
-            enabled: self.enabled.unwrap_or(true),
-            port: self.port.unwrap_or(0),
-            dir: self.dir.unwrap_or_default(),
-            external_server: self.external_server.unwrap_or_default(),
-            secret: self.secret.unwrap_or_default(),
-            host: self.host.unwrap_or_default(),
-            proxy_port: self.proxy_port.unwrap_or(0),
-            actions_cache_url_override: self.actions_cache_url_override.unwrap_or_default(),
-        }
-    }
-}
-
-/// Forgejo Runner's `cache:` keys (defaults filled in); the daemon warns that it does not
-/// serve a cache yet when `enabled`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[allow(missing_docs)]
-pub struct ForgejoCacheKeys {
-    pub enabled: bool,
-    pub port: u16,
-    pub dir: String,
-    pub external_server: String,
-    pub secret: String,
-    pub host: String,
-    pub proxy_port: u16,
-    pub actions_cache_url_override: String,
-}
-
-// ---- end of cache: ----
-
 /// The commented example printed by `kiln generate-config`.
 pub const EXAMPLE: &str = include_str!("../../../examples/config.yaml");
 
@@ -656,6 +693,29 @@ mod tests {
 
     fn err(text: &str) -> String {
         format!("{:#}", parse(text, Path::new("c.yaml")).unwrap_err())
+    }
+
+    #[test]
+    fn cache_section_takes_forgejo_runners_keys() {
+        let c = parse("cache: {}\n", Path::new("/etc/kiln/c.yaml")).unwrap().cache;
+        assert_eq!(c, CacheConfig::default());
+        let text = "cache:\n  enabled: true\n  dir: cache\n  host: 172.17.0.1\n  proxy_port: 8089\n  \
+                    external_server: http://10.0.0.5:8088\n  secret: s3cret\n  \
+                    actions_cache_url_override: https://cache.example\n";
+        let c = parse(text, Path::new("/etc/kiln/c.yaml")).unwrap().cache;
+        assert_eq!(c.dir.as_deref(), Some(Path::new("/etc/kiln/cache")));
+        assert_eq!(c.host, Some("172.17.0.1".parse().unwrap()));
+        assert_eq!(c.port, 8089);
+        assert_eq!(c.external_server.as_deref(), Some("http://10.0.0.5:8088/"));
+        assert_eq!(c.url_override.as_deref(), Some("https://cache.example/"));
+        let off = parse("cache:\n  enabled: false\n", Path::new("c.yaml")).unwrap().cache;
+        assert!(!off.enabled);
+        assert!(err("cache:\n  external_server: http://x/\n").contains("needs cache.secret"));
+        assert!(err("cache:\n  host: cache.local\n").contains("cache.host"));
+        assert!(
+            err("cache:\n  external_server: x\n  secret: s\n").contains("cache.external_server")
+        );
+        assert!(err("cache:\n  colour: red\n").contains("colour"));
     }
 
     #[test]
@@ -724,7 +784,7 @@ mod tests {
         assert!(!c.runner.insecure);
         // `labels: []`: the .runner file's labels.
         assert!(c.runner.labels.is_none());
-        assert!(c.cache_section.as_ref().is_some_and(|k| k.enabled));
+        assert!(c.cache.enabled);
         // Forgejo's defaults ask nothing of the plugins: none is configured.
         assert!(c.plugins.is_empty(), "{:?}", c.plugins);
     }

@@ -39,6 +39,8 @@ pub struct RunnerSettings {
     pub identity: Identity,
     /// Where actions come from; each task's default actions URL replaces `base_url`.
     pub actions: crate::actions::ActionSource,
+    /// Each job's variables from the job services (the cache server).
+    pub job_env: Vec<Arc<dyn crate::run::JobEnvProvider>>,
 }
 
 /// A task turned into a run.
@@ -186,7 +188,6 @@ pub fn prepare(task: &Task, instance: &str, settings: &RunnerSettings) -> Result
         vars: task.vars.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         inputs,
         extra_env: env,
-        job_env: Vec::new(),
         labels: settings.labels.clone(),
         default_backend: Some(settings.default_backend.clone()),
         only_jobs: None,
@@ -198,6 +199,7 @@ pub fn prepare(task: &Task, instance: &str, settings: &RunnerSettings) -> Result
         matrix_filter: Vec::new(),
         external_needs,
         actions,
+        job_env: settings.job_env.clone(),
     };
     Ok(Prepared { options, job_id, steps, secrets: mask, debug })
 }

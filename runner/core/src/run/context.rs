@@ -65,11 +65,20 @@ pub struct RunOptions {
 
 /// A source of per-job environment variables (`RunOptions::job_env`), e.g. a cache server
 /// handing each job its `ACTIONS_CACHE_URL` and a token.
-pub trait JobEnvProvider: Send + Sync {
+pub trait JobEnvProvider: Send + Sync + std::fmt::Debug {
     /// The variables for one job combination, asked when its environment exists, before its
     /// setup exec. They are below the workflow's and the job's `env`, like
     /// `RunOptions::extra_env`.
-    fn job_env(&self, job: &JobEnvRequest<'_>) -> IndexMap<String, String>;
+    fn job_env(&self, job: &JobEnvRequest<'_>) -> JobEnv;
+}
+
+/// What a [`JobEnvProvider`] gives one job.
+#[derive(Debug, Clone, Default)]
+pub struct JobEnv {
+    /// Variables added to every step's environment.
+    pub vars: IndexMap<String, String>,
+    /// Values masked in the job's log, as secrets are (the job's tokens).
+    pub mask: Vec<String>,
 }
 
 /// What a [`JobEnvProvider`] is told about the job.

@@ -22,7 +22,9 @@ use tracing::Instrument;
 
 use super::action;
 use super::containers::{Containers, create_containers};
-use super::context::{ComboResult, JobEnvRequest, JobRun, Shared, StaticHost, Timer, to_obj};
+use super::context::{
+    ComboResult, JobEnv, JobEnvRequest, JobRun, Shared, StaticHost, Timer, to_obj,
+};
 use super::docker_step;
 use super::environment::{
     Delegated, EnvError, Layer, create_delegate, create_with_retry, delegate_request, layer_plugin,
@@ -559,7 +561,7 @@ impl JobCx {
         let (env, plugin) = (&on.env, on.plugin.name.as_str());
         let mut contexts = self.contexts.clone();
         let runner = runner_context(&mut contexts, self, env, plugin, &containers);
-        let extra_env = self.extra_env(plugin, env);
+        let JobEnv { vars: extra_env, mask } = self.extra_env(plugin, env);
         let base_env =
             self.base_env(on, &containers.target, &contexts, &runner, &extra_env).await?;
         let env_ctx = self.env_context(&mut contexts, &extra_env)?;
@@ -598,13 +600,17 @@ impl JobCx {
             job_defaults: self.job().defaults.clone(),
             step_containers,
         };
-        Ok(Running { cx, state: JobProgress::new(&opts.secrets), contexts })
+        let mut state = JobProgress::new(&opts.secrets);
+        for value in &mask {
+            state.masker.add(value);
+        }
+        Ok(Running { cx, state, contexts })
     }
 
     /// `RunOptions::extra_env` and what the run's `JobEnvProvider`s add for this job.
-    fn extra_env(&self, plugin: &str, env: &Environment) -> IndexMap<String, String> {
+    fn extra_env(&self, plugin: &str, env: &Environment) -> JobEnv {
         let opts = &self.shared.opts;
-        let mut extra = opts.extra_env.clone();
+        let mut extra = JobEnv { vars: opts.extra_env.clone(), mask: Vec::new() };
         let request = JobEnvRequest {
             job_id: &self.run.job_id,
             display_name: self.name(),
@@ -614,7 +620,9 @@ impl JobCx {
             github: &opts.github,
         };
         for provider in &opts.job_env {
-            extra.extend(provider.job_env(&request));
+            let JobEnv { vars, mask } = provider.job_env(&request);
+            extra.vars.extend(vars);
+            extra.mask.extend(mask);
         }
         extra
     }

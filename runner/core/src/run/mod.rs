@@ -46,7 +46,7 @@ use serde_json::{Map, Value, json};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use context::{JobEnvProvider, JobEnvRequest, RunOptions, RunResult};
+pub use context::{JobEnv, JobEnvProvider, JobEnvRequest, RunOptions, RunResult};
 
 use crate::backends::Backends;
 use crate::expr::{self, JobStatus, Scope};
