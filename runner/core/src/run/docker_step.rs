@@ -391,7 +391,6 @@ fn container_context(cx: &StepContext, target: &StepContainerHost, container: &s
         .filter(|(k, _)| {
             k.starts_with("GITHUB_")
                 || k.starts_with("RUNNER_")
-                || k.starts_with("ACTIONS_")
                 || ["CI", "GITEA_ACTIONS", "FORGEJO_ACTIONS", "ACT"].contains(&k.as_str())
                 || extra.contains_key(*k)
         })
