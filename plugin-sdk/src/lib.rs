@@ -15,6 +15,7 @@ pub mod client;
 pub mod conformance;
 pub mod dirs;
 pub mod error;
+pub mod forward;
 pub mod ids;
 pub mod server;
 pub mod tls;

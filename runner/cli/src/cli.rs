@@ -44,6 +44,8 @@ pub(crate) enum PluginCommand {
     Test(kiln_plugin_test::Args),
     /// The Docker backend: jobs in containers on a Docker engine.
     Docker(kiln_plugin_docker::Args),
+    /// The QEMU backend: each job in its own VM, its containers inside it.
+    Qemu(kiln_plugin_qemu::Args),
 }
 
 #[derive(Debug, Args)]

@@ -72,6 +72,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 kiln_plugin_docker::run(args).await?;
                 Ok(ExitCode::SUCCESS)
             }
+            cli::PluginCommand::Qemu(args) => {
+                kiln_plugin_qemu::run(args).await?;
+                Ok(ExitCode::SUCCESS)
+            }
         },
     }
 }
