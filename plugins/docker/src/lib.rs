@@ -190,6 +190,9 @@ pub struct DockerConfig {
     pub allowed_options: Vec<String>,
     /// Globs of the endpoints environments may name with the option `docker_host`.
     pub allowed_docker_hosts: Vec<String>,
+    /// An image missing on an environment's own endpoint (`docker_host`) is copied from the
+    /// plugin's engine when that has it (export, then load), before any pull.
+    pub copy_missing_images: bool,
 }
 
 impl DockerConfig {
@@ -203,6 +206,7 @@ impl DockerConfig {
             valid_volumes: Vec::new(),
             allowed_options: Vec::new(),
             allowed_docker_hosts: Vec::new(),
+            copy_missing_images: false,
         }
     }
 
@@ -251,6 +255,11 @@ pub struct DockerArgs {
     /// Without any, the option is refused.
     #[arg(long = "allow-docker-host")]
     pub allowed_docker_hosts: Vec<String>,
+    /// When an environment on another engine (`docker_host`, e.g. a VM's) lacks an image,
+    /// copy it from this plugin's engine (export, then load) when that has it, before trying
+    /// a pull: machines without a registry get the images the host has.
+    #[arg(long)]
+    pub copy_missing_images: bool,
 }
 
 impl DockerArgs {
@@ -264,6 +273,7 @@ impl DockerArgs {
             valid_volumes: self.valid_volumes.clone(),
             allowed_options: self.allowed_options.clone(),
             allowed_docker_hosts: self.allowed_docker_hosts.clone(),
+            copy_missing_images: self.copy_missing_images,
         }
     }
 }

@@ -21,8 +21,10 @@
 //!   TLS on a forwarded port, and the container, service and step-container layers are
 //!   DELEGATED to the runner's docker plugin with `docker_host`/`docker_tls_dir` naming that
 //!   VM's engine in `Environment.delegation.options` (the docker plugin must allow it:
-//!   `--allow-docker-host 'tcp://127.0.0.1:*'`), plus `copy_missing_images: true`: an image the
-//!   guest lacks is copied from the docker plugin's own engine.
+//!   `--allow-docker-host 'tcp://127.0.0.1:*'` and `--valid-volume '/var/lib/kiln/env/*'`, the
+//!   agent's environments in the guest). With the docker plugin's `--copy-missing-images`, an
+//!   image the guest lacks is copied from the docker plugin's own engine (the host's).
+//!   `kiln` adds these flags to its managed docker plugin when a qemu plugin is configured.
 //! - **Lifecycle**: see `machine` (state directory, owner labels, reaping) and `vm` (stopping).
 
 mod certs;
@@ -53,9 +55,6 @@ pub struct QemuConfig {
     pub agent_args: String,
     /// The backend container layers are delegated to (dockerd in the VM); None: no containers.
     pub delegate: Option<String>,
-    /// Whether delegate environments copy images the guest lacks from the docker plugin's
-    /// own engine.
-    pub copy_images: bool,
     /// Default vCPUs.
     pub cpus: u32,
     /// Default memory.
@@ -98,9 +97,6 @@ pub struct QemuArgs {
     /// containers, no dockerd).
     #[arg(long, default_value = "docker")]
     pub delegate: String,
-    /// Do not ask the delegate to copy images the guest lacks from its own engine.
-    #[arg(long)]
-    pub no_copy_images: bool,
     /// vCPUs per VM unless the label says otherwise.
     #[arg(long, default_value_t = 2)]
     pub cpus: u32,
@@ -151,7 +147,6 @@ impl QemuArgs {
             agent_bin,
             agent_args: self.agent_args.clone().unwrap_or_else(|| default_args.to_owned()),
             delegate: (self.delegate != "none").then(|| self.delegate.clone()),
-            copy_images: !self.no_copy_images,
             cpus: self.cpus.clamp(1, 64),
             memory_mb: self.memory_mb.clamp(256, 262_144),
             boot_timeout: Duration::from_secs(self.boot_timeout_secs.clamp(5, 3600)),

@@ -294,9 +294,6 @@ impl QemuMachine {
         if self.config.delegate.is_some() {
             o.insert("docker_host".into(), format!("tcp://127.0.0.1:{}", meta.docker_port).into());
             o.insert("docker_tls_dir".into(), dir.join("tls").to_string_lossy().into_owned().into());
-            if self.config.copy_images {
-                o.insert("copy_missing_images".into(), true.into());
-            }
         }
         o
     }
@@ -307,7 +304,12 @@ impl QemuMachine {
 
     /// Writes the config drive of `dir`: the agent binary, `config.env`, the guest's
     /// certificates, as an ext4 image made by `mkfs.ext4 -d` (no loop mount).
-    async fn make_config_drive(&self, dir: &Path, vm_certs: &certs::VmCerts) -> Result<()> {
+    async fn make_config_drive(
+        &self,
+        dir: &Path,
+        vm_certs: &certs::VmCerts,
+        hints: &kiln_plugin_sdk::EnvironmentHints,
+    ) -> Result<()> {
         let stage = dir.join("config");
         let tls = stage.join("tls");
         std::fs::create_dir_all(&tls).map_err(|e| io("creating the config drive's tree", e))?;
@@ -322,9 +324,10 @@ impl QemuMachine {
             None => String::new(),
         };
         let env = format!(
-            "AGENT_PORT={}\nDOCKER_PORT={}\nAGENT_ARGS='{}'\nAGENT_EXTRA='{extra}'\n",
+            "AGENT_PORT={}\nDOCKER_PORT={}\nWAIT_DOCKER={}\nAGENT_ARGS='{}'\nAGENT_EXTRA='{extra}'\n",
             vm::GUEST_AGENT_PORT,
             if self.config.delegate.is_some() { vm::GUEST_DOCKER_PORT } else { 0 },
+            u8::from(hints.job_container || hints.service_containers > 0 || hints.step_containers),
             self.config.agent_args,
         );
         let files = [
@@ -408,7 +411,7 @@ impl QemuMachine {
             std::fs::write(path, pem).map_err(|e| io(format!("writing {}", path.display()), e))?;
         }
         let (overlay, drive) =
-            tokio::join!(Self::make_overlay(dir, &image, o.disk_gb), self.make_config_drive(dir, &vm_certs));
+            tokio::join!(Self::make_overlay(dir, &image, o.disk_gb), self.make_config_drive(dir, &vm_certs, &request.hints));
         overlay?;
         drive?;
         let launch = Launch {

@@ -89,6 +89,7 @@ pub(crate) fn wire_delegation(
     specs: &mut std::collections::BTreeMap<String, kiln_runner::backends::PluginSpec>,
 ) -> anyhow::Result<()> {
     use kiln_runner::backends::PluginSpec;
+    wire_qemu(specs)?;
     if !specs.contains_key("docker") {
         return Ok(());
     }
@@ -106,6 +107,36 @@ pub(crate) fn wire_delegation(
         let root = kiln_plugin_host::HostConfig::default_root("host");
         let root = std::fs::canonicalize(&root).unwrap_or(root);
         command.extend(["--valid-volume".to_owned(), format!("{}/*", root.display())]);
+    }
+    Ok(())
+}
+
+/// When a plugin named `qemu` is configured, its VMs' container layers are delegated to the
+/// docker plugin with each VM's own engine (`docker_host` on a loopback port): kiln starts its
+/// docker plugin if none is configured, and lets a managed docker plugin use those engines,
+/// mount the agent's directories in the guest, and copy the host's images into a guest
+/// (`--copy-missing-images`: no registry is needed).
+fn wire_qemu(
+    specs: &mut std::collections::BTreeMap<String, kiln_runner::backends::PluginSpec>,
+) -> anyhow::Result<()> {
+    use kiln_runner::backends::PluginSpec;
+    if !specs.contains_key("qemu") {
+        return Ok(());
+    }
+    if !specs.contains_key("docker") {
+        specs.insert("docker".to_owned(), kiln_runner::backends::embedded_plugin("docker")?);
+    }
+    if let Some(PluginSpec::Managed { command, .. }) = specs.get_mut("docker") {
+        command.extend(
+            [
+                "--allow-docker-host",
+                "tcp://127.0.0.1:*",
+                "--valid-volume",
+                "/var/lib/kiln/env/*",
+                "--copy-missing-images",
+            ]
+            .map(str::to_owned),
+        );
     }
     Ok(())
 }
