@@ -10,5 +10,6 @@ mod exec;
 mod fake_forgejo;
 mod lifecycle;
 mod python_plugin;
+mod qemu;
 mod support;
 mod tls;

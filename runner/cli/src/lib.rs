@@ -120,8 +120,15 @@ fn wire_qemu(
     specs: &mut std::collections::BTreeMap<String, kiln_runner::backends::PluginSpec>,
 ) -> anyhow::Result<()> {
     use kiln_runner::backends::PluginSpec;
-    if !specs.contains_key("qemu") {
-        return Ok(());
+    match specs.get("qemu") {
+        None => return Ok(()),
+        // A qemu plugin without containers needs no docker plugin.
+        Some(PluginSpec::Managed { command, .. })
+            if command.windows(2).any(|w| w[0] == "--delegate" && w[1] == "none") =>
+        {
+            return Ok(());
+        }
+        Some(_) => {}
     }
     if !specs.contains_key("docker") {
         specs.insert("docker".to_owned(), kiln_runner::backends::embedded_plugin("docker")?);
