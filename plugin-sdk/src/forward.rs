@@ -14,7 +14,8 @@
 //!   the same environment; another spec: ALREADY_EXISTS). A failure after the machine exists
 //!   destroys it: never a half-created environment.
 //! - Inspect, Exec, SignalExec, WriteStdin, CopyIn, CopyOut and the container RPCs are routed
-//!   by environment id (execs by the id they were started with) and forwarded unchanged.
+//!   by environment id (SignalExec and WriteStdin by the exec id, remembered until the
+//!   environment is removed; an exec id never seen is NOT_FOUND) and forwarded unchanged.
 //! - Remove of an environment removes it on the agent (best effort, bounded), then destroys
 //!   the machine; Remove of a container is forwarded.
 //! - ListEnvironments is the machine plugin's own listing (its records outlive the agent).
@@ -26,13 +27,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use futures::StreamExt;
-
 use crate::backend::{
-    Backend, ByteStream, Capabilities, CapabilitiesRequest, Container, ContainerKind,
-    ContainerRef, ContainerRequest, ContainerStatus, CopyInTarget, CopyOutSource, CopyStats,
-    Environment, EnvironmentRequest, EnvironmentSummary, ExecEvent, ExecRequest, ExecStream,
-    RemoveRequest, Selector, SignalRequest,
+    Backend, ByteStream, Capabilities, CapabilitiesRequest, Container, ContainerKind, ContainerRef,
+    ContainerRequest, ContainerStatus, CopyInTarget, CopyOutSource, CopyStats, Environment,
+    EnvironmentRequest, EnvironmentSummary, ExecRequest, ExecStream, RemoveRequest, Selector,
+    SignalRequest,
 };
 use crate::error::{Error, Result};
 
@@ -83,8 +82,8 @@ pub trait Machine: Send + Sync + 'static {
 pub struct ForwardingBackend<M> {
     machine: Arc<M>,
     routes: Mutex<HashMap<String, Arc<dyn Backend>>>,
-    /// Exec id → environment id, while the exec's stream is alive.
-    execs: Arc<Mutex<HashMap<String, String>>>,
+    /// Exec id → environment id, until the environment is removed.
+    execs: Mutex<HashMap<String, String>>,
     /// One creation at a time per environment id.
     creating: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -99,7 +98,7 @@ impl<M: Machine> ForwardingBackend<M> {
         ForwardingBackend {
             machine: Arc::new(machine),
             routes: Mutex::default(),
-            execs: Arc::default(),
+            execs: Mutex::default(),
             creating: Mutex::default(),
         }
     }
@@ -109,7 +108,7 @@ impl<M: Machine> ForwardingBackend<M> {
         ForwardingBackend {
             machine,
             routes: Mutex::default(),
-            execs: Arc::default(),
+            execs: Mutex::default(),
             creating: Mutex::default(),
         }
     }
@@ -188,34 +187,27 @@ impl<M: Machine> Backend for ForwardingBackend<M> {
 
     async fn exec(&self, request: ExecRequest) -> Result<ExecStream> {
         let agent = self.agent(&request.environment_id).await?;
-        let exec_id = request.exec_id.clone();
-        lock(&self.execs).insert(exec_id.clone(), request.environment_id.clone());
-        let stream = match agent.exec(request).await {
-            Ok(s) => s,
-            Err(e) => {
-                lock(&self.execs).remove(&exec_id);
-                return Err(e);
-            }
-        };
-        // The route lives as long as the stream: dropped (or ended), the exec is gone.
-        let guard = ExecRoute { execs: Arc::clone(&self.execs), exec_id };
-        Ok(Box::pin(stream.map(move |event: Result<ExecEvent>| {
-            let _ = &guard;
-            event
-        })))
+        // The route stays for the environment's lifetime: a signal to an exec that ended is
+        // the agent's to answer (false), an id reused while running its to refuse.
+        lock(&self.execs)
+            .entry(request.exec_id.clone())
+            .or_insert_with(|| request.environment_id.clone());
+        agent.exec(request).await
     }
 
     async fn signal_exec(&self, request: SignalRequest) -> Result<bool> {
         let Some(env) = self.exec_env(&request.exec_id) else {
-            return Ok(false);
+            return Err(Error::not_found(format!("exec {:?} does not exist", request.exec_id))
+                .field("exec_id"));
         };
         self.agent(&env).await?.signal_exec(request).await
     }
 
     async fn write_stdin(&self, exec_id: String, data: ByteStream) -> Result<u64> {
         let Some(env) = self.exec_env(&exec_id) else {
-            return Err(Error::not_found(format!("exec {exec_id:?} is not running"))
-                .field("exec_id"));
+            return Err(
+                Error::not_found(format!("exec {exec_id:?} is not running")).field("exec_id")
+            );
         };
         self.agent(&env).await?.write_stdin(exec_id, data).await
     }
@@ -239,6 +231,7 @@ impl<M: Machine> Backend for ForwardingBackend<M> {
             };
         }
         let agent = lock(&self.routes).remove(&id);
+        lock(&self.execs).retain(|_, env| *env != id);
         let agent = match agent {
             Some(a) => Some(a),
             None => self.machine.reconnect(&id).await.unwrap_or(None),
@@ -257,18 +250,6 @@ impl<M: Machine> Backend for ForwardingBackend<M> {
 
     async fn list_environments(&self, selector: Selector) -> Result<Vec<EnvironmentSummary>> {
         self.machine.list(selector).await
-    }
-}
-
-/// Forgets an exec's route when its stream goes.
-struct ExecRoute {
-    execs: Arc<Mutex<HashMap<String, String>>>,
-    exec_id: String,
-}
-
-impl Drop for ExecRoute {
-    fn drop(&mut self) {
-        lock(&self.execs).remove(&self.exec_id);
     }
 }
 

@@ -403,7 +403,8 @@ impl DockerBackend {
         }
         let started = std::time::Instant::now();
         let export = own.docker.export_image(image);
-        let options = bollard::query_parameters::ImportImageOptionsBuilder::default().quiet(true).build();
+        let options =
+            bollard::query_parameters::ImportImageOptionsBuilder::default().quiet(true).build();
         let mut load = engine.docker.import_image_stream(options, export, None);
         while let Some(item) = load.next().await {
             let info = item.map_err(|e| {

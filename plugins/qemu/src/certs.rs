@@ -28,7 +28,8 @@ fn leaf(
     names: &[&str],
     usage: ExtendedKeyUsagePurpose,
 ) -> Result<(String, String), rcgen::Error> {
-    let mut params = CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())?;
+    let mut params =
+        CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())?;
     params.distinguished_name.push(DnType::CommonName, name);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     params.extended_key_usages = vec![usage];
@@ -43,8 +44,11 @@ pub(crate) fn mint(env_id: &str) -> Result<VmCerts, rcgen::Error> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.distinguished_name.push(DnType::CommonName, format!("kiln qemu CA {env_id}"));
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages =
-        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let key = KeyPair::generate()?;
     let ca = params.self_signed(&key)?.pem();
     let issuer = Issuer::new(params, key);
@@ -54,8 +58,12 @@ pub(crate) fn mint(env_id: &str) -> Result<VmCerts, rcgen::Error> {
         &[AGENT_NAME, "localhost", "127.0.0.1"],
         ExtendedKeyUsagePurpose::ServerAuth,
     )?;
-    let (client_cert, client_key) =
-        leaf(&issuer, "kiln qemu plugin", &["kiln-qemu-plugin"], ExtendedKeyUsagePurpose::ClientAuth)?;
+    let (client_cert, client_key) = leaf(
+        &issuer,
+        "kiln qemu plugin",
+        &["kiln-qemu-plugin"],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    )?;
     Ok(VmCerts { ca, server_cert, server_key, client_cert, client_key })
 }
 

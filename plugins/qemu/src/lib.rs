@@ -114,11 +114,14 @@ impl QemuArgs {
         let exe = std::env::current_exe().unwrap_or_default();
         let (agent_bin, default_args) = match &self.agent_bin {
             Some(bin) => {
-                let host = bin.file_name().is_some_and(|n| n.to_string_lossy().starts_with("kiln-plugin-host"));
+                let host = bin
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("kiln-plugin-host"));
                 (bin.clone(), if host { "" } else { "plugin host" })
             }
             None => {
-                let name = exe.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let name =
+                    exe.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                 let dir = exe.parent().map(PathBuf::from).unwrap_or_default();
                 if !name.starts_with("kiln-plugin-") {
                     (exe.clone(), "plugin host")

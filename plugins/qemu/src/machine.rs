@@ -85,6 +85,12 @@ impl From<OwnerRecord> for Owner {
     }
 }
 
+/// Why a boot failed, and whether QEMU crashed (died by a signal) doing it.
+struct BootFailure {
+    error: Error,
+    crashed: bool,
+}
+
 /// A VM's options, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct VmOptions {
@@ -289,11 +295,18 @@ impl QemuMachine {
         }
     }
 
-    fn delegation_options(&self, dir: &Path, meta: &Meta) -> serde_json::Map<String, serde_json::Value> {
+    fn delegation_options(
+        &self,
+        dir: &Path,
+        meta: &Meta,
+    ) -> serde_json::Map<String, serde_json::Value> {
         let mut o = serde_json::Map::new();
         if self.config.delegate.is_some() {
             o.insert("docker_host".into(), format!("tcp://127.0.0.1:{}", meta.docker_port).into());
-            o.insert("docker_tls_dir".into(), dir.join("tls").to_string_lossy().into_owned().into());
+            o.insert(
+                "docker_tls_dir".into(),
+                dir.join("tls").to_string_lossy().into_owned().into(),
+            );
         }
         o
     }
@@ -337,7 +350,8 @@ impl QemuMachine {
             (tls.join("server-key.pem"), vm_certs.server_key.as_str()),
         ];
         for (path, content) in files {
-            std::fs::write(&path, content).map_err(|e| io(format!("writing {}", path.display()), e))?;
+            std::fs::write(&path, content)
+                .map_err(|e| io(format!("writing {}", path.display()), e))?;
         }
         let size = std::fs::metadata(&agent).map(|m| m.len()).unwrap_or(0) / (1 << 20) + 32;
         let image = Launch::config_drive(dir);
@@ -371,19 +385,44 @@ impl QemuMachine {
         let out = cmd.output().await.map_err(|e| io("running qemu-img (package qemu-utils)", e))?;
         if !out.status.success() {
             let why = String::from_utf8_lossy(&out.stderr);
-            let field = if why.contains("smaller") || why.contains("shrink") { "options.disk_gb" } else { "" };
+            let field = if why.contains("smaller") || why.contains("shrink") {
+                "options.disk_gb"
+            } else {
+                ""
+            };
             let e = Error::invalid_argument(format!(
                 "creating the job's disk (qemu-img create -b {}): {}",
                 image.disk().display(),
                 why.trim()
             ));
-            return Err(if field.is_empty() { e.fault(Fault::Infrastructure) } else { e.field(field) });
+            return Err(if field.is_empty() {
+                e.fault(Fault::Infrastructure)
+            } else {
+                e.field(field)
+            });
         }
         Ok(())
     }
 
     /// Boots a VM for `request` in `dir`; on any error the caller destroys the directory.
-    async fn boot(&self, request: &EnvironmentRequest, o: &VmOptions, dir: &Path) -> Result<(Meta, GrpcBackend)> {
+    async fn boot(
+        &self,
+        request: &EnvironmentRequest,
+        o: &VmOptions,
+        dir: &Path,
+    ) -> std::result::Result<(Meta, GrpcBackend), BootFailure> {
+        self.try_boot(request, o, dir)
+            .await
+            .map_err(|error| BootFailure { error, crashed: false })?
+    }
+
+    /// [`Self::boot`]; the outer error is one before QEMU ran, the inner one QEMU's.
+    async fn try_boot(
+        &self,
+        request: &EnvironmentRequest,
+        o: &VmOptions,
+        dir: &Path,
+    ) -> Result<std::result::Result<(Meta, GrpcBackend), BootFailure>> {
         let started = Instant::now();
         let image = vm::find_image(&self.config.image_dir, &o.image, "options.image")?;
         let accel = self.accel().await;
@@ -401,17 +440,24 @@ impl QemuMachine {
             },
         };
         // The record first: a plugin killed from here on leaves something ListEnvironments finds.
-        std::fs::create_dir_all(dir.join("tls")).map_err(|e| io(format!("creating {}", dir.display()), e))?;
+        std::fs::create_dir_all(dir.join("tls"))
+            .map_err(|e| io(format!("creating {}", dir.display()), e))?;
         let json = serde_json::to_vec_pretty(&meta).unwrap_or_default();
         std::fs::write(dir.join("meta.json"), json).map_err(|e| io("writing meta.json", e))?;
         let vm_certs = certs::mint(&request.environment_id)
             .map_err(|e| Error::internal(format!("minting the VM's certificates: {e}")))?;
         let tls = Self::tls(dir);
-        for (path, pem) in [(&tls.ca, &vm_certs.ca), (&tls.cert, &vm_certs.client_cert), (&tls.key, &vm_certs.client_key)] {
+        for (path, pem) in [
+            (&tls.ca, &vm_certs.ca),
+            (&tls.cert, &vm_certs.client_cert),
+            (&tls.key, &vm_certs.client_key),
+        ] {
             std::fs::write(path, pem).map_err(|e| io(format!("writing {}", path.display()), e))?;
         }
-        let (overlay, drive) =
-            tokio::join!(Self::make_overlay(dir, &image, o.disk_gb), self.make_config_drive(dir, &vm_certs, &request.hints));
+        let (overlay, drive) = tokio::join!(
+            Self::make_overlay(dir, &image, o.disk_gb),
+            self.make_config_drive(dir, &vm_certs, &request.hints)
+        );
         overlay?;
         drive?;
         let launch = Launch {
@@ -424,7 +470,8 @@ impl QemuMachine {
             agent_port: meta.agent_port,
             docker_port: meta.docker_port,
         };
-        let log = std::fs::File::create(dir.join("qemu.log")).map_err(|e| io("creating qemu.log", e))?;
+        let log =
+            std::fs::File::create(dir.join("qemu.log")).map_err(|e| io("creating qemu.log", e))?;
         let mut child = tokio::process::Command::new(&self.config.qemu)
             .args(launch.args())
             .stdin(std::process::Stdio::null())
@@ -439,35 +486,43 @@ impl QemuMachine {
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 let qemu_log = std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
-                return Err(Error::unavailable(format!(
+                use std::os::unix::process::ExitStatusExt;
+                let crashed = status.signal().is_some();
+                let error = Error::unavailable(format!(
                     "the VM of environment {:?} stopped while booting ({status}); qemu: {}; console:\n{}",
                     meta.id,
                     qemu_log.trim(),
                     vm::console_tail(dir, CONSOLE_LINES)
                 ))
-                .fault(Fault::Infrastructure));
+                .fault(Fault::Infrastructure);
+                return Ok(Err(BootFailure { error, crashed }));
             }
-            if let Ok(agent) = Self::connect_agent(dir, meta.agent_port, Duration::from_secs(2)).await {
+            if let Ok(agent) =
+                Self::connect_agent(dir, meta.agent_port, Duration::from_secs(2)).await
+            {
                 tracing::info!(env = %meta.id, %accel, boot_ms = started.elapsed().as_millis() as u64, "VM up: the agent answers");
                 // The child is reaped in the background (QEMU outlives no plugin restart:
                 // a restarted plugin finds it by its pid file).
                 tokio::spawn(async move {
                     let _ = child.wait().await;
                 });
-                return Ok((meta, agent));
+                return Ok(Ok((meta, agent)));
             }
             if Instant::now() >= deadline {
                 let _ = child.start_kill();
                 let _ = child.wait().await;
-                return Err(Error::unavailable(format!(
-                    "the VM of environment {:?} did not start its agent within {}s ({accel}); \
+                return Ok(Err(BootFailure {
+                    crashed: false,
+                    error: Error::unavailable(format!(
+                        "the VM of environment {:?} did not start its agent within {}s ({accel}); \
                      raise options.boot_timeout_secs if the machine is slow; console:\n{}",
-                    meta.id,
-                    o.boot_timeout.as_secs(),
-                    vm::console_tail(dir, CONSOLE_LINES)
-                ))
-                .field("options.boot_timeout_secs")
-                .fault(Fault::Infrastructure));
+                        meta.id,
+                        o.boot_timeout.as_secs(),
+                        vm::console_tail(dir, CONSOLE_LINES)
+                    ))
+                    .field("options.boot_timeout_secs")
+                    .fault(Fault::Infrastructure),
+                }));
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -480,7 +535,8 @@ impl Machine for QemuMachine {
         let layer = match (&self.preflight, &self.config.delegate) {
             (None, Some(name)) => LayerSupport::Delegated { backend: name.clone() },
             _ => LayerSupport::Unsupported(
-                "the qemu plugin runs containers only with --delegate docker (dockerd in the VM)".into(),
+                "the qemu plugin runs containers only with --delegate docker (dockerd in the VM)"
+                    .into(),
             ),
         };
         Ok(Capabilities {
@@ -542,17 +598,29 @@ impl Machine for QemuMachine {
                 fresh: false,
             });
         }
-        match self.boot(request, &o, &dir).await {
-            Ok((meta, agent)) => Ok(Provisioned {
-                agent: Arc::new(agent),
-                agent_request: Self::agent_request(request),
-                delegation_options: self.delegation_options(&dir, &meta),
-                fresh: true,
-            }),
-            Err(e) => {
-                vm::stop(&dir, Duration::ZERO).await;
-                let _ = std::fs::remove_dir_all(&dir);
-                Err(e)
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.boot(request, &o, &dir).await {
+                Ok((meta, agent)) => {
+                    return Ok(Provisioned {
+                        agent: Arc::new(agent),
+                        agent_request: Self::agent_request(request),
+                        delegation_options: self.delegation_options(&dir, &meta),
+                        fresh: true,
+                    });
+                }
+                Err(failure) => {
+                    vm::stop(&dir, Duration::ZERO).await;
+                    let _ = std::fs::remove_dir_all(&dir);
+                    // QEMU 7.2's TCG crashes now and then during a boot (about one boot in
+                    // thirty here): such a boot is tried once more, from scratch.
+                    if failure.crashed && attempt == 1 {
+                        tracing::warn!(env = %id, error = %failure.error.message, "QEMU crashed while booting; booting again");
+                        continue;
+                    }
+                    return Err(failure.error);
+                }
             }
         }
     }
@@ -586,7 +654,12 @@ impl Machine for QemuMachine {
             std::io::ErrorKind::NotFound => Ok(()),
             _ => Err(io(format!("deleting {}", dir.display()), e)),
         })?;
-        tracing::info!(env = environment_id, was_running = ran, ms = started.elapsed().as_millis() as u64, "VM removed");
+        tracing::info!(
+            env = environment_id,
+            was_running = ran,
+            ms = started.elapsed().as_millis() as u64,
+            "VM removed"
+        );
         Ok(true)
     }
 
@@ -621,7 +694,11 @@ mod tests {
     #[test]
     fn options_out_of_range_name_their_field() {
         let config = QemuConfig::for_tests();
-        let ok = parse_options(&opts(serde_json::json!({"args": "img", "cpus": 4, "memory_mb": "512"})), &config).unwrap();
+        let ok = parse_options(
+            &opts(serde_json::json!({"args": "img", "cpus": 4, "memory_mb": "512"})),
+            &config,
+        )
+        .unwrap();
         assert_eq!((ok.image.as_str(), ok.cpus, ok.memory_mb), ("img", 4, 512));
         for (bad, field) in [
             (serde_json::json!({"cpus": 0}), "options.cpus"),

@@ -166,28 +166,39 @@ impl Launch<'_> {
     /// the agent's and dockerd's ports, bound to 127.0.0.1.
     pub(crate) fn args(&self) -> Vec<String> {
         let d = |p: PathBuf| p.to_string_lossy().into_owned();
-        let mut net = format!(
-            "user,id=n0,hostfwd=tcp:127.0.0.1:{}-:{GUEST_AGENT_PORT}",
-            self.agent_port
-        );
+        let mut net =
+            format!("user,id=n0,hostfwd=tcp:127.0.0.1:{}-:{GUEST_AGENT_PORT}", self.agent_port);
         if self.docker_port != 0 {
-            net.push_str(&format!(",hostfwd=tcp:127.0.0.1:{}-:{GUEST_DOCKER_PORT}", self.docker_port));
+            net.push_str(&format!(
+                ",hostfwd=tcp:127.0.0.1:{}-:{GUEST_DOCKER_PORT}",
+                self.docker_port
+            ));
         }
         let mut args = vec!["-name".to_owned(), format!("kiln-{}", self.name)];
         match self.accel {
             Accel::Kvm => args.extend(["-accel", "kvm", "-cpu", "host"].map(String::from)),
-            Accel::Tcg => args.extend(["-accel", "tcg,thread=multi", "-cpu", "max"].map(String::from)),
+            Accel::Tcg => {
+                args.extend(["-accel", "tcg,thread=multi", "-cpu", "max"].map(String::from))
+            }
         }
         args.extend(
-            [
-                "-machine", "q35", "-display", "none", "-nodefaults", "-no-reboot", "-no-user-config",
-            ]
-            .map(String::from),
+            ["-machine", "q35", "-display", "none", "-nodefaults", "-no-reboot", "-no-user-config"]
+                .map(String::from),
         );
-        args.extend(["-m".into(), self.memory_mb.to_string(), "-smp".into(), self.cpus.to_string()]);
+        args.extend([
+            "-m".into(),
+            self.memory_mb.to_string(),
+            "-smp".into(),
+            self.cpus.to_string(),
+        ]);
         args.extend(["-serial".into(), format!("file:{}", d(Self::console(self.dir)))]);
         args.extend(["-pidfile".into(), d(Self::pidfile(self.dir))]);
-        args.extend(["-kernel".into(), d(self.image.kernel()), "-initrd".into(), d(self.image.initrd())]);
+        args.extend([
+            "-kernel".into(),
+            d(self.image.kernel()),
+            "-initrd".into(),
+            d(self.image.initrd()),
+        ]);
         args.extend(["-append".into(), KERNEL_CMDLINE.into()]);
         args.extend([
             "-drive".into(),
