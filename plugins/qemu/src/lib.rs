@@ -66,7 +66,9 @@ pub struct QemuConfig {
 impl QemuConfig {
     #[cfg(test)]
     pub(crate) fn for_tests() -> QemuConfig {
-        QemuArgs::parse_from(["x", "--root", "/nonexistent"]).config().unwrap()
+        let args =
+            Args::parse_from(["x", "--listen", "/nonexistent.sock", "--root", "/nonexistent"]);
+        args.qemu.config().unwrap()
     }
 }
 
