@@ -197,4 +197,34 @@ mod tests {
             )
         );
     }
+
+    #[test]
+    fn a_qemu_plugin_gets_a_docker_plugin_for_the_containers_in_its_vms() {
+        let qemu =
+            PluginSpec::Managed { command: vec!["kiln-plugin-qemu".into()], env: BTreeMap::new() };
+        let mut specs = BTreeMap::from([
+            ("host".to_owned(), embedded_host().unwrap()),
+            ("qemu".to_owned(), qemu),
+        ]);
+        super::wire_delegation(&mut specs).unwrap();
+        let docker = command(&specs, "docker");
+        for flag in [
+            "--allow-docker-host",
+            "tcp://127.0.0.1:*",
+            "--valid-volume",
+            "/var/lib/kiln/env/*",
+            "--copy-missing-images",
+        ] {
+            assert!(docker.iter().any(|a| a == flag), "{flag} missing from {docker:?}");
+        }
+
+        // Without containers (--delegate none), no docker plugin.
+        let qemu = PluginSpec::Managed {
+            command: vec!["kiln-plugin-qemu".into(), "--delegate".into(), "none".into()],
+            env: BTreeMap::new(),
+        };
+        let mut specs = BTreeMap::from([("qemu".to_owned(), qemu)]);
+        super::wire_delegation(&mut specs).unwrap();
+        assert!(!specs.contains_key("docker"));
+    }
 }
