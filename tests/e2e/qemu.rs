@@ -2,8 +2,8 @@
 //! that `tests/qemu/setup.sh` builds, the job's containers on the guest's dockerd with the
 //! images copied from the host engine (`tests/docker/setup.sh`'s test images).
 //!
-//! Few VM boots, because TCG is slow: one run with a run-only job and a container job (two
-//! VMs), one kill-and-restart run (one VM), and a conformance subset (one VM per case, named
+//! Few VM boots, because TCG is slow: one run with a container job (one VM with dockerd), one
+//! kill-and-restart run of a run-only job (one VM), and a conformance subset (one VM per case, named
 //! in [`CONFORMANCE_CASES`]). Without QEMU or the image the tests print why and pass, unless
 //! `KILN_REQUIRE_QEMU=1` (set by `.ci/run`). After each test no qemu process, overlay or
 //! certificate of the test is left, and the host engine never saw a container of the test.
@@ -109,11 +109,6 @@ fn watch_host_engine(
 const VM_WORKFLOW: &str = r#"
 on: push
 jobs:
-  steps:
-    runs-on: vm
-    steps:
-      - run: echo "on $(hostname) as $(id -un)"
-      - run: test -f README.md && echo "workspace has README.md"
   containers:
     runs-on: vm
     container:
@@ -123,6 +118,7 @@ jobs:
         image: kiln-test/httpd:1
     steps:
       - run: echo "service says $(wget -q -O- http://web:8080/)"
+      - run: test -f README.md && echo "workspace has README.md"
       - uses: docker://kiln-test/busybox:1
         with:
           args: sh -c "echo docker step says hi"
@@ -142,7 +138,6 @@ fn a_vm_runs_steps_a_job_container_a_healthy_service_and_a_docker_step() {
     stop.store(true, Ordering::Relaxed);
     watcher.join().unwrap();
     run.assert_code(0).assert_stdout(&[
-        "on kiln-vm as root",
         "workspace has README.md",
         "starting service web (kiln-test/httpd:1)",
         "service says service-ok",
@@ -165,7 +160,7 @@ fn a_killed_qemu_plugin_fails_the_job_and_leaves_no_vm_after_a_restart() {
     }
     let repo = Repo::with_workflow(
         "kill.yml",
-        "on: push\njobs:\n  j:\n    runs-on: vm\n    steps:\n      - run: echo step-started; sleep 300\n",
+        "on: push\njobs:\n  j:\n    runs-on: vm\n    steps:\n      - run: echo \"step-started on $(hostname) as $(id -un)\"; sleep 300\n",
     );
     // No containers: no dockerd in the VM, no docker plugin needed.
     let plugin = plugin(&repo, " --delegate none");
@@ -178,8 +173,8 @@ fn a_killed_qemu_plugin_fails_the_job_and_leaves_no_vm_after_a_restart() {
     let stdout = child.stdout.take().unwrap();
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
     assert!(
-        lines.by_ref().map_while(Result::ok).any(|l| l.contains("step-started")),
-        "the step never started"
+        lines.by_ref().map_while(Result::ok).any(|l| l.contains("step-started on kiln-vm as root")),
+        "the step never started in the VM"
     );
     let root = qemu_root(&repo);
     let _reaper = Reaper(root.clone());
