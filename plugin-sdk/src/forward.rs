@@ -10,9 +10,10 @@
 //!   agent with the same id and owner (so the agent's records carry the owner labels too), and
 //!   adds the machine's [`Provisioned::delegation_options`] to the agent's delegation (e.g. the
 //!   machine's Docker endpoint, so the container layers run inside the machine). A replay with
-//!   the same id goes to the same agent, which answers it as any plugin does (same spec:
-//!   the same environment; another spec: ALREADY_EXISTS). A failure after the machine exists
-//!   destroys it: never a half-created environment.
+//!   the same id is the machine plugin's to recognise ([`Machine::provision`] is idempotent:
+//!   same spec, the running machine; another spec, ALREADY_EXISTS), and the agent then answers
+//!   it as any plugin does. Creations of one id are serialised. A failure after a fresh
+//!   machine exists destroys it: never a half-created environment.
 //! - Inspect, Exec, SignalExec, WriteStdin, CopyIn, CopyOut and the container RPCs are routed
 //!   by environment id (SignalExec and WriteStdin by the exec id, remembered until the
 //!   environment is removed; an exec id never seen is NOT_FOUND) and forwarded unchanged.
