@@ -20,6 +20,7 @@ pub mod client;
 pub mod conformance;
 pub mod dirs;
 pub mod error;
+pub mod forward;
 pub mod ids;
 pub mod paths;
 pub mod server;

@@ -13,6 +13,7 @@ mod lifecycle;
 mod lxc;
 mod node_plugin;
 mod python_plugin;
+mod qemu;
 mod services;
 mod support;
 mod tls;

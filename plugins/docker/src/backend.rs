@@ -425,6 +425,37 @@ impl DockerBackend {
         .field("container_id")
     }
 
+    /// With `--copy-missing-images`, copies `image` from the plugin's own engine to `engine`
+    /// (another one) when the own engine has it: the engine API's export streamed into its
+    /// load. Returns whether it was copied.
+    async fn copy_from_own_engine(&self, engine: &Engine, image: &str) -> Result<bool> {
+        let own = &self.inner.engines.default;
+        if !self.inner.config.copy_missing_images || engine.endpoint.is_empty() {
+            return Ok(false);
+        }
+        if own.docker.inspect_image(image).await.is_err() {
+            return Ok(false);
+        }
+        let started = std::time::Instant::now();
+        let export = own.docker.export_image(image);
+        let options =
+            bollard::query_parameters::ImportImageOptionsBuilder::default().quiet(true).build();
+        let mut load = engine.docker.import_image_stream(options, export, None);
+        while let Some(item) = load.next().await {
+            let info = item.map_err(|e| {
+                docker_err(format!("copying image {image:?} to {}", engine.endpoint), e)
+            })?;
+            if let Some(detail) = info.error_detail.and_then(|d| d.message) {
+                return Err(Error::unavailable(format!(
+                    "copying image {image:?} to {}: {detail}",
+                    engine.endpoint
+                )));
+            }
+        }
+        tracing::info!(%image, to = %engine.endpoint, ms = started.elapsed().as_millis() as u64, "image copied from the plugin's engine");
+        Ok(true)
+    }
+
     /// Makes sure `image` is present: pulled when missing or when `force`.
     async fn ensure_image(
         &self,
@@ -452,6 +483,9 @@ impl DockerBackend {
             Err(e) => return Err(docker_err(format!("inspecting image {image:?}"), e)),
         };
         if present && !force {
+            return Ok(());
+        }
+        if !present && self.copy_from_own_engine(engine, image).await? {
             return Ok(());
         }
         tracing::info!(%image, "pulling image");

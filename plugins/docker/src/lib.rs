@@ -207,6 +207,9 @@ pub struct DockerConfig {
     pub force_pull: bool,
     /// Build action images even when a built one is cached (`container.force_rebuild`).
     pub force_rebuild: bool,
+    /// An image missing on an environment's own endpoint (`docker_host`) is copied from the
+    /// plugin's engine when that has it (export, then load), before any pull.
+    pub copy_missing_images: bool,
 }
 
 impl DockerConfig {
@@ -227,6 +230,7 @@ impl DockerConfig {
             mount_docker_socket: false,
             force_pull: false,
             force_rebuild: false,
+            copy_missing_images: false,
         }
     }
 
@@ -299,6 +303,11 @@ pub struct DockerArgs {
     /// Build docker action images even when a built one is cached.
     #[arg(long)]
     pub force_rebuild: bool,
+    /// When an environment on another engine (`docker_host`, e.g. a VM's) lacks an image,
+    /// copy it from this plugin's engine (export, then load) when that has it, before trying
+    /// a pull: machines without a registry get the images the host has.
+    #[arg(long)]
+    pub copy_missing_images: bool,
 }
 
 impl DockerArgs {
@@ -319,6 +328,7 @@ impl DockerArgs {
             mount_docker_socket: self.mount_docker_socket,
             force_pull: self.force_pull,
             force_rebuild: self.force_rebuild,
+            copy_missing_images: self.copy_missing_images,
         }
     }
 }

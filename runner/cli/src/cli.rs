@@ -50,6 +50,8 @@ pub(crate) enum PluginCommand {
     Docker(kiln_plugin_docker::Args),
     /// The LXC backend: each job in an LXC system container (labels lxc://DISTRO:RELEASE).
     Lxc(kiln_plugin_lxc::Args),
+    /// The QEMU backend: each job in its own VM, its containers inside it.
+    Qemu(kiln_plugin_qemu::Args),
 }
 
 #[derive(Debug, Args)]

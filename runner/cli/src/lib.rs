@@ -78,6 +78,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 kiln_plugin_lxc::run(args).await?;
                 Ok(ExitCode::SUCCESS)
             }
+            cli::PluginCommand::Qemu(args) => {
+                kiln_plugin_qemu::run(args).await?;
+                Ok(ExitCode::SUCCESS)
+            }
         },
     }
 }
@@ -91,6 +95,7 @@ pub(crate) fn wire_delegation(
     specs: &mut std::collections::BTreeMap<String, kiln_runner::backends::PluginSpec>,
 ) -> anyhow::Result<()> {
     use kiln_runner::backends::PluginSpec;
+    wire_qemu(specs)?;
     if !specs.contains_key("docker") {
         return Ok(());
     }
@@ -151,6 +156,43 @@ fn wire_lxc_delegation(
     let root = std::fs::canonicalize(&root).unwrap_or(root);
     if let Some(PluginSpec::Managed { command, .. }) = specs.get_mut("docker") {
         command.extend(["--valid-volume".to_owned(), format!("{}/*", root.display())]);
+    }
+    Ok(())
+}
+
+/// When a plugin named `qemu` is configured, its VMs' container layers are delegated to the
+/// docker plugin with each VM's own engine (`docker_host` on a loopback port): kiln starts its
+/// docker plugin if none is configured, and lets a managed docker plugin use those engines,
+/// mount the agent's directories in the guest, and copy the host's images into a guest
+/// (`--copy-missing-images`: no registry is needed).
+fn wire_qemu(
+    specs: &mut std::collections::BTreeMap<String, kiln_runner::backends::PluginSpec>,
+) -> anyhow::Result<()> {
+    use kiln_runner::backends::PluginSpec;
+    match specs.get("qemu") {
+        None => return Ok(()),
+        // A qemu plugin without containers needs no docker plugin.
+        Some(PluginSpec::Managed { command, .. })
+            if command.windows(2).any(|w| w[0] == "--delegate" && w[1] == "none") =>
+        {
+            return Ok(());
+        }
+        Some(_) => {}
+    }
+    if !specs.contains_key("docker") {
+        specs.insert("docker".to_owned(), kiln_runner::backends::embedded_plugin("docker")?);
+    }
+    if let Some(PluginSpec::Managed { command, .. }) = specs.get_mut("docker") {
+        command.extend(
+            [
+                "--allow-docker-host",
+                "tcp://127.0.0.1:*",
+                "--valid-volume",
+                "/var/lib/kiln/env/*",
+                "--copy-missing-images",
+            ]
+            .map(str::to_owned),
+        );
     }
     Ok(())
 }
@@ -219,5 +261,35 @@ mod tests {
         assert!(command(&specs, "lxc").ends_with(&["--delegate".into(), "docker".into()]));
         let docker = command(&specs, "docker");
         assert_eq!(docker[docker.len() - 2..], ["--valid-volume", "/nonexistent/kiln-lxc/*"]);
+    }
+
+    #[test]
+    fn a_qemu_plugin_gets_a_docker_plugin_for_the_containers_in_its_vms() {
+        let qemu =
+            PluginSpec::Managed { command: vec!["kiln-plugin-qemu".into()], env: BTreeMap::new() };
+        let mut specs = BTreeMap::from([
+            ("host".to_owned(), embedded_host().unwrap()),
+            ("qemu".to_owned(), qemu),
+        ]);
+        super::wire_delegation(&mut specs).unwrap();
+        let docker = command(&specs, "docker");
+        for flag in [
+            "--allow-docker-host",
+            "tcp://127.0.0.1:*",
+            "--valid-volume",
+            "/var/lib/kiln/env/*",
+            "--copy-missing-images",
+        ] {
+            assert!(docker.iter().any(|a| a == flag), "{flag} missing from {docker:?}");
+        }
+
+        // Without containers (--delegate none), no docker plugin.
+        let qemu = PluginSpec::Managed {
+            command: vec!["kiln-plugin-qemu".into(), "--delegate".into(), "none".into()],
+            env: BTreeMap::new(),
+        };
+        let mut specs = BTreeMap::from([("qemu".to_owned(), qemu)]);
+        super::wire_delegation(&mut specs).unwrap();
+        assert!(!specs.contains_key("docker"));
     }
 }
