@@ -645,6 +645,14 @@ pub struct Selector {
     pub labels: BTreeMap<String, String>,
 }
 
+impl Selector {
+    /// Whether the selector chooses a resource of `owner`.
+    pub fn matches(&self, owner: &Owner) -> bool {
+        (self.runner_id.is_empty() || owner.runner_id == self.runner_id)
+            && self.labels.iter().all(|(k, v)| owner.labels.get(k) == Some(v))
+    }
+}
+
 /// One listed environment.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct EnvironmentSummary {

@@ -23,6 +23,7 @@ pub mod error;
 pub mod forward;
 pub mod ids;
 pub mod paths;
+pub mod record;
 pub mod server;
 pub mod spec;
 pub mod time;

@@ -4,7 +4,7 @@
 //! Everything that must survive a plugin restart is in that directory: `ListEnvironments`
 //! reads `env.json` files, and `Remove` after a restart finds the process groups in `pgids`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -15,6 +15,8 @@ use kiln_plugin_sdk::{
     Environment, EnvironmentRequest, EnvironmentSummary, Error, Owner, Paths, Result,
 };
 use serde::{Deserialize, Serialize};
+
+pub(crate) use kiln_plugin_sdk::record::StoredOwner;
 
 use crate::exec::ExecHandle;
 use crate::lock;
@@ -37,18 +39,6 @@ pub(crate) struct EnvMeta {
     pub(crate) paths: StoredPaths,
 }
 
-/// [`Owner`] as stored.
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-pub(crate) struct StoredOwner {
-    pub(crate) runner_id: String,
-    pub(crate) boot_id: String,
-    pub(crate) job_id: String,
-    pub(crate) parent_environment_id: String,
-    pub(crate) created_at_unix_ms: i64,
-    pub(crate) expires_at_unix_ms: i64,
-    pub(crate) labels: BTreeMap<String, String>,
-}
-
 /// [`Paths`] as stored.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub(crate) struct StoredPaths {
@@ -57,20 +47,6 @@ pub(crate) struct StoredPaths {
     pub(crate) tool_cache: String,
     pub(crate) runner_files: String,
     pub(crate) home: String,
-}
-
-impl From<&StoredOwner> for Owner {
-    fn from(o: &StoredOwner) -> Owner {
-        Owner {
-            runner_id: o.runner_id.clone(),
-            boot_id: o.boot_id.clone(),
-            job_id: o.job_id.clone(),
-            parent_environment_id: o.parent_environment_id.clone(),
-            created_at_unix_ms: o.created_at_unix_ms,
-            expires_at_unix_ms: o.expires_at_unix_ms,
-            labels: o.labels.clone(),
-        }
-    }
 }
 
 impl EnvMeta {

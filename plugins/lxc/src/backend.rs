@@ -660,32 +660,7 @@ impl Backend for LxcBackend {
 }
 
 fn list(root: &Path, selector: &Selector) -> Result<Vec<EnvironmentSummary>> {
-    let entries = std::fs::read_dir(root)
-        .map_err(|e| Error::io(format!("reading {}", root.display()), &e))?;
-    let mut out = Vec::new();
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if validate_id(name, "environment_id").is_err() {
-            continue;
-        }
-        let meta = match env::read_meta(&entry.path()) {
-            Ok(Some(m)) => m,
-            Ok(None) => continue,
-            Err(e) => {
-                tracing::warn!(env = name, error = %e, "skipping an unreadable environment");
-                continue;
-            }
-        };
-        let o = &meta.owner;
-        if !selector.runner_id.is_empty() && o.runner_id != selector.runner_id {
-            continue;
-        }
-        if !selector.labels.iter().all(|(k, v)| o.labels.get(k) == Some(v)) {
-            continue;
-        }
-        out.push(meta.summary());
-    }
-    out.sort_by(|a, b| a.id.cmp(&b.id));
-    Ok(out)
+    kiln_plugin_sdk::record::list_dirs(root, selector, |dir| {
+        env::read_meta(dir).map(|meta| meta.map(|m| m.summary()))
+    })
 }

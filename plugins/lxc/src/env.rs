@@ -4,7 +4,7 @@
 //! inside the container. `execs` logs every exec
 //! id used, so an id is never run twice, even across a plugin restart.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -15,6 +15,8 @@ use kiln_plugin_sdk::{
     Environment, EnvironmentRequest, EnvironmentSummary, Error, Owner, Paths, Result,
 };
 use serde::{Deserialize, Serialize};
+
+pub(crate) use kiln_plugin_sdk::record::StoredOwner;
 
 use crate::rootfs::Rootfs;
 
@@ -42,32 +44,6 @@ pub(crate) struct EnvMeta {
     pub(crate) label: String,
     pub(crate) image: String,
     pub(crate) owner: StoredOwner,
-}
-
-/// [`Owner`] as stored.
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-pub(crate) struct StoredOwner {
-    pub(crate) runner_id: String,
-    pub(crate) boot_id: String,
-    pub(crate) job_id: String,
-    pub(crate) parent_environment_id: String,
-    pub(crate) created_at_unix_ms: i64,
-    pub(crate) expires_at_unix_ms: i64,
-    pub(crate) labels: BTreeMap<String, String>,
-}
-
-impl From<&StoredOwner> for Owner {
-    fn from(o: &StoredOwner) -> Owner {
-        Owner {
-            runner_id: o.runner_id.clone(),
-            boot_id: o.boot_id.clone(),
-            job_id: o.job_id.clone(),
-            parent_environment_id: o.parent_environment_id.clone(),
-            created_at_unix_ms: o.created_at_unix_ms,
-            expires_at_unix_ms: o.expires_at_unix_ms,
-            labels: o.labels.clone(),
-        }
-    }
 }
 
 impl EnvMeta {

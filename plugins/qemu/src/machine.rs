@@ -18,10 +18,11 @@ use std::time::{Duration, Instant};
 
 use kiln_plugin_sdk::backend::{
     Backend, Capabilities, CapabilitiesRequest, EnvironmentRequest, EnvironmentSummary, Features,
-    LayerSupport, Owner, PROTOCOL_VERSION, Selector,
+    LayerSupport, PROTOCOL_VERSION, Selector,
 };
 use kiln_plugin_sdk::client::{Endpoint, GrpcBackend};
 use kiln_plugin_sdk::forward::{Machine, Provisioned};
+use kiln_plugin_sdk::record::StoredOwner;
 use kiln_plugin_sdk::server::TlsFiles;
 use kiln_plugin_sdk::{Error, Fault, Result};
 use serde::{Deserialize, Serialize};
@@ -43,46 +44,7 @@ struct Meta {
     accel: String,
     agent_port: u16,
     docker_port: u16,
-    owner: OwnerRecord,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct OwnerRecord {
-    runner_id: String,
-    boot_id: String,
-    job_id: String,
-    parent_environment_id: String,
-    created_at_unix_ms: i64,
-    expires_at_unix_ms: i64,
-    labels: std::collections::BTreeMap<String, String>,
-}
-
-impl From<&Owner> for OwnerRecord {
-    fn from(o: &Owner) -> OwnerRecord {
-        OwnerRecord {
-            runner_id: o.runner_id.clone(),
-            boot_id: o.boot_id.clone(),
-            job_id: o.job_id.clone(),
-            parent_environment_id: o.parent_environment_id.clone(),
-            created_at_unix_ms: o.created_at_unix_ms,
-            expires_at_unix_ms: o.expires_at_unix_ms,
-            labels: o.labels.clone(),
-        }
-    }
-}
-
-impl From<OwnerRecord> for Owner {
-    fn from(o: OwnerRecord) -> Owner {
-        Owner {
-            runner_id: o.runner_id,
-            boot_id: o.boot_id,
-            job_id: o.job_id,
-            parent_environment_id: o.parent_environment_id,
-            created_at_unix_ms: o.created_at_unix_ms,
-            expires_at_unix_ms: o.expires_at_unix_ms,
-            labels: o.labels,
-        }
-    }
+    owner: StoredOwner,
 }
 
 /// Why a boot failed, and whether QEMU crashed (died by a signal) doing it.
@@ -434,7 +396,7 @@ impl QemuMachine {
             agent_port: free_port()?,
             docker_port: if self.config.delegate.is_some() { free_port()? } else { 0 },
             owner: {
-                let mut owner = OwnerRecord::from(&request.owner);
+                let mut owner = StoredOwner::from(&request.owner);
                 owner.created_at_unix_ms = now_ms();
                 owner
             },
@@ -664,22 +626,13 @@ impl Machine for QemuMachine {
     }
 
     async fn list(&self, selector: Selector) -> Result<Vec<EnvironmentSummary>> {
-        let entries = std::fs::read_dir(&self.config.root)
-            .map_err(|e| io(format!("reading {}", self.config.root.display()), e))?;
-        let mut out = Vec::new();
-        for entry in entries.flatten() {
-            let Some(meta) = Self::read_meta(&entry.path()) else { continue };
-            let owner: Owner = meta.owner.into();
-            if !selector.runner_id.is_empty() && owner.runner_id != selector.runner_id {
-                continue;
-            }
-            if !selector.labels.iter().all(|(k, v)| owner.labels.get(k) == Some(v)) {
-                continue;
-            }
-            out.push(EnvironmentSummary { id: meta.id, owner, container_ids: Vec::new() });
-        }
-        out.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(out)
+        kiln_plugin_sdk::record::list_dirs(&self.config.root, &selector, |dir| {
+            Ok(Self::read_meta(dir).map(|meta| EnvironmentSummary {
+                id: meta.id,
+                owner: meta.owner.into(),
+                container_ids: Vec::new(),
+            }))
+        })
     }
 }
 
