@@ -6,7 +6,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::{EnvironmentSummary, Error, Owner, Result, Selector, ids};
 
@@ -90,6 +93,39 @@ pub fn list_dirs(
     }
     out.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(out)
+}
+
+/// Writes `dir/name` as pretty JSON, mode 0600, through a temporary file renamed into place, so
+/// a reader (or a plugin restarted after a crash) sees the old record or the new, never half.
+pub fn write_json(dir: &Path, name: &str, value: &impl Serialize) -> Result<()> {
+    let data = serde_json::to_vec_pretty(value)
+        .map_err(|e| Error::internal(format!("encoding {name}: {e}")))?;
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let path = dir.join(name);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&data)?;
+        std::fs::rename(&tmp, &path)
+    };
+    write().map_err(|e| Error::io(format!("writing {}", path.display()), &e))
+}
+
+/// Reads `dir/name` as JSON; `None` when it does not exist.
+pub fn read_json<T: DeserializeOwned>(dir: &Path, name: &str) -> Result<Option<T>> {
+    let path = dir.join(name);
+    let data = match std::fs::read(&path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(format!("reading {}", path.display()), &e)),
+    };
+    serde_json::from_slice(&data)
+        .map(Some)
+        .map_err(|e| Error::internal(format!("{} is corrupt: {e}", path.display())))
 }
 
 #[cfg(test)]

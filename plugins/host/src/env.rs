@@ -239,34 +239,12 @@ fn ensure_tree(meta: &EnvMeta) -> Result<()> {
 }
 
 fn write_meta(dir: &Path, meta: &EnvMeta) -> Result<()> {
-    let data = serde_json::to_vec_pretty(meta)
-        .map_err(|e| Error::internal(format!("encoding {META_FILE}: {e}")))?;
-    let tmp = dir.join(format!(".{META_FILE}.tmp"));
-    let path = dir.join(META_FILE);
-    let write = || -> std::io::Result<()> {
-        let mut f = fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&data)?;
-        fs::rename(&tmp, &path)
-    };
-    write().map_err(|e| Error::io(format!("writing {}", path.display()), &e))
+    kiln_plugin_sdk::record::write_json(dir, META_FILE, meta)
 }
 
 /// Reads `dir/env.json`; `None` when it does not exist.
 pub(crate) fn read_meta(dir: &Path) -> Result<Option<EnvMeta>> {
-    let path = dir.join(META_FILE);
-    let data = match fs::read(&path) {
-        Ok(d) => d,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(format!("reading {}", path.display()), &e)),
-    };
-    serde_json::from_slice(&data)
-        .map(Some)
-        .map_err(|e| Error::internal(format!("{} is corrupt: {e}", path.display())))
+    kiln_plugin_sdk::record::read_json(dir, META_FILE)
 }
 
 /// Reads the `pgids` log: every exec id it names, and the groups started since the current
